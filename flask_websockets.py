@@ -1,0 +1,747 @@
+"""Flask-Websockets: raw WebSockets with a Flask-style API, on gevent.
+
+Message handlers are registered like Flask views, and what they return is
+sent back as the reply::
+
+    from flask import Flask, jsonify
+    from flask_websockets import WebSockets, ws
+
+    app = Flask(__name__)
+    sockets = WebSockets(app)
+
+    @sockets.on_message                 # every message
+    def echo(message):
+        return message
+
+    @sockets.on_message("^ECHO .*")     # messages matching a regex
+    def command(message):
+        ws.send("working")              # `ws` is the current connection
+        return jsonify(reply=message.split(" ", 1)[1])
+
+The app is served by gevent with gevent-websocket's handler::
+
+    from gevent.pywsgi import WSGIServer
+    from geventwebsocket.handler import WebSocketHandler
+    WSGIServer(("127.0.0.1", 5000), app, handler_class=WebSocketHandler).serve_forever()
+
+Each connection runs in its own greenlet inside the request context of its
+handshake, so ``request``, ``session``, ``g`` and ``current_app`` work in
+handlers as they do in views.
+
+This file is the whole library and its reference manual. It reads top to
+bottom: the current connection (``ws``), the extension (``WebSockets``), the
+connection object (``Connection``), and last the RFC 6455 wire protocol.
+"""
+from __future__ import annotations
+
+import codecs
+import logging
+import re
+import struct
+import sys
+from contextvars import ContextVar
+from typing import Any, Callable, List, Optional, Pattern, Set, Tuple, TypeVar, Union
+
+import gevent
+from flask import Flask, Response, current_app, request
+from gevent.lock import Semaphore
+from werkzeug.local import LocalProxy
+from werkzeug.wrappers import Response as _WerkzeugResponse
+
+__version__ = "2.0.0.dev0"
+__all__ = ["WebSockets", "Connection", "ConnectionClosed", "ws", "has_socket_context"]
+
+logger = logging.getLogger(__name__)
+
+#: What a handler receives: ``str`` for a text message, ``bytes`` for binary.
+Message = Union[str, bytes]
+#: What a handler may return or pass to ``ws.send``. ``None`` sends nothing.
+Reply = Union[None, str, bytes, bytearray, memoryview, _WerkzeugResponse]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# ---------------------------------------------------------------------------
+# The current connection
+# ---------------------------------------------------------------------------
+
+_cv_socket: ContextVar[Connection] = ContextVar("flask_websockets.ws")
+
+_no_socket_message = """\
+Working outside of websocket context.
+
+This typically means that you used `ws` outside a websocket handler, for
+example in an HTTP view or in a greenlet you spawned. Check with
+has_socket_context(). To reach connections from elsewhere, use
+sockets.broadcast(message), or keep a reference to the connection object
+inside a handler: `conn = ws._get_current_object()`.\
+"""
+
+#: The connection whose message is being handled, like ``flask.request`` for
+#: the request. It is a :class:`Connection`, bound in ``on_open``,
+#: ``on_message`` and ``on_close`` handlers::
+#:
+#:     @sockets.on_message("^LONG")
+#:     def long_task(message):
+#:         ws.send("started")          # a status update before the reply
+#:         ...
+#:         return "done"
+#:
+#: Using it anywhere else raises ``RuntimeError`` ("Working outside of
+#: websocket context").
+ws: Connection = LocalProxy(_cv_socket, unbound_message=_no_socket_message)  # type: ignore[assignment]
+
+
+def has_socket_context() -> bool:
+    """Whether code runs inside a websocket handler, where ``ws`` is bound.
+
+    Like :func:`flask.has_request_context`, it tells a websocket handler from an
+    HTTP view when both call the same function::
+
+        def notify(text):
+            if has_socket_context():
+                ws.send(text)
+            else:
+                flash(text)
+    """
+    return _cv_socket.get(None) is not None
+
+
+# ---------------------------------------------------------------------------
+# The extension
+# ---------------------------------------------------------------------------
+
+Handler = Callable[[Message], Reply]
+Hook = Callable[[], Any]
+
+
+class WebSockets:
+    """The Flask-Websockets extension: one websocket endpoint of an app.
+
+    ``WebSockets(app)`` adds a websocket endpoint named ``"websocket"`` at
+    ``/`` (an HTTP view at ``/`` keeps working: the endpoint only answers
+    websocket handshakes). ``url_for("websocket")`` gives its ``ws://`` URL,
+    or ``wss://`` when the page was served over https. The extension is also
+    available as ``app.extensions["websockets"]``. The application factory
+    pattern works as usual::
+
+        sockets = WebSockets()          # or WebSockets(match_one=True)
+
+        def create_app():
+            app = Flask(__name__)
+            sockets.init_app(app)
+            return app
+
+    Every message goes through the handlers registered with
+    :meth:`on_message`: first the pattern handlers whose regex matches, in
+    registration order, then the catch-all handlers. By default every matching
+    handler runs and each non-``None`` return value is sent as its own reply.
+    With ``match_one=True`` only the first matching pattern handler runs, or,
+    if no pattern matched, only the first catch-all handler.
+    """
+
+    def __init__(self, app: Optional[Flask] = None, match_one: bool = False) -> None:
+        self.match_one = match_one
+        self._text_patterns: List[Tuple[Pattern[str], Handler]] = []
+        self._binary_patterns: List[Tuple[Pattern[bytes], Handler]] = []
+        self._catch_all: List[Handler] = []
+        self._open_hooks: List[Hook] = []
+        self._close_hooks: List[Hook] = []
+        self._connections: Set[Connection] = set()
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Add the websocket endpoint to ``app``; call once per app.
+
+        One extension may serve any number of apps: handlers are shared, and
+        :meth:`broadcast` reaches the connections of all of them.
+        """
+        app.extensions["websockets"] = self
+        app.add_url_rule("/", endpoint="websocket", view_func=self._serve, websocket=True)
+        app.after_request(_close_unserved_upgrade)
+
+    # -- registering handlers ------------------------------------------------
+
+    def on_message(
+        self, pattern: Union[None, str, bytes, Pattern[Any], Handler] = None, flags: int = 0
+    ) -> Any:
+        """Register a message handler, the websocket's view function.
+
+        The handler gets the message (``str`` for text, ``bytes`` for binary)
+        and its return value is the reply: ``None`` sends nothing, ``str`` a
+        text message, ``bytes``/``bytearray``/``memoryview`` a binary one, and a
+        Flask response (``jsonify(...)``, ``make_response(...)``) its body, as
+        text for ``text/*`` and JSON, else as binary. Anything else is a
+        ``TypeError``, logged like any handler error, and nothing is sent.
+
+        Without a pattern the handler sees every message::
+
+            @sockets.on_message             # or @sockets.on_message()
+            def echo(message):
+                return message
+
+        With a pattern it sees the messages that ``re.match`` it. A ``str``
+        pattern sees only text messages; a ``bytes`` pattern only binary ones::
+
+            @sockets.on_message("^ECHO (.*)", flags=re.DOTALL)
+            def echo_command(message):
+                return message[5:]
+
+            @sockets.on_message(re.compile(rb"^\\x89PNG"))
+            def image(data):
+                store(data)
+        """
+        if callable(pattern) and not isinstance(pattern, (str, bytes, re.Pattern)):
+            self._catch_all.append(_check_handler(pattern))
+            return pattern
+        if pattern is None and flags:
+            raise TypeError("on_message(flags=...) needs a pattern")
+        regex = None if pattern is None else re.compile(pattern, flags)
+
+        def decorator(handler: F) -> F:
+            _check_handler(handler)
+            if regex is None:
+                self._catch_all.append(handler)
+            elif isinstance(regex.pattern, str):
+                self._text_patterns.append((regex, handler))
+            else:
+                self._binary_patterns.append((regex, handler))
+            return handler
+
+        return decorator
+
+    def on_open(self, hook: F) -> F:
+        """Register a function called with no arguments when a client connects.
+
+        It runs before the first message is handled, with ``ws``, ``request``
+        and ``session`` bound. If it raises, the error is logged and the
+        connection is closed with 1011 (internal error)::
+
+            @sockets.on_open
+            def greet():
+                ws.send(f"hello {request.remote_addr}")
+        """
+        self._open_hooks.append(_check_handler(hook))
+        return hook
+
+    def on_close(self, hook: F) -> F:
+        """Register a function called with no arguments when a connection ends.
+
+        It runs exactly once per connection, however it ended: a close from
+        either side, an abrupt disconnect, a protocol error or a handler
+        error. ``ws`` is still bound (sending raises :class:`ConnectionClosed`)
+        and ``ws.close_code`` tells why it ended (1006 for a lost
+        connection)::
+
+            @sockets.on_close
+            def gone():
+                sockets.broadcast(f"{request.remote_addr} left ({ws.close_code})")
+        """
+        self._close_hooks.append(_check_handler(hook))
+        return hook
+
+    # -- sending to many ----------------------------------------------------
+
+    def broadcast(self, message: Reply) -> int:
+        """Send ``message`` to every open connection; return how many got it.
+
+        It works from handlers, HTTP views and background greenlets, and takes
+        the same types as a handler's reply. A connection that is closed or
+        dead is skipped and forgotten::
+
+            @app.post("/announce")
+            def announce():
+                n = sockets.broadcast(request.form["text"])
+                return f"sent to {n} clients"
+        """
+        frame = _encode(message, "broadcast()")
+        if frame is None:
+            return 0
+        sent = 0
+        for conn in list(self._connections):
+            try:
+                conn._send_frame(frame)
+                sent += 1
+            except ConnectionClosed:
+                self._connections.discard(conn)
+        return sent
+
+    # -- serving a connection -----------------------------------------------
+
+    def _serve(self, **_view_args: Any) -> Response:
+        """The view of the websocket endpoint: run one connection to its end."""
+        environ = request.environ
+        upgraded = environ.get("wsgi.websocket")
+        if upgraded is None:
+            return _not_served_response()
+        conn = Connection(
+            environ,
+            read=upgraded.stream.read,
+            write=upgraded.stream.write,
+            shutdown=upgraded.handler.socket.shutdown,
+            close_timeout=current_app.config.get("WEBSOCKETS_CLOSE_TIMEOUT", 5.0),
+        )
+        token = _cv_socket.set(conn)
+        self._connections.add(conn)
+        try:
+            self._run(conn)
+        except gevent.GreenletExit:  # the server is stopping: no time to wait for the peer
+            conn._finish(1001, "server shutting down", drain=False)
+            raise
+        finally:
+            conn._finish(1011, "internal error")  # no-op unless a handler error propagated
+            upgraded.closed = True  # the closing handshake is done: gevent-websocket must not add one
+            self._connections.discard(conn)
+            try:
+                for hook in self._close_hooks:
+                    _call_logged(hook)
+            finally:
+                _cv_socket.reset(token)
+        return current_app.response_class(status=101)
+
+    def _run(self, conn: Connection) -> None:
+        try:
+            for hook in self._open_hooks:
+                hook()
+        except Exception:
+            _handle_error()
+            conn.close(1011, "internal error")
+        while True:
+            message = conn._receive()
+            if message is None:
+                return
+            self._dispatch(conn, message)
+
+    def _dispatch(self, conn: Connection, message: Message) -> None:
+        patterns = self._text_patterns if isinstance(message, str) else self._binary_patterns
+        for regex, handler in patterns:
+            if regex.match(message) is not None:  # type: ignore[arg-type]
+                self._reply(conn, handler, message)
+                if self.match_one:
+                    return
+        for handler in self._catch_all:
+            self._reply(conn, handler, message)
+            if self.match_one:
+                return
+
+    @staticmethod
+    def _reply(conn: Connection, handler: Handler, message: Message) -> None:
+        try:
+            frame = _encode(handler(message), f"message handler {_name(handler)}()")
+            if frame is not None:
+                conn._send_frame(frame)
+        except ConnectionClosed:
+            # The peer is gone or the app closed the connection: not an app
+            # error. The receive loop notices and ends the connection.
+            logger.debug("reply dropped: connection closed", exc_info=True)
+        except Exception:
+            _handle_error()
+
+
+def _check_handler(func: F) -> F:
+    if not callable(func):
+        raise TypeError(f"a handler must be callable, not {type(func).__name__}")
+    if getattr(func, "__code__", None) is not None and func.__code__.co_flags & 0x180:
+        # CO_COROUTINE | CO_ITERABLE_COROUTINE: gevent runs plain functions concurrently.
+        raise TypeError(f"{_name(func)} is async: websocket handlers must be plain functions")
+    return func
+
+
+def _name(func: Callable[..., Any]) -> str:
+    return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', func)!s}"
+
+
+def _propagate() -> bool:
+    """Whether handler errors propagate, as ``PROPAGATE_EXCEPTIONS`` says.
+
+    Unset, they propagate when testing. Unlike Flask views, not in debug mode:
+    a websocket has no debugger page, and the connection should survive.
+    """
+    propagate = current_app.config.get("PROPAGATE_EXCEPTIONS")
+    return current_app.testing if propagate is None else bool(propagate)
+
+
+def _handle_error() -> None:
+    """Log the exception being handled through Flask, or re-raise it."""
+    if _propagate():
+        raise  # noqa: PLE0704 - called from an except block
+    current_app.log_exception(sys.exc_info())  # type: ignore[arg-type]
+
+
+def _call_logged(hook: Hook) -> None:
+    try:
+        hook()
+    except Exception:
+        _handle_error()
+
+
+_NOT_SERVED = """\
+This server cannot serve websockets.
+
+Flask-Websockets needs gevent's WSGI server with gevent-websocket's handler:
+
+    from gevent.pywsgi import WSGIServer
+    from geventwebsocket.handler import WebSocketHandler
+    WSGIServer(("127.0.0.1", 5000), app, handler_class=WebSocketHandler).serve_forever()
+"""
+
+
+def _not_served_response() -> Response:
+    # A websocket handshake reached the app through a server that cannot
+    # upgrade it (`flask run`, the Flask test client): say how to fix it.
+    logger.warning("websocket handshake for %s refused: %s", request.path, _NOT_SERVED.splitlines()[2])
+    return current_app.response_class(_NOT_SERVED, status=501, mimetype="text/plain")
+
+
+def _close_unserved_upgrade(response: Response) -> Response:
+    """Close, with a code, a websocket the app upgraded but did not serve.
+
+    gevent-websocket answers the handshake with 101 before the app runs. When
+    the app then answers with an error (an upgrade to a path with no websocket
+    endpoint: 404), gevent-websocket would send a close frame with no code.
+    Send 1008 (policy violation) for a 4xx, 1011 for a 5xx, 1000 otherwise.
+    """
+    upgraded = request.environ.get("wsgi.websocket")
+    if upgraded is not None and not upgraded.closed:
+        status = response.status_code
+        code = 1011 if status >= 500 else 1008 if status >= 400 else 1000
+        if status >= 400:
+            logger.warning("websocket to %s closed after its handshake: %s", request.path, response.status)
+        try:
+            upgraded.stream.write(_close_frame(code, response.status))
+        except OSError:
+            pass
+        upgraded.closed = True
+    return response
+
+
+# ---------------------------------------------------------------------------
+# The connection
+# ---------------------------------------------------------------------------
+
+
+class ConnectionClosed(Exception):
+    """Raised when sending on a connection that is closed or closing.
+
+    Inside a handler it needs no handling: a reply to a connection that has
+    gone is dropped quietly.
+    """
+
+
+class Connection:
+    """One websocket connection: the object behind :data:`ws`.
+
+    Attributes:
+        environ: the WSGI environ of the handshake request.
+        path: the request path of the handshake, like ``request.path``.
+        origin: the ``Origin`` header of the handshake, or ``None``.
+        closed: ``True`` once a close frame was sent or received, or the
+            connection was lost. Sending then raises :class:`ConnectionClosed`.
+        close_code: the close code the connection ended with: the peer's (1005
+            if its close frame had none), yours, or 1006 if it was lost.
+        close_reason: the reason that came with ``close_code``.
+    """
+
+    def __init__(
+        self,
+        environ: dict,
+        read: Callable[[int], bytes],
+        write: Callable[[bytes], Any],
+        shutdown: Callable[[int], Any],
+        close_timeout: float = 5.0,
+    ) -> None:
+        self.environ = environ
+        self.path: str = environ.get("PATH_INFO") or "/"
+        self.origin: Optional[str] = environ.get("HTTP_ORIGIN")
+        self.closed = False
+        self.close_code: Optional[int] = None
+        self.close_reason = ""
+        self._read = read
+        self._write = write
+        self._shutdown = shutdown
+        self._close_timeout = close_timeout
+        self._send_lock = Semaphore()  # frames from several greenlets must not interleave
+        self._close_sent = False
+        self._close_timer: Optional[gevent.Greenlet] = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<{type(self).__name__} {self.path} from {self.environ.get('REMOTE_ADDR')} {state}>"
+
+    def send(self, message: Reply) -> None:
+        """Send a message now, converted as a handler's return value is.
+
+        ``str`` goes as text, ``bytes``/``bytearray``/``memoryview`` as binary,
+        a Flask response as its body; ``None`` sends nothing. Other types raise
+        ``TypeError``. On a closed connection it raises
+        :class:`ConnectionClosed`::
+
+            ws.send("step 1 of 3 done")
+            ws.send(jsonify(progress=0.33))
+        """
+        frame = _encode(message, "ws.send()")
+        if frame is not None:
+            self._send_frame(frame)
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake with a status code and a reason.
+
+        The connection stops sending at once; it ends when the client answers
+        with its own close frame, or after ``WEBSOCKETS_CLOSE_TIMEOUT`` seconds
+        (default 5). Closing a closed connection does nothing. ``code`` must be
+        one a server may send (1000-1003, 1007-1014, 3000-4999) and the UTF-8
+        ``reason`` at most 123 bytes, or ``ValueError`` is raised::
+
+            @sockets.on_message("^QUIT")
+            def quit(message):
+                ws.close(1000, "bye")
+        """
+        if not _is_valid_close_code(code):
+            raise ValueError(f"close code {code} may not be sent: use 1000-1003, 1007-1014 or 3000-4999")
+        if len(reason.encode("utf-8")) > 123:
+            raise ValueError("a close reason is at most 123 bytes of UTF-8")
+        self._send_close(code, reason)
+
+    # -- internals: used by WebSockets -------------------------------------
+
+    def _send_frame(self, frame: bytes) -> None:
+        with self._send_lock:
+            if self.closed:
+                raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
+            try:
+                self._write(frame)
+            except OSError as err:
+                self._lost()
+                raise ConnectionClosed(f"{self!r} was lost: {err}") from err
+
+    def _send_close(self, code: int, reason: str) -> None:
+        with self._send_lock:
+            if self._close_sent:
+                return
+            self._close_sent = True
+            if not self.closed:  # we start the closing handshake
+                self.closed = True
+                self.close_code, self.close_reason = code, reason
+                # A peer that never answers must not hold the connection open.
+                self._close_timer = gevent.spawn_later(self._close_timeout, self._abort)
+            try:
+                self._write(_close_frame(code, reason))
+            except OSError:
+                self._lost()
+
+    def _abort(self) -> None:
+        try:
+            self._shutdown(2)  # socket.SHUT_RDWR: a blocked read returns
+        except OSError:
+            pass
+
+    def _lost(self) -> None:
+        self.closed = True
+        if self.close_code is None:
+            self.close_code = 1006
+        self._abort()  # a write failed: the reader must not wait on a dead peer
+
+    def _finish(self, code: int, reason: str, drain: bool = True) -> None:
+        """End the connection: close it with ``code`` if it is still open."""
+        if not self.closed:
+            self._send_close(code, reason)
+            if drain:
+                self._drain()
+        if self._close_timer is not None:
+            self._close_timer.kill(block=False)
+
+    def _drain(self) -> None:
+        """Read until the peer's close frame, within the close timeout."""
+        try:
+            while self._read_message() is not None:
+                pass
+        except Exception:
+            pass
+
+    def _receive(self) -> Optional[Message]:
+        """Return the next message, or ``None`` once the connection is over."""
+        try:
+            message = self._read_message()
+            while message is not None and self._close_sent:
+                # RFC 6455 5.5.1: after our close frame, data is discarded.
+                message = self._read_message()
+            return message
+        except _ProtocolError as err:
+            logger.info("closing %r: %s", self, err.reason)
+            self._send_close(err.code, err.reason)
+            self._drain()
+        except (OSError, EOFError, ConnectionClosed):
+            self._lost()
+        return None
+
+    def _read_message(self) -> Optional[Message]:
+        """Read frames until a whole message; ``None`` after a close frame.
+
+        Pings are answered and pongs ignored on the way. A text message is
+        decoded once, incrementally when fragmented, so invalid UTF-8 fails
+        with 1007 at the first bad fragment.
+        """
+        opcode = 0  # of the fragmented message being assembled
+        parts: List[Any] = []
+        decoder = None
+        while True:
+            fin, op, payload = self._read_frame()
+            if op >= _OP_CLOSE:
+                if op == _OP_CLOSE:
+                    self._on_close_frame(payload)
+                    return None
+                if op == _OP_PING and not self.closed:
+                    self._send_frame(_frame(_OP_PONG, payload))
+                elif op > _OP_PONG:
+                    raise _ProtocolError(1002, f"reserved opcode {op}")
+                continue
+            if op == _OP_CONTINUATION:
+                if not opcode:
+                    raise _ProtocolError(1002, "continuation frame outside a fragmented message")
+            elif op > _OP_BINARY:
+                raise _ProtocolError(1002, f"reserved opcode {op}")
+            elif opcode:
+                raise _ProtocolError(1002, "new message inside a fragmented message")
+            elif fin:  # a whole message in one frame, the common case
+                return _decode_utf8(payload) if op == _OP_TEXT else payload
+            else:
+                opcode = op
+                if op == _OP_TEXT:
+                    decoder = _utf8_decoder()
+            if decoder is not None:
+                try:
+                    parts.append(decoder.decode(payload, fin))
+                except UnicodeDecodeError:
+                    raise _ProtocolError(1007, "invalid UTF-8 in a text message") from None
+            else:
+                parts.append(payload)
+            if fin:
+                return "".join(parts) if decoder is not None else b"".join(parts)
+
+    def _read_frame(self) -> Tuple[int, int, bytes]:
+        """Read one frame: ``(fin, opcode, unmasked payload)``."""
+        read = self._read
+        head = read(2)
+        if len(head) < 2:
+            raise EOFError
+        b0, b1 = head
+        op = b0 & 0x0F
+        length = b1 & 0x7F
+        if b0 & 0x70:
+            raise _ProtocolError(1002, "reserved bits set without an extension")
+        if not b1 & 0x80:
+            raise _ProtocolError(1002, "client frames must be masked")
+        if op >= _OP_CLOSE and (length > 125 or not b0 & 0x80):
+            raise _ProtocolError(1002, "control frames must be whole and at most 125 bytes")
+        if length == 126:
+            length = int.from_bytes(_read_exactly(read, 2), "big")
+        elif length == 127:
+            length = int.from_bytes(_read_exactly(read, 8), "big")
+            if length >> 63:
+                raise _ProtocolError(1002, "frame length over 2**63")
+        mask = _read_exactly(read, 4)
+        payload = _read_exactly(read, length) if length else b""
+        return b0 & 0x80, op, _unmask(payload, mask)
+
+    def _on_close_frame(self, payload: bytes) -> None:
+        if len(payload) == 1:
+            raise _ProtocolError(1002, "close frame with a 1-byte payload")
+        code = int.from_bytes(payload[:2], "big") if payload else 1005
+        if payload and not _is_valid_close_code(code):
+            raise _ProtocolError(1002, f"invalid close code {code}")
+        reason = _decode_utf8(payload[2:])
+        if not self.closed:
+            self.closed = True
+            self.close_code, self.close_reason = code, reason
+        # Answer with the same code (1000 if the peer sent none): the
+        # closing handshake is then complete and the server drops the TCP
+        # connection first, as RFC 6455 7.1.1 asks.
+        self._send_close(1000 if code == 1005 else code, "")
+
+
+# ---------------------------------------------------------------------------
+# RFC 6455 wire protocol
+# ---------------------------------------------------------------------------
+
+_OP_CONTINUATION, _OP_TEXT, _OP_BINARY = 0x0, 0x1, 0x2
+_OP_CLOSE, _OP_PING, _OP_PONG = 0x8, 0x9, 0xA
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
+
+
+class _ProtocolError(Exception):
+    """The peer broke RFC 6455: fail the connection with ``code``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(code, reason)
+        self.code, self.reason = code, reason
+
+
+def _read_exactly(read: Callable[[int], bytes], n: int) -> bytes:
+    data = read(n)
+    if len(data) < n:
+        raise EOFError
+    return data
+
+
+def _unmask(payload: bytes, mask: bytes) -> bytes:
+    """XOR the payload with the 4-byte mask, as one big-integer operation.
+
+    Python has no vectorised XOR for bytes; converting both sides to one
+    integer runs the loop in C instead of once per byte in Python.
+    """
+    n = len(payload)
+    if not n:
+        return b""
+    key = int.from_bytes(mask * (n // 4 + 1), "little")
+    size = 4 * (n // 4 + 1)
+    return (int.from_bytes(payload, "little") ^ key).to_bytes(size, "little")[:n]
+
+
+def _decode_utf8(payload: bytes) -> str:
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _ProtocolError(1007, "invalid UTF-8 in a text message") from None
+
+
+def _frame(opcode: int, payload: Any) -> bytes:
+    """A whole, unmasked frame (servers never mask)."""
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x80 | opcode, n))
+    elif n < 65536:
+        header = struct.pack("!BBH", 0x80 | opcode, 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 127, n)
+    return header + payload
+
+
+def _close_frame(code: int, reason: str) -> bytes:
+    return _frame(_OP_CLOSE, code.to_bytes(2, "big") + reason.encode("utf-8")[:123])
+
+
+def _is_valid_close_code(code: int) -> bool:
+    # RFC 6455 7.4 and the IANA registry: 1004-1006 and 1015 are never sent.
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def _encode(value: Reply, who: str) -> Optional[bytes]:
+    """The frame for a handler's reply or a sent message, or ``None`` for ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return _frame(_OP_TEXT, value.encode("utf-8"))
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _frame(_OP_BINARY, value)
+    if isinstance(value, _WerkzeugResponse):
+        body = value.get_data()
+        if (value.mimetype or "").startswith("text/") or value.is_json:
+            # Text frames are UTF-8, whatever charset the response declares.
+            charset = value.mimetype_params.get("charset", "utf-8")
+            return _frame(_OP_TEXT, body.decode(charset).encode("utf-8"))
+        return _frame(_OP_BINARY, body)
+    raise TypeError(
+        f"{who} got {type(value).__name__}: a websocket message must be str (text),"
+        " bytes, bytearray or memoryview (binary), or a Flask response such as"
+        " jsonify(...); return None to send nothing"
+    )

@@ -1,0 +1,1227 @@
+"""Tests for flask_websockets.
+
+Unit tests drive the module through Flask's test client with a fake
+``environ["wsgi.websocket"]`` (`FakeWebSocket`): the test plays the client by
+feeding raw RFC 6455 frames and reads back the exact frames the server wrote.
+
+Integration tests start a real gevent server with gevent-websocket's handler on
+127.0.0.1 (port 0) in a background thread (`serving`) and talk to it with
+`websocket-client`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+import urllib.request
+from pathlib import Path
+
+import gevent
+import gevent.event
+import gevent.pool
+import pytest
+import websocket
+from flask import Flask, current_app, g, jsonify, make_response, request, session, url_for
+from gevent import pywsgi
+from geventwebsocket.handler import WebSocketHandler
+from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.wrappers import Response
+
+import flask_websockets
+from flask_websockets import Connection, ConnectionClosed, WebSockets, has_socket_context, ws
+
+HERE = Path(__file__).resolve().parent
+UPGRADE = {"Upgrade": "websocket", "Connection": "Upgrade"}
+TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+# ---------------------------------------------------------------------------
+# The fake websocket: the test is the client
+# ---------------------------------------------------------------------------
+
+
+def client_frame(opcode, payload=b"", fin=True, rsv=0, masked=True, mask=b"\x37\xfa\x21\x3d"):
+    """A frame as a client sends it (masked unless told otherwise)."""
+    if isinstance(payload, str):
+        payload = payload.encode("utf-8")
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | rsv | opcode])
+    mbit = 0x80 if masked else 0
+    if n < 126:
+        head += bytes([mbit | n])
+    elif n < 65536:
+        head += bytes([mbit | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([mbit | 127]) + n.to_bytes(8, "big")
+    if not masked:
+        return head + payload
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def close_payload(code, reason=""):
+    return code.to_bytes(2, "big") + reason.encode("utf-8")
+
+
+def parse_server_frames(data):
+    """Decode what the server wrote into readable tuples; checks it never masks."""
+    out, i = [], 0
+    while i < len(data):
+        b0, b1 = data[i], data[i + 1]
+        i += 2
+        assert b0 & 0x80, "server frames are never fragmented"
+        assert not b1 & 0x80, "server frames must not be masked"
+        n = b1 & 0x7F
+        if n == 126:
+            n, i = int.from_bytes(data[i : i + 2], "big"), i + 2
+        elif n == 127:
+            n, i = int.from_bytes(data[i : i + 8], "big"), i + 8
+        payload = bytes(data[i : i + n])
+        assert len(payload) == n, "truncated frame"
+        i += n
+        op = b0 & 0x0F
+        if op == TEXT:
+            out.append(("text", payload.decode("utf-8")))
+        elif op == BINARY:
+            out.append(("binary", payload))
+        elif op == CLOSE:
+            assert len(payload) >= 2, "every close frame the server sends carries a code"
+            out.append(("close", int.from_bytes(payload[:2], "big"), payload[2:].decode("utf-8")))
+        elif op == PONG:
+            out.append(("pong", payload))
+        else:
+            raise AssertionError(f"unexpected opcode {op}")
+    return out
+
+
+class FakeWebSocket:
+    """Stands in for environ["wsgi.websocket"] as gevent-websocket provides it.
+
+    Only what flask_websockets uses: ``stream.read``/``stream.write`` (the raw
+    connection after the 101), ``handler.socket.shutdown`` and ``closed``.
+    """
+
+    def __init__(self, *frames):
+        self._inbox = bytearray(b"".join(frames))
+        self._more = gevent.event.Event()
+        self._eof = False
+        self.written = bytearray()
+        self.broken = False  # writes fail like a dead TCP connection
+        self.closed = False
+        self.stream = types.SimpleNamespace(read=self._read, write=self._write)
+        self.handler = types.SimpleNamespace(socket=types.SimpleNamespace(shutdown=self._shutdown))
+
+    def _read(self, n):
+        while len(self._inbox) < n and not self._eof:
+            self._more.clear()
+            self._more.wait()
+        data = bytes(self._inbox[:n])
+        del self._inbox[:n]
+        return data
+
+    def _write(self, data):
+        if self.broken:
+            raise BrokenPipeError(32, "Broken pipe")
+        self.written += data
+
+    def _shutdown(self, how):
+        self.disconnect()
+
+    # the client's side
+    def feed(self, *frames):
+        self._inbox += b"".join(frames)
+        self._more.set()
+
+    def send(self, message):
+        self.feed(client_frame(TEXT if isinstance(message, str) else BINARY, message))
+
+    def disconnect(self):
+        self._eof = True
+        self._more.set()
+
+    @property
+    def frames(self):
+        return parse_server_frames(bytes(self.written))
+
+    @property
+    def messages(self):
+        return [f[1] for f in self.frames if f[0] in ("text", "binary")]
+
+    def wait_for(self, count, timeout=2.0):
+        """Wait (cooperatively) until the server has written ``count`` frames."""
+        with gevent.Timeout(timeout, AssertionError(f"expected {count} frames, got {self.frames}")):
+            while len(self.frames) < count:
+                gevent.sleep(0.001)
+        return self.frames
+
+
+def run(app, *frames, path="/", headers=None, **kwargs):
+    """Serve one connection whose client sends ``frames``, then hangs up."""
+    fake = FakeWebSocket(*frames)
+    fake.disconnect()
+    response = app.test_client().get(
+        path, headers={**UPGRADE, **(headers or {})}, environ_overrides={"wsgi.websocket": fake}, **kwargs
+    )
+    assert response.status_code == 101
+    assert fake.closed, "gevent-websocket's own close must be disabled"
+    return fake
+
+
+def connect(app, path="/", **kwargs):
+    """Serve a connection in a greenlet; the test drives it through the fake."""
+    fake = FakeWebSocket()
+    client = app.test_client()
+    fake.greenlet = gevent.spawn(
+        client.get, path, headers=UPGRADE, environ_overrides={"wsgi.websocket": fake}, **kwargs
+    )
+    gevent.sleep(0)
+    return fake
+
+
+def text(message):
+    return client_frame(TEXT, message)
+
+
+def binary(data):
+    return client_frame(BINARY, data)
+
+
+def close(code=1000, reason=""):
+    return client_frame(CLOSE, close_payload(code, reason))
+
+
+def make_app(**kwargs):
+    app = Flask(__name__)
+    app.secret_key = "test"
+    return app, WebSockets(app, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------
+
+
+def test_init_app_adds_websocket_rule_and_extension():
+    app, sockets = make_app()
+    rule = next(r for r in app.url_map.iter_rules() if r.endpoint == "websocket")
+    assert rule.rule == "/" and rule.websocket
+    assert app.extensions["websockets"] is sockets
+
+
+def test_factory_pattern_serves_several_apps_with_shared_handlers():
+    sockets = WebSockets()
+
+    @sockets.on_message
+    def echo(message):
+        return f"{message} from {request.host}"
+
+    apps = []
+    for _ in range(2):
+        app = Flask(__name__)
+        sockets.init_app(app)
+        apps.append(app)
+    assert run(apps[0], text("a"), base_url="http://one").messages == ["a from one"]
+    assert run(apps[1], text("b"), base_url="http://two").messages == ["b from two"]
+
+
+@pytest.mark.parametrize("route_first", [True, False])
+def test_app_http_index_keeps_working(route_first):
+    app = Flask(__name__)
+    if route_first:
+        app.add_url_rule("/", "index", lambda: "index page")
+    sockets = WebSockets(app)
+    if not route_first:
+        app.add_url_rule("/", "index", lambda: "index page")
+
+    @sockets.on_message
+    def echo(message):
+        return message
+
+    assert app.test_client().get("/").data == b"index page"
+    assert run(app, text("hi")).messages == ["hi"]
+
+
+# ---------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------
+
+
+def test_patterns_first_in_order_then_catch_alls_each_reply_sent():
+    app, sockets = make_app()
+    calls = []
+
+    @sockets.on_message
+    def catch_all(message):
+        calls.append("catch_all")
+        return "catch_all"
+
+    @sockets.on_message("^ECHO")
+    def first(message):
+        calls.append("first")
+        return "first"
+
+    @sockets.on_message("^ECHO (.*)")
+    def second(message):
+        calls.append("second")
+        return None
+
+    @sockets.on_message("^NOPE")
+    def unmatched(message):
+        calls.append("unmatched")
+
+    fake = run(app, text("ECHO x"), text("other"))
+    assert calls == ["first", "second", "catch_all", "catch_all"]
+    assert fake.messages == ["first", "catch_all", "catch_all"]
+
+
+def test_re_match_semantics_anchor_at_start():
+    app, sockets = make_app()
+
+    @sockets.on_message("ECHO")
+    def echo(message):
+        return "matched"
+
+    assert run(app, text("ECHO"), text("no ECHO")).messages == ["matched"]
+
+
+def test_match_one_runs_first_matching_pattern_only():
+    app, sockets = make_app(match_one=True)
+
+    @sockets.on_message
+    def catch_all(message):
+        return "catch_all"
+
+    @sockets.on_message
+    def second_catch_all(message):
+        return "second_catch_all"
+
+    @sockets.on_message("^A")
+    def a(message):
+        return "a"
+
+    @sockets.on_message("^AB")
+    def ab(message):
+        return "ab"
+
+    assert run(app, text("ABC"), text("Z")).messages == ["a", "catch_all"]
+
+
+def test_decorator_forms():
+    app, sockets = make_app()
+
+    @sockets.on_message()
+    def with_parens(message):
+        return "parens"
+
+    @sockets.on_message("^hello", flags=re.IGNORECASE)
+    def flags(message):
+        return "flags"
+
+    @sockets.on_message(re.compile(r"^\d+$"))
+    def compiled(message):
+        return "compiled"
+
+    assert run(app, text("HELLO"), text("42")).messages == ["flags", "parens", "compiled", "parens"]
+
+
+def test_decorators_return_the_function():
+    app, sockets = make_app()
+
+    def f(message):
+        return None
+
+    assert sockets.on_message(f) is f
+    assert sockets.on_message("x")(f) is f
+    assert sockets.on_open(f) is f
+    assert sockets.on_close(f) is f
+
+
+def test_bad_registrations_fail_at_import_time():
+    app, sockets = make_app()
+    with pytest.raises(TypeError, match="async"):
+
+        @sockets.on_message
+        async def coroutine(message):
+            return message
+
+    with pytest.raises(TypeError, match="needs a pattern"):
+        sockets.on_message(flags=re.I)
+    with pytest.raises(re.error):
+        sockets.on_message("(unclosed")
+
+
+def test_str_patterns_see_text_bytes_patterns_see_binary():
+    app, sockets = make_app()
+    seen = []
+
+    @sockets.on_message(".*")
+    def any_text(message):
+        seen.append(("text pattern", message))
+
+    @sockets.on_message(rb"\x89PNG")
+    def png(data):
+        seen.append(("bytes pattern", data))
+
+    @sockets.on_message
+    def catch_all(message):
+        seen.append(("catch-all", message))
+
+    run(app, binary(b"\x89PNG..."), binary(b"\xff"), text("\u00e9"))
+    assert seen == [
+        ("bytes pattern", b"\x89PNG..."),
+        ("catch-all", b"\x89PNG..."),
+        ("catch-all", b"\xff"),
+        ("text pattern", "\u00e9"),
+        ("catch-all", "\u00e9"),
+    ]
+    assert all(type(m) is bytes for kind, m in seen if kind != "text pattern" and m != "\u00e9")
+
+
+def test_binary_message_with_str_pattern_keeps_connection_alive():
+    app, sockets = make_app()
+
+    @sockets.on_message("^ECHO")
+    def echo(message):
+        return message
+
+    @sockets.on_message
+    def kind(message):
+        return type(message).__name__
+
+    fake = run(app, binary(b"ECHO"), text("ECHO"))
+    assert fake.messages == ["bytes", "ECHO", "str"]
+
+
+# ---------------------------------------------------------------------------
+# Replies
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ("héllo", ("text", "héllo")),
+        (b"\x00\x01", ("binary", b"\x00\x01")),
+        (bytearray(b"ba"), ("binary", b"ba")),
+        (memoryview(b"mv"), ("binary", b"mv")),
+        ("", ("text", "")),
+    ],
+)
+def test_reply_types(reply, expected):
+    app, sockets = make_app()
+    sockets.on_message(lambda message: reply)
+    assert run(app, text("x")).frames[0] == expected
+
+
+def test_none_reply_sends_nothing():
+    app, sockets = make_app()
+    sockets.on_message(lambda message: None)
+    assert run(app, text("x")).frames == []
+
+
+def test_flask_responses_send_their_body():
+    app, sockets = make_app()
+    replies = {
+        "json": lambda: jsonify(reply="ok", n=1),
+        "html": lambda: make_response("<b>hi</b>"),
+        "latin1": lambda: Response("caf\u00e9".encode("latin-1"), content_type="text/plain; charset=latin-1"),
+        "octets": lambda: Response(b"\x00\xff", mimetype="application/octet-stream"),
+        "problem+json": lambda: Response('{"e":1}', mimetype="application/problem+json"),
+    }
+    sockets.on_message(lambda message: replies[message]())
+    frames = run(app, *(text(k) for k in replies)).frames
+    assert frames[0][0] == "text" and json.loads(frames[0][1]) == {"reply": "ok", "n": 1}
+    assert frames[1:] == [
+        ("text", "<b>hi</b>"),
+        ("text", "caf\u00e9"),
+        ("binary", b"\x00\xff"),
+        ("text", '{"e":1}'),
+    ]
+
+
+@pytest.mark.parametrize("bad", [5, 1.5, {"a": 1}, ["x"], ("body", 200)])
+def test_bad_reply_type_is_logged_sends_nothing_and_connection_survives(bad, caplog):
+    app, sockets = make_app()
+
+    @sockets.on_message("^bad")
+    def bad_reply(message):
+        return bad
+
+    @sockets.on_message("^good")
+    def good(message):
+        return "still here"
+
+    fake = run(app, text("bad"), text("good"))
+    assert fake.frames == [("text", "still here")]
+    [record] = [r for r in caplog.records if r.exc_info]
+    err = record.exc_info[1]
+    assert isinstance(err, TypeError)
+    assert "bad_reply" in str(err) and type(bad).__name__ in str(err)
+
+
+def test_ws_send_uses_the_same_coercion(caplog):
+    app, sockets = make_app()
+
+    @sockets.on_message
+    def handler(message):
+        ws.send("text")
+        ws.send(b"bin")
+        ws.send(jsonify(a=1))
+        ws.send(None)
+        ws.send(7)  # TypeError: nothing sent, error logged
+
+    fake = run(app, text("go"))
+    assert fake.frames[:2] == [("text", "text"), ("binary", b"bin")]
+    assert json.loads(fake.frames[2][1]) == {"a": 1}
+    assert len(fake.frames) == 3
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert "ws.send() got int" in str(record.exc_info[1])
+
+
+# ---------------------------------------------------------------------------
+# Contexts
+# ---------------------------------------------------------------------------
+
+
+def test_handlers_run_in_the_handshake_request_context():
+    app, sockets = make_app()
+
+    @app.route("/login")
+    def login():
+        session["user"] = "ada"
+        return "ok"
+
+    @sockets.on_open
+    def opened():
+        g.count = 0
+
+    @sockets.on_message
+    def handler(message):
+        g.count += 1
+        return json.dumps(
+            {
+                "app": current_app.name,
+                "path": request.path,
+                "args": request.args.to_dict(),
+                "header": request.headers.get("X-Test"),
+                "cookie": request.cookies.get("theme"),
+                "user": session.get("user"),
+                "count": g.count,
+                "url": url_for("websocket"),
+            }
+        )
+
+    client = app.test_client()
+    client.get("/login")
+    client.set_cookie("theme", "dark")
+    fake = FakeWebSocket(text("a"), text("b"))
+    fake.disconnect()
+    client.get(
+        "/?room=7",
+        headers={**UPGRADE, "X-Test": "yes"},
+        environ_overrides={"wsgi.websocket": fake},
+    )
+    first, second = (json.loads(m) for m in fake.messages)
+    assert first == {
+        "app": app.name,
+        "path": "/",
+        "args": {"room": "7"},
+        "header": "yes",
+        "cookie": "dark",
+        "user": "ada",
+        "count": 1,
+        "url": "ws://localhost/",
+    }
+    assert second["count"] == 2
+
+
+def test_ws_outside_a_websocket_raises_a_helpful_error():
+    app, sockets = make_app()
+    with pytest.raises(RuntimeError, match="Working outside of websocket context"):
+        ws.send("x")
+
+    @app.route("/view")
+    def view():
+        try:
+            ws.path
+        except RuntimeError as err:
+            return str(err)
+
+    message = app.test_client().get("/view").get_data(as_text=True)
+    assert "has_socket_context()" in message and "broadcast" in message
+
+
+def test_has_socket_context_in_handlers_and_views():
+    app, sockets = make_app()
+    seen = []
+    sockets.on_open(lambda: seen.append(("open", has_socket_context())))
+    sockets.on_message(lambda m: seen.append(("message", has_socket_context())))
+    sockets.on_close(lambda: seen.append(("close", has_socket_context())))
+
+    @app.route("/view")
+    def view():
+        seen.append(("view", has_socket_context()))
+        return ""
+
+    run(app, text("x"))
+    app.test_client().get("/view")
+    assert seen == [("open", True), ("message", True), ("close", True), ("view", False)]
+    assert has_socket_context() is False
+
+
+def test_concurrent_connections_see_their_own_ws_request_and_g():
+    app, sockets = make_app()
+
+    @sockets.on_open
+    def opened():
+        g.name = request.args["name"]
+
+    @sockets.on_message
+    def handler(message):
+        mine = ws._get_current_object()
+        gevent.sleep(0.01)  # let the other connection run in between
+        assert ws._get_current_object() is mine
+        return f"{g.name}:{request.args['name']}:{ws.environ['QUERY_STRING']}"
+
+    alice = connect(app, "/?name=alice")
+    bob = connect(app, "/?name=bob")
+    for _ in range(3):
+        alice.send("x")
+        bob.send("x")
+    alice.wait_for(3)
+    bob.wait_for(3)
+    assert alice.messages == ["alice:alice:name=alice"] * 3
+    assert bob.messages == ["bob:bob:name=bob"] * 3
+    alice.disconnect()
+    bob.disconnect()
+    gevent.joinall([alice.greenlet, bob.greenlet], timeout=2)
+
+
+# ---------------------------------------------------------------------------
+# The connection object
+# ---------------------------------------------------------------------------
+
+
+def test_connection_attributes():
+    app, sockets = make_app()
+    seen = {}
+
+    @sockets.on_message
+    def handler(message):
+        seen.update(
+            path=ws.path,
+            origin=ws.origin,
+            closed=ws.closed,
+            environ_is_request_environ=ws.environ is request.environ,
+            type=type(ws._get_current_object()),
+        )
+
+    run(app, text("x"), headers={"Origin": "http://example.com"})
+    assert seen == {
+        "path": "/",
+        "origin": "http://example.com",
+        "closed": False,
+        "environ_is_request_environ": True,
+        "type": Connection,
+    }
+
+
+def test_close_sends_code_and_reason_and_completes_the_handshake():
+    app, sockets = make_app()
+    after = []
+
+    @sockets.on_message
+    def handler(message):
+        ws.close(4000, "bye \u00e9")
+        after.append((ws.closed, ws.close_code, ws.close_reason))
+        with pytest.raises(ConnectionClosed):
+            ws.send("too late")
+        ws.close()  # closing twice does nothing
+        return "dropped: the connection is closing"
+
+    @sockets.on_message
+    def second(message):
+        return "dropped too"
+
+    fake = connect(app)
+    fake.send("quit")
+    fake.send("ignored: sent after the server's close frame")
+    assert fake.wait_for(1) == [("close", 4000, "bye \u00e9")]
+    assert not fake.greenlet.dead, "the server waits for the client's close frame"
+    fake.feed(close(4000))
+    fake.greenlet.join(timeout=2)
+    assert fake.greenlet.dead
+    assert fake.frames == [("close", 4000, "bye \u00e9")]
+    assert after == [(True, 4000, "bye \u00e9")]
+
+
+def test_close_gives_up_on_a_silent_client_after_the_close_timeout():
+    app, sockets = make_app()
+    app.config["WEBSOCKETS_CLOSE_TIMEOUT"] = 0.05
+    sockets.on_message(lambda message: ws.close(1001))
+    fake = connect(app)
+    fake.send("x")
+    fake.greenlet.join(timeout=2)
+    assert fake.greenlet.dead
+    assert fake.frames == [("close", 1001, "")]
+
+
+@pytest.mark.parametrize("code", [999, 1004, 1005, 1006, 1015, 2000, 5000])
+def test_close_rejects_codes_a_server_may_not_send(code):
+    conn = Connection({}, read=None, write=None, shutdown=None)
+    with pytest.raises(ValueError, match="may not be sent"):
+        conn.close(code)
+
+
+def test_close_rejects_a_long_reason():
+    conn = Connection({}, read=None, write=None, shutdown=None)
+    with pytest.raises(ValueError, match="123 bytes"):
+        conn.close(1000, "\u00e9" * 62)
+
+
+# ---------------------------------------------------------------------------
+# Lifecycle, broadcast
+# ---------------------------------------------------------------------------
+
+
+def lifecycle_app():
+    app, sockets = make_app(match_one=True)
+    events = []
+
+    @sockets.on_open
+    def opened():
+        events.append("open")
+
+    @sockets.on_message("^boom")
+    def boom(message):
+        raise KeyError("boom")
+
+    @sockets.on_message
+    def handler(message):
+        events.append(message)
+        return message
+
+    @sockets.on_close
+    def closed():
+        events.append(("close", ws.close_code))
+
+    return app, sockets, events
+
+
+def test_on_close_once_after_a_clean_close():
+    app, sockets, events = lifecycle_app()
+    fake = run(app, text("hi"), close(1000, "done"))
+    assert events == ["open", "hi", ("close", 1000)]
+    assert fake.frames == [("text", "hi"), ("close", 1000, "")]
+    assert sockets._connections == set()
+
+
+def test_on_close_once_after_an_abrupt_disconnect():
+    app, sockets, events = lifecycle_app()
+    fake = run(app, text("hi"), text("cut mid-fra")[:-3])
+    assert events == ["open", "hi", ("close", 1006)]
+    assert fake.frames == [("text", "hi")]
+    assert sockets._connections == set()
+
+
+def test_on_close_once_after_a_protocol_error():
+    app, sockets, events = lifecycle_app()
+    fake = run(app, client_frame(TEXT, b"x", masked=False))
+    assert events == ["open", ("close", 1002)]
+    assert fake.frames == [("close", 1002, "client frames must be masked")]
+
+
+def test_on_close_once_after_a_propagated_handler_error():
+    app, sockets, events = lifecycle_app()
+    app.testing = True
+    fake = FakeWebSocket(text("boom"))
+    fake.disconnect()
+    with pytest.raises(KeyError, match="boom"):
+        app.test_client().get("/", headers=UPGRADE, environ_overrides={"wsgi.websocket": fake})
+    assert events == ["open", ("close", 1011)]
+    assert fake.frames == [("close", 1011, "internal error")]
+    assert sockets._connections == set()
+
+
+def test_zero_argument_hooks_and_failing_on_open_closes_with_1011(caplog):
+    app, sockets = make_app()
+    events = []
+
+    @sockets.on_open
+    def opened():
+        raise ValueError("no database")
+
+    @sockets.on_message
+    def never(message):
+        events.append(message)
+
+    @sockets.on_close
+    def closed():
+        events.append("close")
+
+    fake = run(app, text("x"))
+    assert fake.frames == [("close", 1011, "internal error")]
+    assert events == ["close"]
+    assert "no database" in caplog.text
+
+
+def test_failing_on_close_hook_is_logged_and_others_still_run(caplog):
+    app, sockets = make_app()
+    events = []
+    sockets.on_close(lambda: 1 / 0)
+    sockets.on_close(lambda: events.append("second"))
+    run(app)
+    assert events == ["second"]
+    assert "ZeroDivisionError" in caplog.text
+
+
+def test_broadcast_reaches_every_open_connection_and_drops_dead_ones():
+    app, sockets = make_app()
+    sockets.on_message("^all (.*)")(lambda m: sockets.broadcast(m[4:]) and None)
+    a, b, dead = connect(app), connect(app), connect(app)
+    assert len(sockets._connections) == 3
+    dead.broken = True
+    a.send("all hello")
+    a.wait_for(1)
+    b.wait_for(1)
+    assert a.messages == b.messages == ["hello"]
+    assert len(sockets._connections) == 2, "the dead connection was dropped"
+    assert sockets.broadcast(b"\x01") == 2
+    assert sockets.broadcast(None) == 0
+    with pytest.raises(TypeError, match="broadcast"):
+        sockets.broadcast(3)
+    for fake in (a, b, dead):
+        fake.disconnect()
+        fake.greenlet.join(timeout=2)
+    assert a.messages == b.messages == ["hello", b"\x01"]
+    assert sockets._connections == set()
+    assert sockets.broadcast("nobody") == 0
+
+
+def test_broadcast_from_an_http_view():
+    app, sockets = make_app()
+
+    @app.post("/announce")
+    def announce():
+        return f"sent to {sockets.broadcast(request.form['text'])}"
+
+    fake = connect(app)
+    response = app.test_client().post("/announce", data={"text": "hello all"})
+    assert response.data == b"sent to 1"
+    assert fake.wait_for(1) == [("text", "hello all")]
+    fake.disconnect()
+    fake.greenlet.join(timeout=2)
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+def test_handler_error_is_logged_through_flask_and_connection_survives(caplog):
+    app, sockets, events = lifecycle_app()
+    fake = run(app, text("boom"), text("after"))
+    assert events == ["open", "after", ("close", 1006)]
+    assert fake.frames == [("text", "after")]
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert record.name == app.logger.name
+    assert record.getMessage() == "Exception on / [GET]"
+    assert isinstance(record.exc_info[1], KeyError)
+
+
+def test_handler_error_does_not_affect_other_connections():
+    app, sockets, events = lifecycle_app()
+    a, b = connect(app), connect(app)
+    a.send("boom")
+    b.send("still fine")
+    assert b.wait_for(1) == [("text", "still fine")]
+    a.send("fine too")
+    assert a.wait_for(1) == [("text", "fine too")]
+    a.disconnect()
+    b.disconnect()
+    gevent.joinall([a.greenlet, b.greenlet], timeout=2)
+
+
+@pytest.mark.parametrize(
+    "testing, propagate, raises",
+    [(True, None, True), (False, True, True), (True, False, False), (False, None, False)],
+)
+def test_propagation_follows_testing_and_propagate_exceptions(testing, propagate, raises):
+    app, sockets, events = lifecycle_app()
+    app.testing = testing
+    app.config["PROPAGATE_EXCEPTIONS"] = propagate
+    app.debug = True  # debug alone never propagates
+    if raises:
+        with pytest.raises(KeyError):
+            run(app, text("boom"))
+    else:
+        assert run(app, text("boom"), text("ok")).messages == ["ok"]
+
+
+# ---------------------------------------------------------------------------
+# Protocol
+# ---------------------------------------------------------------------------
+
+
+def echo_app():
+    app, sockets = make_app()
+    sockets.on_message(lambda message: message)
+    return app
+
+
+def test_fragmented_messages_and_control_frames_in_between():
+    fake = run(
+        echo_app(),
+        client_frame(TEXT, "h\u00e9".encode()[:2], fin=False),
+        client_frame(PING, b"p"),
+        client_frame(0, "h\u00e9".encode()[2:] + b"llo", fin=True),
+        client_frame(BINARY, b"\x00", fin=False),
+        client_frame(0, b"\x01", fin=False),
+        client_frame(0, b"", fin=True),
+        close(1001),
+    )
+    assert fake.frames == [
+        ("pong", b"p"),
+        ("text", "h\u00e9llo"),
+        ("binary", b"\x00\x01"),
+        ("close", 1001, ""),
+    ]
+
+
+def test_client_close_without_code_is_answered_with_1000():
+    fake = run(echo_app(), client_frame(CLOSE, b""))
+    assert fake.frames == [("close", 1000, "")]
+
+
+def test_invalid_utf8_closes_with_1007():
+    fake = run(echo_app(), text("ok"), client_frame(TEXT, b"\xff\xfe"))
+    assert fake.frames == [("text", "ok"), ("close", 1007, "invalid UTF-8 in a text message")]
+
+
+def test_invalid_utf8_fragment_fails_before_the_message_ends():
+    fake = connect(echo_app())
+    fake.feed(client_frame(TEXT, b"valid ", fin=False), client_frame(0, b"\xc0\xaf", fin=False))
+    assert fake.wait_for(1) == [("close", 1007, "invalid UTF-8 in a text message")]
+    fake.disconnect()
+    fake.greenlet.join(timeout=2)
+
+
+def test_truncated_utf8_sequence_at_message_end_closes_with_1007():
+    fake = run(echo_app(), client_frame(TEXT, b"\xe2\x82", fin=False), client_frame(0, b"", fin=True))
+    assert fake.frames == [("close", 1007, "invalid UTF-8 in a text message")]
+
+
+@pytest.mark.parametrize(
+    "frames, reason",
+    [
+        ([client_frame(TEXT, b"x", masked=False)], "client frames must be masked"),
+        ([client_frame(TEXT, b"x", rsv=0x40)], "reserved bits set without an extension"),
+        ([client_frame(3, b"x")], "reserved opcode 3"),
+        ([client_frame(0xB, b"x")], "reserved opcode 11"),
+        ([client_frame(0, b"x")], "continuation frame outside a fragmented message"),
+        (
+            [client_frame(TEXT, b"x", fin=False), client_frame(TEXT, b"y")],
+            "new message inside a fragmented message",
+        ),
+        ([client_frame(PING, b"x", fin=False)], "control frames must be whole and at most 125 bytes"),
+        ([client_frame(PING, b"x" * 126)], "control frames must be whole and at most 125 bytes"),
+        ([client_frame(CLOSE, b"\x03")], "close frame with a 1-byte payload"),
+        ([client_frame(CLOSE, close_payload(1005))], "invalid close code 1005"),
+        ([client_frame(CLOSE, close_payload(999))], "invalid close code 999"),
+    ],
+)
+def test_protocol_violations_close_with_1002(frames, reason):
+    fake = run(echo_app(), *frames, text("never handled"))
+    assert fake.frames == [("close", 1002, reason)]
+
+
+def test_invalid_utf8_in_close_reason_closes_with_1007():
+    fake = run(echo_app(), client_frame(CLOSE, b"\x03\xe8\xff"))
+    assert fake.frames == [("close", 1007, "invalid UTF-8 in a text message")]
+
+
+def test_large_frames_use_extended_lengths():
+    big, huge = "x" * 300, b"y" * 70000
+    fake = run(echo_app(), text(big), binary(huge))
+    assert fake.messages == [big, huge]
+    assert fake.written[1] == 126 and fake.written[2 + 2 + 300 + 1] == 127
+
+
+# ---------------------------------------------------------------------------
+# URLs and servers that cannot upgrade
+# ---------------------------------------------------------------------------
+
+
+def test_url_for_gives_ws_and_wss():
+    app, sockets = make_app()
+    with app.test_request_context("/"):
+        assert url_for("websocket") == "ws://localhost/"
+        assert url_for("websocket", _external=True, _scheme="ws") == "ws://localhost/"
+    with app.test_request_context("/", base_url="https://example.com"):
+        assert url_for("websocket") == "wss://example.com/"
+
+
+@pytest.mark.parametrize("wrap_first", [True, False])
+def test_proxyfix_before_or_after_init_app(wrap_first):
+    app = Flask(__name__)
+    if wrap_first:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1)
+    sockets = WebSockets(app)
+    if not wrap_first:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1)
+    sockets.on_message(lambda m: url_for("websocket"))
+    fake = run(app, text("x"), headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "chat.example"})
+    assert fake.messages == ["wss://chat.example/"]
+
+
+def test_handshake_without_gevent_websocket_gets_a_clear_501(caplog):
+    app, sockets = make_app()
+    response = app.test_client().get("/", headers={**UPGRADE, "Sec-WebSocket-Version": "13"})
+    assert response.status_code == 501
+    body = response.get_data(as_text=True)
+    assert "handler_class=WebSocketHandler" in body and "WSGIServer" in body
+    assert "refused" in caplog.text
+
+
+def test_importing_configures_no_logging():
+    code = (
+        "import logging, flask_websockets as m\n"
+        "log = logging.getLogger('flask_websockets')\n"
+        "assert log.handlers == [] and log.level == logging.NOTSET, log\n"
+        "assert logging.getLogger().handlers == []\n"
+        "assert logging.getLogger('geventwebsocket').handlers == []\n"
+        "import gevent.monkey; assert not gevent.monkey.is_anything_patched()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=HERE)
+
+
+# ---------------------------------------------------------------------------
+# Integration: a real gevent server and websocket-client
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Serve ``app`` with gevent + gevent-websocket in a thread; yield its ws:// URL."""
+    started = threading.Event()
+    box = {}
+
+    def serve():
+        server = pywsgi.WSGIServer(
+            ("127.0.0.1", 0), app, handler_class=WebSocketHandler, log=None, spawn=gevent.pool.Pool(1000)
+        )
+        server.start()
+        box.update(server=server, hub=gevent.get_hub())
+        started.set()
+        try:
+            server.serve_forever()
+        finally:
+            gevent.get_hub().destroy(destroy_loop=True)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert started.wait(5)
+    try:
+        yield f"ws://127.0.0.1:{box['server'].server_port}"
+    finally:
+        box["hub"].loop.run_callback_threadsafe(gevent.spawn, box["server"].stop, 1)
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def client(url, **kwargs):
+    return websocket.create_connection(url, timeout=5, **kwargs)
+
+
+def recv_close(conn):
+    """The server's close frame as (code, reason)."""
+    op, data = conn.recv_data(control_frame=True)
+    assert op == websocket.ABNF.OPCODE_CLOSE, (op, data)
+    return int.from_bytes(data[:2], "big"), data[2:].decode()
+
+
+def wait_until(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def demo_app(**kwargs):
+    app = Flask(__name__)
+    sockets = WebSockets(app, **kwargs)
+    events = []
+
+    @sockets.on_message
+    def echo(message):
+        return message
+
+    @sockets.on_message("^ECHO .*")
+    def cmd(message):
+        ws.send("Starting work")
+        return jsonify(reply=message.split(" ", 1)[1])
+
+    @sockets.on_message("^SLOW")
+    def slow(message):
+        for i in range(3):
+            ws.send(f"step {i}")
+            gevent.sleep(0.1)
+        return "done"
+
+    @sockets.on_message("^CLOSE")
+    def close_it(message):
+        ws.close(4001, "closed by server")
+
+    @sockets.on_close
+    def closed():
+        events.append(ws.close_code)
+
+    return app, sockets, events
+
+
+def test_real_echo_text_binary_and_commands():
+    app, sockets, events = demo_app()
+    with serving(app) as url:
+        c = client(url + "/")
+        c.send("hello \u00e9")
+        assert c.recv() == "hello \u00e9"
+        c.send_binary(b"\x00\xff" * 40000)
+        assert c.recv() == b"\x00\xff" * 40000
+        c.send("ECHO yo")
+        assert [c.recv(), json.loads(c.recv()), c.recv()] == ["Starting work", {"reply": "yo"}, "ECHO yo"]
+        c.close(status=1000)
+        wait_until(lambda: events == [1000])
+    assert sockets._connections == set()
+
+
+def test_real_match_one():
+    app, sockets, events = demo_app(match_one=True)
+    with serving(app) as url:
+        c = client(url)
+        c.send("ECHO yo")
+        assert [c.recv(), json.loads(c.recv())] == ["Starting work", {"reply": "yo"}]
+        c.send("plain")
+        assert c.recv() == "plain"
+        c.close()
+
+
+def test_real_status_updates_while_another_connection_stays_responsive():
+    app, sockets, events = demo_app()
+    with serving(app) as url:
+        slow, quick = client(url), client(url)
+        slow.send("SLOW")
+        assert slow.recv() == "step 0"
+        started = time.monotonic()
+        for i in range(5):
+            quick.send(f"ping {i}")
+            assert quick.recv() == f"ping {i}"
+        assert time.monotonic() - started < 0.1, "the other connection waited for the slow handler"
+        assert [slow.recv() for _ in range(4)] == ["step 1", "step 2", "done", "SLOW"]
+        slow.close()
+        quick.close()
+
+
+def test_real_invalid_utf8_closes_with_1007():
+    app, sockets, events = demo_app()
+    with serving(app) as url:
+        c = client(url)
+        c.send(b"\xed\xa0\x80", opcode=websocket.ABNF.OPCODE_TEXT)  # a UTF-16 surrogate
+        assert recv_close(c) == (1007, "invalid UTF-8 in a text message")
+        wait_until(lambda: events == [1007])
+
+
+def test_real_close_codes_both_ways():
+    app, sockets, events = demo_app()
+    with serving(app) as url:
+        c = client(url)
+        c.send("CLOSE")
+        assert recv_close(c) == (4001, "closed by server")
+        c.send_close(4001)
+        c2 = client(url)
+        c2.send_close(3003, b"client leaving")
+        assert recv_close(c2) == (3003, "")
+        wait_until(lambda: sorted(events) == [3003, 4001])
+
+
+def test_real_abrupt_disconnect_runs_on_close_and_empties_registry():
+    app, sockets, events = demo_app()
+    with serving(app) as url:
+        clients = [client(url) for _ in range(3)]
+        wait_until(lambda: len(sockets._connections) == 3)
+        for c in clients:
+            c.sock.shutdown(socket.SHUT_RDWR)
+            c.sock.close()
+        wait_until(lambda: events == [1006] * 3)
+        assert sockets._connections == set()
+
+
+def test_real_fifty_concurrent_clients_lose_and_reorder_nothing():
+    app, sockets, events = demo_app()
+    with serving(app) as url:
+        errors = []
+
+        def talk(n):
+            try:
+                c = client(url)
+                for i in range(20):
+                    c.send(f"{n}-{i}")
+                got = [c.recv() for _ in range(20)]
+                assert got == [f"{n}-{i}" for i in range(20)], got
+                c.close()
+            except Exception as err:  # reported below
+                errors.append(err)
+
+        threads = [threading.Thread(target=talk, args=(n,)) for n in range(50)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert errors == []
+        wait_until(lambda: len(events) == 50)
+        assert sockets._connections == set()
+
+
+def test_real_upgrade_to_an_unknown_path_is_closed_with_a_code():
+    app, sockets, events = demo_app()
+    with serving(app) as url:
+        c = client(url + "/nowhere")  # gevent-websocket sends the 101 before Flask routes
+        assert recv_close(c) == (1008, "404 NOT FOUND")
+
+
+def test_real_proxyfix_and_url_for():
+    app, sockets, events = demo_app()
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1)
+    sockets.on_message("^URL")(lambda m: url_for("websocket", _external=True))
+    with serving(app) as url:
+        c = client(url, header=["X-Forwarded-Proto: https", "X-Forwarded-Host: chat.example"])
+        c.send("URL")
+        assert c.recv() == "wss://chat.example/"
+        c.close()
+
+
+def test_real_http_index_and_websocket_share_the_root():
+    app, sockets, events = demo_app()
+    app.add_url_rule("/", "index", lambda: "index page")
+    with serving(app) as url:
+        http = url.replace("ws://", "http://") + "/"
+        assert urllib.request.urlopen(http, timeout=5).read() == b"index page"
+        c = client(url)
+        c.send("x")
+        assert c.recv() == "x"
+        c.close()
+
+
+def test_real_server_stop_closes_open_connections_with_1001():
+    app, sockets, events = demo_app()
+    with serving(app) as url:
+        c = client(url)
+        wait_until(lambda: len(sockets._connections) == 1)
+    assert recv_close(c) == (1001, "server shutting down")
+    assert events == [1001]
