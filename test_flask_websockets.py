@@ -39,6 +39,8 @@ import flask_websockets
 from flask_websockets import Connection, ConnectionClosed, WebSockets, has_socket_context, ws
 
 HERE = Path(__file__).resolve().parent
+# Subprocesses import this checkout's flask_websockets, installed or not.
+SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
 UPGRADE = {"Upgrade": "websocket", "Connection": "Upgrade"}
 TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 
@@ -788,11 +790,12 @@ def test_broadcast_reaches_every_open_connection_and_drops_dead_ones():
     a, b, dead = connect(app), connect(app), connect(app)
     assert len(sockets._connections) == 3
     dead.broken = True
+    assert sockets.broadcast("first") == 2
+    assert len(sockets._connections) == 2, "the dead connection was dropped at once"
     a.send("all hello")
-    a.wait_for(1)
-    b.wait_for(1)
-    assert a.messages == b.messages == ["hello"]
-    assert len(sockets._connections) == 2, "the dead connection was dropped"
+    a.wait_for(2)
+    b.wait_for(2)
+    assert a.messages == b.messages == ["first", "hello"]
     assert sockets.broadcast(b"\x01") == 2
     assert sockets.broadcast(None) == 0
     with pytest.raises(TypeError, match="broadcast"):
@@ -800,7 +803,7 @@ def test_broadcast_reaches_every_open_connection_and_drops_dead_ones():
     for fake in (a, b, dead):
         fake.disconnect()
         fake.greenlet.join(timeout=2)
-    assert a.messages == b.messages == ["hello", b"\x01"]
+    assert a.messages == b.messages == ["first", "hello", b"\x01"]
     assert sockets._connections == set()
     assert sockets.broadcast("nobody") == 0
 
@@ -999,7 +1002,7 @@ def test_importing_configures_no_logging():
         "assert logging.getLogger('geventwebsocket').handlers == []\n"
         "import gevent.monkey; assert not gevent.monkey.is_anything_patched()\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=HERE)
+    subprocess.run([sys.executable, "-c", code], check=True, env=SUBPROCESS_ENV)
 
 
 # ---------------------------------------------------------------------------
@@ -1225,3 +1228,208 @@ def test_real_server_stop_closes_open_connections_with_1001():
         wait_until(lambda: len(sockets._connections) == 1)
     assert recv_close(c) == (1001, "server shutting down")
     assert events == [1001]
+
+
+# ---------------------------------------------------------------------------
+# The README's snippets and example.py, run as a user would
+# ---------------------------------------------------------------------------
+
+
+def readme_snippets():
+    """Every Python block of the README, by the name in its ``.. snippet:`` comment."""
+    readme = (HERE / "README.rst").read_text(encoding="utf-8")
+    found = re.findall(r"^\.\. snippet: (\S+)\n\n\.\. code-block:: python\n\n((?:    .*\n|\n)+)", readme, re.M)
+    assert len(found) == readme.count(".. code-block:: python"), "every Python block needs a snippet name"
+    return {name: "".join(line[4:] + "\n" for line in body.splitlines()) for name, body in found}
+
+
+SERVE_SNIPPET = """\
+import runpy, sys
+app = runpy.run_path(sys.argv[1], run_name="snippet")["app"]
+from gevent.pywsgi import WSGIServer
+from geventwebsocket.handler import WebSocketHandler
+server = WSGIServer(("127.0.0.1", 0), app, handler_class=WebSocketHandler)
+server.start()
+print(server.server_port, flush=True)
+server.serve_forever()
+"""
+
+
+@contextlib.contextmanager
+def subprocess_server(args, tmp_path):
+    """Run a server process that prints its port (or a URL) on its first line."""
+    out = (tmp_path / "server.log").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=HERE,
+        env=SUBPROCESS_ENV,
+        stdout=subprocess.PIPE,
+        stderr=out,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        first = proc.stdout.readline()
+        port = re.search(r"(\d+)/?\W*$", first.split("(")[0].strip() + " ")
+        assert port, f"no port in {first!r}; log: {(tmp_path / 'server.log').read_text()}"
+        yield int(port.group(1)), lambda: (tmp_path / "server.log").read_text()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        out.close()
+
+
+def serve_snippet(name, tmp_path):
+    path = tmp_path / f"{name}.py"
+    path.write_text(readme_snippets()[name])
+    runner = tmp_path / "serve_snippet.py"
+    runner.write_text(SERVE_SNIPPET)
+    return subprocess_server([str(runner), str(path)], tmp_path)
+
+
+def test_every_readme_snippet_is_tested():
+    tested = {n[len("test_readme_") :].replace("_", "-") for n in globals() if n.startswith("test_readme_")}
+    assert set(readme_snippets()) <= tested
+
+
+def test_readme_quickstart(tmp_path):
+    """Copied into app.py and run with `python app.py`, on a free port instead of 5000."""
+    source = readme_snippets()["quickstart"]
+    assert '("127.0.0.1", 5000)' in source
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "app.py").write_text(source.replace("5000", str(port)))
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "app.py")], cwd=tmp_path, env=SUBPROCESS_ENV, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                c = client(f"ws://127.0.0.1:{port}/")
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "app.py did not start"
+                time.sleep(0.05)
+        c.send("hello")
+        assert c.recv() == "hello"
+        c.send("ECHO hi")
+        assert [c.recv() for _ in range(3)] == ["Starting work", '{"reply":"hi"}\n', "ECHO hi"]
+        c.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_readme_handlers(tmp_path):
+    with serve_snippet("handlers", tmp_path) as (port, log):
+        c = client(f"ws://127.0.0.1:{port}/")
+        png = b"\x89PNG" + b"\x00" * 1230
+        c.send("HELLO there")
+        c.send("21")
+        c.send_binary(png)
+        c.send("what?")
+        c.send_binary(b"\x00")
+        assert [c.recv() for _ in range(5)] == [
+            "hello to you",
+            "42",
+            "a PNG of 1234 bytes",
+            "unknown str message",
+            "unknown bytes message",
+        ]
+        c.close()
+
+
+def test_readme_long_task(tmp_path):
+    with serve_snippet("long-task", tmp_path) as (port, log):
+        slow, other = client(f"ws://127.0.0.1:{port}/"), client(f"ws://127.0.0.1:{port}/")
+        slow.send("REPORT")
+        assert slow.recv() == "loading"
+        other.send("REPORT")  # time.sleep is cooperative: both reports run at once
+        assert other.recv() == "loading"
+        assert [slow.recv() for _ in range(3)] == ["computing", "rendering", "report ready"]
+        assert [other.recv() for _ in range(3)] == ["computing", "rendering", "report ready"]
+        http = urllib.request.urlopen(f"http://127.0.0.1:{port}/report", timeout=5)
+        assert http.read() == b"report ready"
+        slow.close()
+        other.close()
+
+
+def test_readme_contexts(tmp_path):
+    with serve_snippet("contexts", tmp_path) as (port, log):
+        login = urllib.request.urlopen(f"http://127.0.0.1:{port}/login/ada", timeout=5)
+        cookie = login.headers["Set-Cookie"].split(";")[0]
+        c = client(f"ws://127.0.0.1:{port}/?room=kitchen", cookie=cookie)
+        anonymous = client(f"ws://127.0.0.1:{port}/")
+        c.send("hi")
+        anonymous.send("yo")
+        c.send("again")
+        assert [c.recv(), c.recv()] == ["ada in kitchen, message 1: hi", "ada in kitchen, message 2: again"]
+        assert anonymous.recv() == "anonymous in lobby, message 1: yo"
+        c.close()
+        anonymous.close()
+
+
+def test_readme_chat(tmp_path):
+    with serve_snippet("chat", tmp_path) as (port, log):
+        ann = client(f"ws://127.0.0.1:{port}/?name=ann")
+        assert ann.recv() == "ann joined"
+        bob = client(f"ws://127.0.0.1:{port}/?name=bob")
+        assert ann.recv() == bob.recv() == "bob joined"
+        bob.send("hi")
+        assert ann.recv() == bob.recv() == "bob: hi"
+        answer = urllib.request.urlopen(f"http://127.0.0.1:{port}/announce", data=b"text=lunch", timeout=5)
+        assert answer.read() == b"sent to 2 clients"
+        assert ann.recv() == bob.recv() == "announcement: lunch"
+        bob.close()
+        assert ann.recv() == "bob left (1000)"
+        ann.close()
+
+
+def test_readme_errors(tmp_path):
+    with serve_snippet("errors", tmp_path) as (port, log):
+        c = client(f"ws://127.0.0.1:{port}/")
+        for message in ("4", "0", "5"):
+            c.send(message)
+        assert [c.recv(), c.recv()] == ["25", "20"]
+        assert "Exception on / [GET]" in log() and "ZeroDivisionError" in log()
+        c.close()
+
+
+def test_readme_proxyfix(tmp_path):
+    with serve_snippet("proxyfix", tmp_path) as (port, log):
+        c = client(f"ws://127.0.0.1:{port}/", header=["X-Forwarded-Proto: https", "X-Forwarded-Host: public.host"])
+        c.send("URL")
+        assert c.recv() == "wss://public.host/"
+        c.close()
+
+
+def test_example_py(tmp_path):
+    """`python example.py` serves the page and every feature it shows."""
+    with subprocess_server(["example.py", "--port", "0"], tmp_path) as (port, log):
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+        assert f"ws://127.0.0.1:{port}/" in page
+        c = client(f"ws://127.0.0.1:{port}/")
+        assert c.recv() == "welcome, 127.0.0.1"
+        c.send("Hello")
+        c.send("ECHO only this")
+        c.send("JSON a b")
+        assert [c.recv(), c.recv(), json.loads(c.recv())] == [
+            "Hello",
+            "only this",
+            {"text": "a b", "words": 2, "upper": "A B"},
+        ]
+        other = client(f"ws://127.0.0.1:{port}/")
+        assert other.recv() == "welcome, 127.0.0.1"
+        c.send("WORK")
+        assert c.recv() == "working: step 1 of 3"
+        other.send("still responsive")
+        assert other.recv() == "still responsive"
+        assert [c.recv() for _ in range(3)] == ["working: step 2 of 3", "working: step 3 of 3", "work done"]
+        answer = urllib.request.urlopen(f"http://127.0.0.1:{port}/broadcast", data=b"text=hi+all", timeout=5)
+        assert json.loads(answer.read()) == {"clients": 2}
+        assert c.recv() == other.recv() == "broadcast: hi all"
+        c.send("CLOSE")
+        assert recv_close(c) == (1000, "closed by the server")
+        other.close()

@@ -1,0 +1,37 @@
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).resolve().parent
+# Read the version without importing the module (its dependencies may not be installed yet).
+VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "flask_websockets.py").read_text(), re.M).group(1)
+
+setup(
+    name="Flask-Websockets",
+    version=VERSION,
+    description="Raw WebSockets with a Flask-style API, on gevent and gevent-websocket",
+    long_description=(HERE / "README.rst").read_text(encoding="utf-8"),
+    long_description_content_type="text/x-rst",
+    license="MIT",
+    py_modules=["flask_websockets"],
+    python_requires=">=3.9",
+    install_requires=[
+        "flask>=2.3",  # Werkzeug >= 2.3: LocalProxy over a ContextVar, websocket rules
+        "gevent>=22.10",  # greenlets with their own contextvars
+        "gevent-websocket>=0.10.1",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=7",
+            "websocket-client>=1.6",
+        ],
+    },
+    classifiers=[
+        "Framework :: Flask",
+        "License :: OSI Approved :: MIT License",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Topic :: Internet :: WWW/HTTP :: WSGI",
+    ],
+)
