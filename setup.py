@@ -18,7 +18,7 @@ setup(
     python_requires=">=3.9",
     install_requires=[
         "flask>=2.3",  # Werkzeug >= 2.3: LocalProxy over a ContextVar, websocket rules
-        "gevent>=22.10",  # greenlets with their own contextvars
+        "gevent>=23.9",  # oldest tested; 22.10 needs pkg_resources, gone from setuptools
         "gevent-websocket>=0.10.1",
     ],
     extras_require={

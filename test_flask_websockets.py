@@ -11,6 +11,7 @@ Integration tests start a real gevent server with gevent-websocket's handler on
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -37,6 +38,9 @@ from werkzeug.wrappers import Response
 
 import flask_websockets
 from flask_websockets import Connection, ConnectionClosed, WebSockets, has_socket_context, ws
+
+# An exception nobody could see (say, in a socket's finalizer) fails the test.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 
 HERE = Path(__file__).resolve().parent
 # Subprocesses import this checkout's flask_websockets, installed or not.
@@ -1026,6 +1030,7 @@ def serving(app):
         try:
             server.serve_forever()
         finally:
+            gc.collect()  # close the handlers' leftover sockets while their loop still exists
             gevent.get_hub().destroy(destroy_loop=True)
 
     thread = threading.Thread(target=serve, daemon=True)
