@@ -40,7 +40,7 @@ import re
 import struct
 import sys
 from contextvars import ContextVar
-from typing import Any, Callable, List, Optional, Pattern, Set, Tuple, TypeVar, Union
+from typing import Any, Callable, TypeVar, Union
 
 import gevent
 from flask import Flask, Response, current_app, request
@@ -139,14 +139,14 @@ class WebSockets:
     if no pattern matched, only the first catch-all handler.
     """
 
-    def __init__(self, app: Optional[Flask] = None, match_one: bool = False) -> None:
+    def __init__(self, app: Flask | None = None, match_one: bool = False) -> None:
         self.match_one = match_one
-        self._text_patterns: List[Tuple[Pattern[str], Handler]] = []
-        self._binary_patterns: List[Tuple[Pattern[bytes], Handler]] = []
-        self._catch_all: List[Handler] = []
-        self._open_hooks: List[Hook] = []
-        self._close_hooks: List[Hook] = []
-        self._connections: Set[Connection] = set()
+        self._text_patterns: list[tuple[re.Pattern[Any], Handler]] = []  # str patterns
+        self._binary_patterns: list[tuple[re.Pattern[Any], Handler]] = []  # bytes patterns
+        self._catch_all: list[Handler] = []
+        self._open_hooks: list[Hook] = []
+        self._close_hooks: list[Hook] = []
+        self._connections: set[Connection] = set()
         if app is not None:
             self.init_app(app)
 
@@ -163,7 +163,7 @@ class WebSockets:
     # -- registering handlers ------------------------------------------------
 
     def on_message(
-        self, pattern: Union[None, str, bytes, Pattern[Any], Handler] = None, flags: int = 0
+        self, pattern: None | str | bytes | re.Pattern[Any] | Handler = None, flags: int = 0
     ) -> Any:
         """Register a message handler, the websocket's view function.
 
@@ -452,9 +452,9 @@ class Connection:
     ) -> None:
         self.environ = environ
         self.path: str = environ.get("PATH_INFO") or "/"
-        self.origin: Optional[str] = environ.get("HTTP_ORIGIN")
+        self.origin: str | None = environ.get("HTTP_ORIGIN")
         self.closed = False
-        self.close_code: Optional[int] = None
+        self.close_code: int | None = None
         self.close_reason = ""
         self._read = read
         self._write = write
@@ -462,7 +462,7 @@ class Connection:
         self._close_timeout = close_timeout
         self._send_lock = Semaphore()  # frames from several greenlets must not interleave
         self._close_sent = False
-        self._close_timer: Optional[gevent.Greenlet] = None
+        self._close_timer: gevent.Greenlet | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -558,7 +558,7 @@ class Connection:
         except Exception:
             pass
 
-    def _receive(self) -> Optional[Message]:
+    def _receive(self) -> Message | None:
         """Return the next message, or ``None`` once the connection is over."""
         try:
             message = self._read_message()
@@ -574,7 +574,7 @@ class Connection:
             self._lost()
         return None
 
-    def _read_message(self) -> Optional[Message]:
+    def _read_message(self) -> Message | None:
         """Read frames until a whole message; ``None`` after a close frame.
 
         Pings are answered and pongs ignored on the way. A text message is
@@ -582,7 +582,7 @@ class Connection:
         with 1007 at the first bad fragment.
         """
         opcode = 0  # of the fragmented message being assembled
-        parts: List[Any] = []
+        parts: list[Any] = []
         decoder = None
         while True:
             fin, op, payload = self._read_frame()
@@ -610,7 +610,7 @@ class Connection:
                     decoder = _utf8_decoder()
             if decoder is not None:
                 try:
-                    parts.append(decoder.decode(payload, fin))
+                    parts.append(decoder.decode(payload, bool(fin)))
                 except UnicodeDecodeError:
                     raise _ProtocolError(1007, "invalid UTF-8 in a text message") from None
             else:
@@ -618,7 +618,7 @@ class Connection:
             if fin:
                 return "".join(parts) if decoder is not None else b"".join(parts)
 
-    def _read_frame(self) -> Tuple[int, int, bytes]:
+    def _read_frame(self) -> tuple[int, int, bytes]:
         """Read one frame: ``(fin, opcode, unmasked payload)``."""
         read = self._read
         head = read(2)
@@ -725,7 +725,7 @@ def _is_valid_close_code(code: int) -> bool:
     return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
-def _encode(value: Reply, who: str) -> Optional[bytes]:
+def _encode(value: Reply, who: str) -> bytes | None:
     """The frame for a handler's reply or a sent message, or ``None`` for ``None``."""
     if value is None:
         return None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import logging
 import os
 import re
 import socket
@@ -36,7 +35,6 @@ from geventwebsocket.handler import WebSocketHandler
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.wrappers import Response
 
-import flask_websockets
 from flask_websockets import Connection, ConnectionClosed, WebSockets, has_socket_context, ws
 
 # An exception nobody could see (say, in a socket's finalizer) fails the test.
@@ -556,7 +554,7 @@ def test_ws_outside_a_websocket_raises_a_helpful_error():
     @app.route("/view")
     def view():
         try:
-            ws.path
+            return ws.path
         except RuntimeError as err:
             return str(err)
 
