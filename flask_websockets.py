@@ -327,7 +327,7 @@ class WebSockets:
     @staticmethod
     def _reply(conn: Connection, handler: Handler, message: Message) -> None:
         try:
-            frame = _encode(handler(message), f"message handler {_name(handler)}()")
+            frame = _encode(handler(message), handler)
             if frame is not None:
                 conn._send_frame(frame)
         except ConnectionClosed:
@@ -725,8 +725,11 @@ def _is_valid_close_code(code: int) -> bool:
     return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
-def _encode(value: Reply, who: str) -> bytes | None:
-    """The frame for a handler's reply or a sent message, or ``None`` for ``None``."""
+def _encode(value: Reply, who: str | Callable[..., Any]) -> bytes | None:
+    """The frame for a sent message or a handler's reply, or ``None`` for ``None``.
+
+    ``who`` is the sending function's name, or the handler, for the error message.
+    """
     if value is None:
         return None
     if isinstance(value, str):
@@ -740,6 +743,8 @@ def _encode(value: Reply, who: str) -> bytes | None:
             charset = value.mimetype_params.get("charset", "utf-8")
             return _frame(_OP_TEXT, body.decode(charset).encode("utf-8"))
         return _frame(_OP_BINARY, body)
+    if callable(who):
+        who = f"message handler {_name(who)}()"
     raise TypeError(
         f"{who} got {type(value).__name__}: a websocket message must be str (text),"
         " bytes, bytearray or memoryview (binary), or a Flask response such as"
