@@ -35,6 +35,7 @@ from geventwebsocket.handler import WebSocketHandler
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.wrappers import Response
 
+import flask_websockets
 from flask_websockets import Connection, ConnectionClosed, WebSockets, has_socket_context, ws
 
 # An exception nobody could see (say, in a socket's finalizer) fails the test.
@@ -100,6 +101,8 @@ def parse_server_frames(data):
             out.append(("close", int.from_bytes(payload[:2], "big"), payload[2:].decode("utf-8")))
         elif op == PONG:
             out.append(("pong", payload))
+        elif op == PING:
+            out.append(("ping", payload))
         else:
             raise AssertionError(f"unexpected opcode {op}")
     return out
@@ -117,12 +120,14 @@ class FakeWebSocket:
         self._more = gevent.event.Event()
         self._eof = False
         self.written = bytearray()
+        self.requested = 0  # bytes the server asked to read, in all
         self.broken = False  # writes fail like a dead TCP connection
         self.closed = False
         self.stream = types.SimpleNamespace(read=self._read, write=self._write)
         self.handler = types.SimpleNamespace(socket=types.SimpleNamespace(shutdown=self._shutdown))
 
     def _read(self, n):
+        self.requested += n
         while len(self._inbox) < n and not self._eof:
             self._more.clear()
             self._more.wait()
@@ -217,6 +222,17 @@ def test_init_app_adds_websocket_rule_and_extension():
     rule = next(r for r in app.url_map.iter_rules() if r.endpoint == "websocket")
     assert rule.rule == "/" and rule.websocket
     assert app.extensions["websockets"] is sockets
+
+
+def test_path_chooses_where_the_endpoint_lives():
+    app = Flask(__name__)
+    sockets = WebSockets(app, path="/ws")
+    sockets.on_message(lambda message: f"{message} at {request.path}, {url_for('websocket')}")
+    assert run(app, text("hi"), path="/ws").messages == ["hi at /ws, ws://localhost/ws"]
+    fake = FakeWebSocket(text("hi"))
+    response = app.test_client().get("/", headers=UPGRADE, environ_overrides={"wsgi.websocket": fake})
+    assert response.status_code == 404
+    assert fake.frames == [("close", 1008, "404 NOT FOUND")]
 
 
 def test_factory_pattern_serves_several_apps_with_shared_handlers():
@@ -959,6 +975,147 @@ def test_large_frames_use_extended_lengths():
     assert fake.written[1] == 126 and fake.written[2 + 2 + 300 + 1] == 127
 
 
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 125, 126, 1023, 1024, 1025, 4099, 65536, 65539])
+def test_unmask_matches_the_rfc_definition(size):
+    payload, mask = os.urandom(size), os.urandom(4)
+    expected = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    assert flask_websockets._unmask_python(payload, mask) == expected
+    assert flask_websockets._unmask(payload, mask) == expected  # wsaccel's, where installed
+    assert type(flask_websockets._unmask_python(payload, mask)) is bytes
+
+
+# ---------------------------------------------------------------------------
+# Limits and keepalive
+# ---------------------------------------------------------------------------
+
+
+def limited_app(max_size):
+    app, sockets = make_app()
+    app.config["WEBSOCKETS_MAX_MESSAGE_SIZE"] = max_size
+    sockets.on_message(lambda message: f"got {len(message)}")
+    return app
+
+
+def test_config_defaults_are_set_on_init_app():
+    app, sockets = make_app()
+    assert app.config["WEBSOCKETS_MAX_MESSAGE_SIZE"] == 1024 * 1024
+    assert app.config["WEBSOCKETS_PING_INTERVAL"] == 25.0
+    assert app.config["WEBSOCKETS_PING_TIMEOUT"] == 20.0
+    assert app.config["WEBSOCKETS_CLOSE_TIMEOUT"] == 5.0
+    app = Flask(__name__)
+    app.config["WEBSOCKETS_MAX_MESSAGE_SIZE"] = None
+    WebSockets(app)
+    assert app.config["WEBSOCKETS_MAX_MESSAGE_SIZE"] is None
+
+
+def test_message_at_the_limit_passes_one_byte_over_closes_with_1009():
+    fake = run(limited_app(1000), binary(b"x" * 1000), binary(b"x" * 1001), text("never handled"))
+    assert fake.frames == [("text", "got 1000"), ("close", 1009, "message over 1000 bytes")]
+
+
+def test_huge_frame_header_is_refused_before_its_payload_is_read():
+    app = limited_app(1 << 20)
+    fake = connect(app)
+    header = bytes([0x82, 0xFF]) + (1 << 62).to_bytes(8, "big")  # announces 4 EiB, sends none of it
+    fake.feed(header)
+    assert fake.wait_for(1) == [("close", 1009, "message over 1048576 bytes")]
+    assert fake.requested <= len(header) + 65536, "at most one 64 KiB chunk is skipped, never buffered"
+    fake.disconnect()
+    fake.greenlet.join(timeout=2)
+    assert fake.greenlet.dead
+
+
+def test_limit_counts_all_fragments_of_a_message():
+    fake = run(
+        limited_app(10),
+        client_frame(TEXT, "12345", fin=False),
+        client_frame(0, "12345", fin=False),
+        client_frame(0, "", fin=False),
+        client_frame(0, "1", fin=True),
+    )
+    assert fake.frames == [("close", 1009, "message over 10 bytes")]
+    fake = run(limited_app(10), client_frame(TEXT, "12345", fin=False), client_frame(0, "12345"))
+    assert fake.messages == ["got 10"]
+
+
+def test_no_limit_when_set_to_none():
+    fake = run(limited_app(None), binary(b"x" * 3_000_000))
+    assert fake.messages == ["got 3000000"]
+
+
+def test_oversized_frame_is_skipped_while_waiting_for_the_close_frame():
+    """After 1009 the rest of the frame is discarded, then the client's close is read."""
+    fake = run(limited_app(100), binary(b"x" * 200_000), close(1009))
+    assert fake.frames == [("close", 1009, "message over 100 bytes")]
+    assert not fake._inbox, "everything up to the client's close frame was read"
+
+
+def keepalive_app(interval=0.05, timeout=0.05):
+    app, sockets = make_app()
+    app.config.update(WEBSOCKETS_PING_INTERVAL=interval, WEBSOCKETS_PING_TIMEOUT=timeout)
+    events = []
+    sockets.on_message(lambda message: message)
+    sockets.on_close(lambda: events.append((ws.close_code, ws.close_reason)))
+    return app, events
+
+
+def test_ping_timeout_closes_a_silent_peer_and_runs_on_close():
+    app, events = keepalive_app()
+    fake = connect(app)
+    fake.greenlet.join(timeout=2)
+    assert fake.greenlet.dead, "the silent peer was dropped"
+    frames = fake.frames
+    assert frames[0] == ("ping", b"keepalive")
+    assert frames[-1] == ("close", 1011, "keepalive ping timeout")
+    assert events == [(1011, "keepalive ping timeout")]
+
+
+def test_idle_peer_that_answers_pings_is_kept():
+    app, events = keepalive_app()
+    fake = connect(app)
+
+    def answer_pings():
+        answered = 0
+        while True:
+            pings = [f for f in fake.frames if f[0] == "ping"]
+            for payload in pings[answered:]:
+                fake.feed(client_frame(PONG, payload[1]))
+            answered = len(pings)
+            gevent.sleep(0.005)
+
+    responder = gevent.spawn(answer_pings)
+    gevent.sleep(0.5)  # ten ping intervals
+    assert not fake.greenlet.dead
+    assert sum(f[0] == "ping" for f in fake.frames) >= 3
+    fake.send("still here")
+    fake.wait_for(len(fake.frames) + 1)
+    assert fake.messages == ["still here"]
+    responder.kill()
+    fake.feed(close())
+    fake.greenlet.join(timeout=2)
+    assert events == [(1000, "")]
+
+
+def test_a_talking_peer_is_not_pinged():
+    app, events = keepalive_app(interval=0.1, timeout=0.1)
+    fake = connect(app)
+    for i in range(20):
+        fake.send(str(i))
+        gevent.sleep(0.02)
+    assert [f[0] for f in fake.frames] == ["text"] * 20
+    fake.disconnect()
+    fake.greenlet.join(timeout=2)
+
+
+def test_keepalive_off():
+    app, events = keepalive_app(interval=None)
+    fake = connect(app)
+    gevent.sleep(0.2)
+    assert fake.frames == [] and not fake.greenlet.dead
+    fake.disconnect()
+    fake.greenlet.join(timeout=2)
+
+
 # ---------------------------------------------------------------------------
 # URLs and servers that cannot upgrade
 # ---------------------------------------------------------------------------
@@ -1192,6 +1349,58 @@ def test_real_fifty_concurrent_clients_lose_and_reorder_nothing():
         assert errors == []
         wait_until(lambda: len(events) == 50)
         assert sockets._connections == set()
+
+
+def test_real_oversized_message_closes_with_1009_and_server_keeps_serving():
+    app, sockets, events = demo_app()
+    with serving(app) as url:
+        other = client(url)
+        big = client(url)
+        big.send_binary(b"x" * (3 << 20))  # the default limit is 1 MiB
+        assert recv_close(big) == (1009, "message over 1048576 bytes")
+        other.send("fine")
+        assert other.recv() == "fine"
+        other.close()
+        wait_until(lambda: sorted(events) == [1000, 1009])
+
+
+def raw_handshake(url):
+    """A bare TCP client that completes the handshake, then neither reads nor writes."""
+    host, port = url[len("ws://") :].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    sock.sendall(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+    return sock
+
+
+def test_real_keepalive_drops_a_silent_peer_and_keeps_a_live_one():
+    app, sockets, events = demo_app()
+    app.config.update(WEBSOCKETS_PING_INTERVAL=0.1, WEBSOCKETS_PING_TIMEOUT=0.1)
+    with serving(app) as url:
+        live = client(url)
+        received = []
+        reader = threading.Thread(target=lambda: received.append(live.recv()))
+        reader.start()  # websocket-client answers pings while it waits in recv()
+        silent = raw_handshake(url)
+        wait_until(lambda: events == [1011], timeout=3)
+        data = b""
+        while True:  # what the silent peer was sent: a ping, the close frame, then EOF
+            chunk = silent.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        assert data.startswith(b"\x89\x09keepalive")
+        assert data.endswith(b"\x88\x18\x03\xf3keepalive ping timeout")
+        time.sleep(0.5)  # the live peer idles through more pings, answering each
+        assert len(sockets._connections) == 1
+        live.send("still here")
+        reader.join(5)
+        assert received == ["still here"]
+        live.close()
+        wait_until(lambda: events == [1011, 1000])
 
 
 def test_real_upgrade_to_an_unknown_path_is_closed_with_a_code():

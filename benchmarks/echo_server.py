@@ -1,0 +1,52 @@
+"""Echo server built with Flask-Websockets: for the benchmark and the Autobahn suite.
+
+    python benchmarks/echo_server.py --port 8765              # ws://127.0.0.1:8765/ws
+    python benchmarks/echo_server.py --port 9001 --max-message-size 0
+
+Every message comes back as it came (text as text, binary as binary) through
+an ordinary catch-all handler, served by gevent's pywsgi with
+gevent-websocket's handler, like the reference servers in ../shared/bench.
+"""
+from gevent import monkey
+
+monkey.patch_all()  # as the reference servers do
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from flask import Flask  # noqa: E402
+from gevent.pywsgi import WSGIServer  # noqa: E402
+from geventwebsocket.handler import WebSocketHandler  # noqa: E402
+
+from flask_websockets import WebSockets  # noqa: E402
+
+app = Flask(__name__)
+sockets = WebSockets(app, path="/ws")
+
+
+@sockets.on_message
+def echo(message):
+    return message
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--backlog", type=int, default=1024)
+    parser.add_argument(
+        "--max-message-size", type=int, default=None, help="WEBSOCKETS_MAX_MESSAGE_SIZE in bytes; 0 means no limit"
+    )
+    args = parser.parse_args()
+    if args.max_message_size is not None:
+        app.config["WEBSOCKETS_MAX_MESSAGE_SIZE"] = args.max_message_size or None
+    server = WSGIServer((args.host, args.port), app, handler_class=WebSocketHandler, log=None, backlog=args.backlog)
+    print(f"flask_websockets echo on ws://{args.host}:{args.port}/ws", file=sys.stderr, flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
