@@ -37,6 +37,7 @@ from __future__ import annotations
 import codecs
 import logging
 import re
+import socket
 import struct
 import sys
 from contextvars import ContextVar
@@ -292,11 +293,11 @@ class WebSockets:
         if upgraded is None:
             return _not_served_response()
         config = current_app.config
+        sock = upgraded.handler.socket
         conn = Connection(
             environ,
-            read=upgraded.stream.read,
-            write=upgraded.stream.write,
-            shutdown=upgraded.handler.socket.shutdown,
+            sock,
+            _take_over(sock, upgraded.handler.rfile),
             max_size=config["WEBSOCKETS_MAX_MESSAGE_SIZE"],
             close_timeout=config["WEBSOCKETS_CLOSE_TIMEOUT"],
         )
@@ -407,6 +408,25 @@ Flask-Websockets needs gevent's WSGI server with gevent-websocket's handler:
 """
 
 
+def _take_over(sock: Any, rfile: Any) -> bytes:
+    """Return what the server's reader buffered past the handshake, and close it.
+
+    From here on the connection reads the socket itself: one Python layer
+    less per read, and closing the reader frees its 8 KiB buffer, a third
+    of what an idle connection costs. The socket stays open.
+    """
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)  # take only what is already there
+    try:
+        pending = rfile.read1(65536) or b""
+    except OSError:  # nothing there (TLS says so with an error)
+        pending = b""
+    finally:
+        sock.settimeout(timeout)
+    rfile.close()
+    return pending
+
+
 def _not_served_response() -> Response:
     # A websocket handshake reached the app through a server that cannot
     # upgrade it (`flask run`, the Flask test client): say how to fix it.
@@ -429,7 +449,7 @@ def _close_unserved_upgrade(response: Response) -> Response:
         if status >= 400:
             logger.warning("websocket to %s closed after its handshake: %s", request.path, response.status)
         try:
-            upgraded.stream.write(_close_frame(code, response.status))
+            upgraded.handler.socket.sendall(_close_frame(code, response.status))
         except OSError:
             pass
         upgraded.closed = True
@@ -463,12 +483,17 @@ class Connection:
         close_reason: the reason that came with ``close_code``.
     """
 
+    __slots__ = (
+        "environ", "path", "origin", "closed", "close_code", "close_reason",
+        "_sock", "_buf", "_pos", "_max_size", "_close_timeout", "_send_lock", "_close_sent",
+        "_close_timer", "_heard", "_keepalive", "_ping_interval", "_ping_timeout",
+    )  # fmt: skip
+
     def __init__(
         self,
         environ: dict,
-        read: Callable[[int], bytes],
-        write: Callable[[bytes], Any],
-        shutdown: Callable[[int], Any],
+        sock: Any,
+        pending: bytes = b"",
         *,
         max_size: int | None = 1 << 20,
         close_timeout: float = 5.0,
@@ -479,9 +504,8 @@ class Connection:
         self.closed = False
         self.close_code: int | None = None
         self.close_reason = ""
-        self._read = read
-        self._write = write
-        self._shutdown = shutdown
+        self._sock = sock  # the upgraded TCP (or TLS) socket, read and written directly
+        self._buf, self._pos = pending, 0  # received bytes, and how far they are parsed
         self._max_size = max_size
         self._close_timeout = close_timeout
         self._send_lock = Semaphore()  # frames from several greenlets must not interleave
@@ -536,7 +560,7 @@ class Connection:
             if self.closed:
                 raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
             try:
-                self._write(frame)
+                self._sock.sendall(frame)
             except OSError as err:
                 self._lost()
                 raise ConnectionClosed(f"{self!r} was lost: {err}") from err
@@ -552,13 +576,13 @@ class Connection:
                 # A peer that never answers must not hold the connection open.
                 self._close_timer = gevent.spawn_later(self._close_timeout, self._abort)
             try:
-                self._write(_close_frame(code, reason))
+                self._sock.sendall(_close_frame(code, reason))
             except OSError:
                 self._lost()
 
     def _abort(self) -> None:
         try:
-            self._shutdown(2)  # socket.SHUT_RDWR: blocked reads and writes return
+            self._sock.shutdown(socket.SHUT_RDWR)  # blocked reads and writes return
         except OSError:
             pass
 
@@ -606,10 +630,47 @@ class Connection:
         except Exception:
             pass
 
+    def _read(self, count: int) -> bytes:
+        """Return exactly ``count`` bytes (``EOFError`` if the peer hangs up first)."""
+        pos = self._pos
+        end = pos + count
+        if end <= len(self._buf):
+            self._pos = end
+            return self._buf[pos:end]
+        return self._read_more(count)
+
+    def _read_more(self, count: int) -> bytes:
+        # One recv() usually brings a whole small message, or several.
+        data = self._buf[self._pos :]
+        self._buf, self._pos = b"", 0  # an idle connection holds no buffer
+        if count - len(data) > 65536:  # a long payload: straight into its own buffer
+            out = bytearray(count)
+            out[: len(data)] = data
+            view = memoryview(out)[len(data) :]
+            while view:
+                got = self._sock.recv_into(view)
+                if not got:
+                    raise EOFError
+                view = view[got:]
+            return out  # type: ignore[return-value]  # a bytearray: _unmask may work in place
+        while len(data) < count:
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise EOFError
+            data = data + chunk if data else chunk
+        self._buf, self._pos = data, count
+        return data[:count]
+
     def _skip(self, count: int) -> None:
-        """Read and discard ``count`` bytes, never holding more than 64 KiB."""
+        """Discard ``count`` bytes, never holding more than 64 KiB of them."""
+        buffered = len(self._buf) - self._pos
+        if count <= buffered:
+            self._pos += count
+            return
+        count -= buffered
+        self._buf, self._pos = b"", 0
         while count:
-            chunk = self._read(min(count, 65536))
+            chunk = self._sock.recv(min(count, 65536))
             if not chunk:
                 raise EOFError
             count -= len(chunk)
@@ -668,17 +729,13 @@ class Connection:
         A data frame longer than ``budget`` fails with 1009 before its payload
         is read. After our close frame, data payloads are skipped unread.
         """
-        read = self._read
-        head = read(2)
-        if len(head) < 2:
-            raise EOFError
-        b0, b1 = head
+        b0, b1 = self._read(2)
         op = b0 & 0x0F
         length = b1 & 0x7F
         if b0 & 0x70 or not b1 & 0x80 or (op >= _OP_CLOSE and (length > 125 or not b0 & 0x80)):
             raise _ProtocolError(1002, _header_error(b0, b1))
         if length >= 126:
-            length = int.from_bytes(_read_exactly(read, 2 if length == 126 else 8), "big")
+            length = int.from_bytes(self._read(2 if length == 126 else 8), "big")
             if length >> 63:
                 raise _ProtocolError(1002, "frame length over 2**63")
         self._heard = True
@@ -688,10 +745,10 @@ class Connection:
                 return b0 & 0x80, op, b""
             if budget is not None and length > budget:
                 raise _ProtocolError(1009, f"message over {self._max_size} bytes", unread=4 + length)
-        mask = _read_exactly(read, 4)
+        mask = self._read(4)
         if not length:
             return b0 & 0x80, op, b""
-        return b0 & 0x80, op, _unmask(_read_exactly(read, length), mask)
+        return b0 & 0x80, op, _unmask(self._read(length), mask)
 
     def _on_close_frame(self, payload: bytes) -> None:
         if len(payload) == 1:
@@ -785,13 +842,6 @@ def _header_error(b0: int, b1: int) -> str:
     return "control frames must be whole and at most 125 bytes"
 
 
-def _read_exactly(read: Callable[[int], bytes], n: int) -> bytes:
-    data = read(n)
-    if len(data) < n:
-        raise EOFError
-    return data
-
-
 # XOR with one key byte, as a bytes.translate() table, for each of the 256 keys.
 _XOR_TABLES = [
     (int.from_bytes(bytes(range(256)), "big") ^ key * int.from_bytes(b"\x01" * 256, "big")).to_bytes(256, "big")
@@ -803,18 +853,19 @@ def _unmask_python(payload: bytes, mask: bytes) -> bytes:
     """XOR the payload with the repeated 4-byte mask, at C speed.
 
     Python has no vectorised XOR for bytes. A short payload is XORed as one big
-    integer. A long one is cut into the 4 byte lanes that share a mask byte,
-    and each lane is translated by that byte's XOR table: for 64 KiB, twice as
-    fast as the integer's conversions.
+    integer. A longer one is cut into the 4 byte lanes that share a mask byte,
+    and each lane is translated by that byte's XOR table, in a bytearray
+    (whose translate is twice as fast as bytes'): 0.9 GB/s, 3 times the big
+    integer's speed at 64 KiB.
     """
     n = len(payload)
-    if n <= 1024:
+    if n < 400:
         key = int.from_bytes((mask * (n // 4 + 1))[:n], "big")
         return (int.from_bytes(payload, "big") ^ key).to_bytes(n, "big")
-    out = bytearray(n)
+    data = payload if type(payload) is bytearray else bytearray(payload)  # a bytearray is ours to change
     for lane in range(4):
-        out[lane::4] = payload[lane::4].translate(_XOR_TABLES[mask[lane]])
-    return bytes(out)
+        data[lane::4] = data[lane::4].translate(_XOR_TABLES[mask[lane]])
+    return bytes(data)
 
 
 try:  # an optional accelerator, written in C: pip install wsaccel

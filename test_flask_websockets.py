@@ -111,37 +111,58 @@ def parse_server_frames(data):
 class FakeWebSocket:
     """Stands in for environ["wsgi.websocket"] as gevent-websocket provides it.
 
-    Only what flask_websockets uses: ``stream.read``/``stream.write`` (the raw
-    connection after the 101), ``handler.socket.shutdown`` and ``closed``.
+    Only what flask_websockets uses: ``handler.socket`` (the upgraded socket:
+    ``recv``, ``recv_into``, ``sendall``, ``shutdown``, timeouts),
+    ``handler.rfile`` (the server's reader, which may hold bytes that came with
+    the handshake) and ``closed``.
     """
 
-    def __init__(self, *frames):
+    def __init__(self, *frames, buffered=b""):
         self._inbox = bytearray(b"".join(frames))
         self._more = gevent.event.Event()
         self._eof = False
+        self._buffered = buffered
         self.written = bytearray()
-        self.requested = 0  # bytes the server asked to read, in all
+        self.largest_read = 0  # the most the server ever asked one recv for
         self.broken = False  # writes fail like a dead TCP connection
         self.closed = False
-        self.stream = types.SimpleNamespace(read=self._read, write=self._write)
-        self.handler = types.SimpleNamespace(socket=types.SimpleNamespace(shutdown=self._shutdown))
+        self.rfile_closed = False
+        sock = types.SimpleNamespace(
+            recv=self._recv,
+            recv_into=self._recv_into,
+            sendall=self._sendall,
+            shutdown=lambda how: self.disconnect(),
+            gettimeout=lambda: None,
+            settimeout=lambda timeout: None,
+        )
+        rfile = types.SimpleNamespace(read1=self._read1, close=lambda: setattr(self, "rfile_closed", True))
+        self.handler = types.SimpleNamespace(socket=sock, rfile=rfile)
 
-    def _read(self, n):
-        self.requested += n
-        while len(self._inbox) < n and not self._eof:
+    def _read1(self, n):
+        data, self._buffered = self._buffered, b""
+        return data
+
+    def _wait(self):
+        while not self._inbox and not self._eof:
             self._more.clear()
             self._more.wait()
+
+    def _recv(self, n):
+        self.largest_read = max(self.largest_read, n)
+        self._wait()
         data = bytes(self._inbox[:n])
         del self._inbox[:n]
         return data
 
-    def _write(self, data):
+    def _recv_into(self, view):
+        data = self._recv(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def _sendall(self, data):
         if self.broken:
             raise BrokenPipeError(32, "Broken pipe")
         self.written += data
-
-    def _shutdown(self, how):
-        self.disconnect()
 
     # the client's side
     def feed(self, *frames):
@@ -695,13 +716,13 @@ def test_close_gives_up_on_a_silent_client_after_the_close_timeout():
 
 @pytest.mark.parametrize("code", [999, 1004, 1005, 1006, 1015, 2000, 5000])
 def test_close_rejects_codes_a_server_may_not_send(code):
-    conn = Connection({}, read=None, write=None, shutdown=None)
+    conn = Connection({}, sock=None)
     with pytest.raises(ValueError, match="may not be sent"):
         conn.close(code)
 
 
 def test_close_rejects_a_long_reason():
-    conn = Connection({}, read=None, write=None, shutdown=None)
+    conn = Connection({}, sock=None)
     with pytest.raises(ValueError, match="123 bytes"):
         conn.close(1000, "\u00e9" * 62)
 
@@ -968,6 +989,17 @@ def test_invalid_utf8_in_close_reason_closes_with_1007():
     assert fake.frames == [("close", 1007, "invalid UTF-8 in a text message")]
 
 
+def test_bytes_that_came_with_the_handshake_are_read_first():
+    """A client may send its first frame right behind the handshake, into the server's reader."""
+    app = echo_app()
+    first = text("early")
+    fake = FakeWebSocket(first[3:], text("later"), buffered=first[:3])
+    fake.disconnect()
+    app.test_client().get("/", headers=UPGRADE, environ_overrides={"wsgi.websocket": fake})
+    assert fake.messages == ["early", "later"]
+    assert fake.rfile_closed, "the server's reader is closed, freeing its buffer"
+
+
 def test_large_frames_use_extended_lengths():
     big, huge = "x" * 300, b"y" * 70000
     fake = run(echo_app(), text(big), binary(huge))
@@ -975,13 +1007,14 @@ def test_large_frames_use_extended_lengths():
     assert fake.written[1] == 126 and fake.written[2 + 2 + 300 + 1] == 127
 
 
-@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 125, 126, 1023, 1024, 1025, 4099, 65536, 65539])
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 125, 126, 399, 400, 401, 1025, 4099, 65536, 65539])
 def test_unmask_matches_the_rfc_definition(size):
     payload, mask = os.urandom(size), os.urandom(4)
     expected = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    assert flask_websockets._unmask_python(payload, mask) == expected
-    assert flask_websockets._unmask(payload, mask) == expected  # wsaccel's, where installed
-    assert type(flask_websockets._unmask_python(payload, mask)) is bytes
+    for unmask in (flask_websockets._unmask_python, flask_websockets._unmask):  # _unmask: wsaccel's, if installed
+        assert unmask(payload, mask) == expected
+        result = unmask(bytearray(payload), mask)  # long payloads arrive in a bytearray
+        assert result == expected and type(result) is bytes
 
 
 # ---------------------------------------------------------------------------
@@ -1019,7 +1052,9 @@ def test_huge_frame_header_is_refused_before_its_payload_is_read():
     header = bytes([0x82, 0xFF]) + (1 << 62).to_bytes(8, "big")  # announces 4 EiB, sends none of it
     fake.feed(header)
     assert fake.wait_for(1) == [("close", 1009, "message over 1048576 bytes")]
-    assert fake.requested <= len(header) + 65536, "at most one 64 KiB chunk is skipped, never buffered"
+    fake.feed(b"\x00" * 300_000)  # the payload starts to arrive: skipped in chunks, never buffered
+    gevent.sleep(0.01)
+    assert not fake._inbox and fake.largest_read <= 65536
     fake.disconnect()
     fake.greenlet.join(timeout=2)
     assert fake.greenlet.dead
