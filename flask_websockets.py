@@ -319,7 +319,7 @@ class WebSockets:
                     _call_logged(hook)
             finally:
                 _cv_socket.reset(token)
-        return current_app.response_class(status=101)
+        return _Upgraded(status=101)
 
     def _run(self, conn: Connection) -> None:
         try:
@@ -406,6 +406,19 @@ Flask-Websockets needs gevent's WSGI server with gevent-websocket's handler:
     from geventwebsocket.handler import WebSocketHandler
     WSGIServer(("127.0.0.1", 5000), app, handler_class=WebSocketHandler).serve_forever()
 """
+
+
+class _Upgraded(Response):
+    """What the websocket view returns once the connection is over.
+
+    Flask runs ``after_request`` functions on it as on any response. The
+    server has switched protocols long before, so nobody reads its headers:
+    building them is skipped.
+    """
+
+    def __call__(self, environ: dict, start_response: Callable[..., Any]) -> list[bytes]:  # type: ignore[override]
+        start_response(self.status, [])
+        return []
 
 
 def _take_over(sock: Any, rfile: Any) -> bytes:

@@ -29,7 +29,7 @@ import gevent.event
 import gevent.pool
 import pytest
 import websocket
-from flask import Flask, current_app, g, jsonify, make_response, request, session, url_for
+from flask import Flask, abort, current_app, g, jsonify, make_response, request, session, url_for
 from gevent import pywsgi
 from geventwebsocket.handler import WebSocketHandler
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -199,7 +199,7 @@ def run(app, *frames, path="/", headers=None, **kwargs):
     response = app.test_client().get(
         path, headers={**UPGRADE, **(headers or {})}, environ_overrides={"wsgi.websocket": fake}, **kwargs
     )
-    assert response.status_code == 101
+    fake.status = response.status_code  # 101, or the HTTP status of a refusal
     assert fake.closed, "gevent-websocket's own close must be disabled"
     return fake
 
@@ -581,6 +581,60 @@ def test_handlers_run_in_the_handshake_request_context():
         "url": "ws://localhost/",
     }
     assert second["count"] == 2
+
+
+def test_flask_request_hooks_wrap_the_whole_connection():
+    app, sockets = make_app()
+    events = []
+
+    @app.before_request
+    def load_user():
+        g.user = request.args.get("user")
+        events.append("before_request")
+
+    sockets.on_open(lambda: events.append(f"open {g.user}"))
+    sockets.on_message(lambda message: f"{g.user}: {message}")
+    sockets.on_close(lambda: events.append("close"))
+
+    @app.after_request
+    def after(response):
+        events.append(f"after_request {response.status_code}")
+        return response
+
+    @app.teardown_request
+    def teardown(exc):
+        events.append("teardown_request")
+
+    fake = run(app, text("hi"), path="/?user=ada")
+    assert fake.status == 101 and fake.messages == ["ada: hi"]
+    assert events == ["before_request", "open ada", "close", "after_request 101", "teardown_request"]
+
+
+def test_before_request_abort_refuses_the_connection():
+    app, sockets = make_app()
+    opened = []
+    sockets.on_open(lambda: opened.append(request.full_path))
+
+    @app.before_request
+    def members_only():
+        if "member" not in request.args:
+            abort(403)
+
+    fake = run(app, text("hi"))
+    assert fake.status == 403 and fake.frames == [("close", 1008, "403 FORBIDDEN")]
+    fake = run(app, text("hi"), path="/?member")
+    assert fake.status == 101 and fake.frames == []
+    assert opened == ["/?member"], "the refused connection never opened"
+
+
+def test_custom_response_class():
+    class MyResponse(Response):
+        pass
+
+    app, sockets = make_app()
+    app.response_class = MyResponse
+    sockets.on_message(lambda message: message)
+    assert run(app, text("hi")).messages == ["hi"]
 
 
 def test_ws_outside_a_websocket_raises_a_helpful_error():
