@@ -745,12 +745,12 @@ class Connection:
         b0, b1 = self._read(2)
         op = b0 & 0x0F
         length = b1 & 0x7F
-        if b0 & 0x70 or not b1 & 0x80 or (op >= _OP_CLOSE and (length > 125 or not b0 & 0x80)):
-            raise _ProtocolError(1002, _header_error(b0, b1))
         if length >= 126:
             length = int.from_bytes(self._read(2 if length == 126 else 8), "big")
-            if length >> 63:
-                raise _ProtocolError(1002, "frame length over 2**63")
+        if b0 & 0x70 or not b1 & 0x80 or (op >= _OP_CLOSE and (length > 125 or not b0 & 0x80)) or length >> 63:
+            # The header is whole, so the rest of the frame can still be skipped.
+            unread = 0 if length >> 63 else (b1 >> 7) * 4 + length
+            raise _ProtocolError(1002, _header_error(b0, b1, length), unread=unread)
         self._heard = True
         if op < _OP_CLOSE:
             if self._close_sent:
@@ -764,18 +764,22 @@ class Connection:
         return b0 & 0x80, op, _unmask(self._read(length), mask)
 
     def _on_close_frame(self, payload: bytes) -> None:
-        if len(payload) == 1:
-            raise _ProtocolError(1002, "close frame with a 1-byte payload")
-        code = int.from_bytes(payload[:2], "big") if payload else 1005
-        if payload and not _is_valid_close_code(code):
-            raise _ProtocolError(1002, f"invalid close code {code}")
-        reason = _decode_utf8(payload[2:])
+        """Answer the peer's close frame: the closing handshake is then complete.
+
+        The answer carries the peer's code (1000 if it sent none), and the
+        server drops the TCP connection first, as RFC 6455 7.1.1 asks. A
+        malformed close frame is still the peer's last frame: it is answered
+        with 1002 or 1007, without waiting for another.
+        """
+        try:
+            code, reason = _parse_close(payload)
+        except _ProtocolError as err:
+            logger.info("closing %r with %d: %s", self, err.code, err.reason)
+            self._send_close(err.code, err.reason)
+            return
         if not self.closed:
             self.closed = True
             self.close_code, self.close_reason = code, reason
-        # Answer with the same code (1000 if the peer sent none): the
-        # closing handshake is then complete and the server drops the TCP
-        # connection first, as RFC 6455 7.1.1 asks.
         self._send_close(1000 if code == 1005 else code, "")
 
     # -- internals: keepalive ------------------------------------------------
@@ -847,11 +851,13 @@ class _ProtocolError(Exception):
         self.code, self.reason, self.unread = code, reason, unread
 
 
-def _header_error(b0: int, b1: int) -> str:
+def _header_error(b0: int, b1: int, length: int) -> str:
     if b0 & 0x70:
         return "reserved bits set without an extension"
     if not b1 & 0x80:
         return "client frames must be masked"
+    if length >> 63:
+        return "frame length over 2**63"
     return "control frames must be whole and at most 125 bytes"
 
 
@@ -896,6 +902,18 @@ def _decode_utf8(payload: bytes) -> str:
         return payload.decode("utf-8")
     except UnicodeDecodeError:
         raise _ProtocolError(1007, "invalid UTF-8 in a text message") from None
+
+
+def _parse_close(payload: bytes) -> tuple[int, str]:
+    """The code and reason of a close frame (1005 and "" when it has none)."""
+    if not payload:
+        return 1005, ""
+    code = int.from_bytes(payload[:2], "big")
+    if len(payload) == 1:
+        raise _ProtocolError(1002, "close frame with a 1-byte payload")
+    if not _is_valid_close_code(code):
+        raise _ProtocolError(1002, f"invalid close code {code}")
+    return code, _decode_utf8(payload[2:])
 
 
 def _frame(opcode: int, payload: Any) -> bytes:

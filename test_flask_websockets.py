@@ -1038,6 +1038,49 @@ def test_protocol_violations_close_with_1002(frames, reason):
     assert fake.frames == [("close", 1002, reason)]
 
 
+@pytest.mark.parametrize(
+    "bad_close, answer",
+    [
+        (client_frame(CLOSE, b"\x03"), (1002, "close frame with a 1-byte payload")),
+        (client_frame(CLOSE, close_payload(1004)), (1002, "invalid close code 1004")),
+        (client_frame(CLOSE, b"\x03\xe8\xff"), (1007, "invalid UTF-8 in a text message")),
+    ],
+)
+def test_a_malformed_close_frame_is_answered_and_the_connection_ends_at_once(bad_close, answer):
+    app, sockets, events = lifecycle_app()
+    app.config["WEBSOCKETS_CLOSE_TIMEOUT"] = 60  # waiting for another close frame would hang the test
+    fake = connect(app)
+    fake.feed(bad_close)  # the client's last frame: it sends nothing more, and keeps TCP open
+    fake.greenlet.join(timeout=2)
+    assert fake.greenlet.dead
+    assert fake.frames == [("close", *answer)]
+    assert events == ["open", ("close", answer[0])]
+
+
+@pytest.mark.parametrize(
+    "bad_frame",
+    [
+        client_frame(TEXT, b"Hello, world!", rsv=0x40),
+        # Its mask parses as the header of a 16-byte frame, longer than what follows:
+        # reading on from the bad header, instead of skipping the frame, would wait forever.
+        client_frame(TEXT, b"abcd", rsv=0x40, mask=b"\x82\x90\x00\x00"),
+        client_frame(BINARY, b"x" * 300, rsv=0x10),  # a 16-bit extended length
+        client_frame(TEXT, b"unmasked frame", masked=False),
+        client_frame(PING, b"p" * 126),
+    ],
+)
+def test_after_a_bad_frame_the_rest_of_it_is_skipped_to_read_the_clients_close(bad_frame):
+    app, sockets, events = lifecycle_app()
+    app.config["WEBSOCKETS_CLOSE_TIMEOUT"] = 60
+    fake = connect(app)
+    fake.feed(bad_frame)
+    assert fake.wait_for(1)[0][:2] == ("close", 1002)
+    fake.feed(close(1002))  # the client answers the server's close
+    fake.greenlet.join(timeout=2)
+    assert fake.greenlet.dead, "the server closed as soon as the client's close frame came"
+    assert events == ["open", ("close", 1002)]
+
+
 def test_invalid_utf8_in_close_reason_closes_with_1007():
     fake = run(echo_app(), client_frame(CLOSE, b"\x03\xe8\xff"))
     assert fake.frames == [("close", 1007, "invalid UTF-8 in a text message")]
