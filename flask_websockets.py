@@ -629,7 +629,8 @@ class Connection:
         except _ProtocolError as err:
             logger.info("closing %r with %d: %s", self, err.code, err.reason)
             self._send_close(err.code, err.reason)
-            self._drain(err.unread)
+            if err.unread is not None:  # else the bad frame was the peer's close: it sends no more
+                self._drain(err.unread)
         except (OSError, EOFError, ConnectionClosed):
             self._lost()
         return None
@@ -749,7 +750,7 @@ class Connection:
             length = int.from_bytes(self._read(2 if length == 126 else 8), "big")
         if b0 & 0x70 or not b1 & 0x80 or (op >= _OP_CLOSE and (length > 125 or not b0 & 0x80)) or length >> 63:
             # The header is whole, so the rest of the frame can still be skipped.
-            unread = 0 if length >> 63 else (b1 >> 7) * 4 + length
+            unread = None if op == _OP_CLOSE else 0 if length >> 63 else (b1 >> 7) * 4 + length
             raise _ProtocolError(1002, _header_error(b0, b1, length), unread=unread)
         self._heard = True
         if op < _OP_CLOSE:
@@ -767,16 +768,9 @@ class Connection:
         """Answer the peer's close frame: the closing handshake is then complete.
 
         The answer carries the peer's code (1000 if it sent none), and the
-        server drops the TCP connection first, as RFC 6455 7.1.1 asks. A
-        malformed close frame is still the peer's last frame: it is answered
-        with 1002 or 1007, without waiting for another.
+        server drops the TCP connection first, as RFC 6455 7.1.1 asks.
         """
-        try:
-            code, reason = _parse_close(payload)
-        except _ProtocolError as err:
-            logger.info("closing %r with %d: %s", self, err.code, err.reason)
-            self._send_close(err.code, err.reason)
-            return
+        code, reason = _parse_close(payload)
         if not self.closed:
             self.closed = True
             self.close_code, self.close_reason = code, reason
@@ -843,10 +837,12 @@ _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 class _ProtocolError(Exception):
     """The peer broke RFC 6455 or a limit: fail the connection with ``code``.
 
-    ``unread`` counts the bytes of the offending frame still to be skipped.
+    ``unread`` counts the bytes of the offending frame still to be skipped
+    before the peer's answering close frame; ``None`` if the offending frame
+    was the peer's close frame.
     """
 
-    def __init__(self, code: int, reason: str, unread: int = 0) -> None:
+    def __init__(self, code: int, reason: str, unread: int | None = 0) -> None:
         super().__init__(code, reason)
         self.code, self.reason, self.unread = code, reason, unread
 
@@ -905,15 +901,22 @@ def _decode_utf8(payload: bytes) -> str:
 
 
 def _parse_close(payload: bytes) -> tuple[int, str]:
-    """The code and reason of a close frame (1005 and "" when it has none)."""
+    """The code and reason of a close frame (1005 and "" when it has none).
+
+    A malformed close frame is still the peer's last frame: the error says
+    so (``unread=None``), and it is answered without waiting for another.
+    """
     if not payload:
         return 1005, ""
     code = int.from_bytes(payload[:2], "big")
     if len(payload) == 1:
-        raise _ProtocolError(1002, "close frame with a 1-byte payload")
+        raise _ProtocolError(1002, "close frame with a 1-byte payload", unread=None)
     if not _is_valid_close_code(code):
-        raise _ProtocolError(1002, f"invalid close code {code}")
-    return code, _decode_utf8(payload[2:])
+        raise _ProtocolError(1002, f"invalid close code {code}", unread=None)
+    try:
+        return code, payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise _ProtocolError(1007, "invalid UTF-8 in the close reason", unread=None) from None
 
 
 def _frame(opcode: int, payload: Any) -> bytes:
