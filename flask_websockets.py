@@ -573,10 +573,17 @@ class Connection:
             if self.closed:
                 raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
             try:
-                self._sock.sendall(frame)
+                self._write(frame)
             except OSError as err:
                 self._lost()
                 raise ConnectionClosed(f"{self!r} was lost: {err}") from err
+
+    def _write(self, frame: bytes) -> None:
+        # One send() nearly always takes a whole frame. gevent's sendall()
+        # would add a getsockopt() system call and a chunking loop to each.
+        sent = self._sock.send(frame)
+        if sent < len(frame):
+            self._sock.sendall(memoryview(frame)[sent:])
 
     def _send_close(self, code: int, reason: str) -> None:
         with self._send_lock:
@@ -589,7 +596,7 @@ class Connection:
                 # A peer that never answers must not hold the connection open.
                 self._close_timer = gevent.spawn_later(self._close_timeout, self._abort)
             try:
-                self._sock.sendall(_close_frame(code, reason))
+                self._write(_close_frame(code, reason))
             except OSError:
                 self._lost()
 

@@ -130,6 +130,7 @@ class FakeWebSocket:
         sock = types.SimpleNamespace(
             recv=self._recv,
             recv_into=self._recv_into,
+            send=self._send,
             sendall=self._sendall,
             shutdown=lambda how: self.disconnect(),
             gettimeout=lambda: None,
@@ -159,10 +160,17 @@ class FakeWebSocket:
         view[: len(data)] = data
         return len(data)
 
-    def _sendall(self, data):
+    def _send(self, data):
+        """Like a socket whose buffer is nearly full: takes at most 1000 bytes at a time."""
         if self.broken:
             raise BrokenPipeError(32, "Broken pipe")
+        data = bytes(data[:1000])
         self.written += data
+        return len(data)
+
+    def _sendall(self, data):
+        while data:
+            data = data[self._send(data) :]
 
     # the client's side
     def feed(self, *frames):

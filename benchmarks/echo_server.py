@@ -16,6 +16,8 @@ import os  # noqa: E402
 import sys  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+if "--pure-python" in sys.argv:  # measure without the optional accelerator, even where installed
+    sys.modules["wsaccel.xormask"] = None  # type: ignore[assignment]
 
 from flask import Flask  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
@@ -40,11 +42,20 @@ def main():
     parser.add_argument(
         "--max-message-size", type=int, default=None, help="WEBSOCKETS_MAX_MESSAGE_SIZE in bytes; 0 means no limit"
     )
+    parser.add_argument("--pure-python", action="store_true", help="do not use wsaccel even if installed")
     args = parser.parse_args()
     if args.max_message_size is not None:
         app.config["WEBSOCKETS_MAX_MESSAGE_SIZE"] = args.max_message_size or None
     server = WSGIServer((args.host, args.port), app, handler_class=WebSocketHandler, log=None, backlog=args.backlog)
-    print(f"flask_websockets echo on ws://{args.host}:{args.port}/ws", file=sys.stderr, flush=True)
+    import flask_websockets
+
+    accelerated = flask_websockets._unmask is not flask_websockets._unmask_python
+    print(
+        f"flask_websockets echo on ws://{args.host}:{args.port}/ws, unmasking with"
+        f" {'wsaccel' if accelerated else 'pure Python'}",
+        file=sys.stderr,
+        flush=True,
+    )
     server.serve_forever()
 
 
