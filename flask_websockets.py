@@ -408,38 +408,6 @@ Flask-Websockets needs gevent's WSGI server with gevent-websocket's handler:
 """
 
 
-class _Upgraded(Response):
-    """What the websocket view returns once the connection is over.
-
-    Flask runs ``after_request`` functions on it as on any response. The
-    server has switched protocols long before, so nobody reads its headers:
-    building them is skipped.
-    """
-
-    def __call__(self, environ: dict, start_response: Callable[..., Any]) -> list[bytes]:  # type: ignore[override]
-        start_response(self.status, [])
-        return []
-
-
-def _take_over(sock: Any, rfile: Any) -> bytes:
-    """Return what the server's reader buffered past the handshake, and close it.
-
-    From here on the connection reads the socket itself: one Python layer
-    less per read, and closing the reader frees its 8 KiB buffer, a third
-    of what an idle connection costs. The socket stays open.
-    """
-    timeout = sock.gettimeout()
-    sock.settimeout(0.0)  # take only what is already there
-    try:
-        pending = rfile.read1(65536) or b""
-    except OSError:  # nothing there (TLS says so with an error)
-        pending = b""
-    finally:
-        sock.settimeout(timeout)
-    rfile.close()
-    return pending
-
-
 def _not_served_response() -> Response:
     # A websocket handshake reached the app through a server that cannot
     # upgrade it (`flask run`, the Flask test client): say how to fix it.
@@ -467,6 +435,38 @@ def _close_unserved_upgrade(response: Response) -> Response:
             pass
         upgraded.closed = True
     return response
+
+
+def _take_over(sock: Any, rfile: Any) -> bytes:
+    """Return what the server's reader buffered past the handshake, and close it.
+
+    From here on the connection reads the socket itself: one Python layer
+    less per read, and closing the reader frees its 8 KiB buffer, a third
+    of what an idle connection costs. The socket stays open.
+    """
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)  # take only what is already there
+    try:
+        pending = rfile.read1(65536) or b""
+    except OSError:  # nothing there (TLS says so with an error)
+        pending = b""
+    finally:
+        sock.settimeout(timeout)
+    rfile.close()
+    return pending
+
+
+class _Upgraded(Response):
+    """What the websocket view returns once the connection is over.
+
+    Flask runs ``after_request`` functions on it as on any response. The
+    server has switched protocols long before, so nobody reads its headers:
+    building them is skipped.
+    """
+
+    def __call__(self, environ: dict, start_response: Callable[..., Any]) -> list[bytes]:  # type: ignore[override]
+        start_response(self.status, [])
+        return []
 
 
 # ---------------------------------------------------------------------------

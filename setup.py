@@ -22,6 +22,7 @@ setup(
         "gevent-websocket>=0.10.1",
     ],
     extras_require={
+        "speedups": ["wsaccel>=0.6"],  # C unmasking for large messages; optional
         "test": [
             "pytest>=7",
             "websocket-client>=1.6",

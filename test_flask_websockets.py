@@ -1052,7 +1052,10 @@ def test_protocol_violations_close_with_1002(frames, reason):
         (client_frame(CLOSE, b"\x03"), (1002, "close frame with a 1-byte payload")),
         (client_frame(CLOSE, close_payload(1004)), (1002, "invalid close code 1004")),
         (client_frame(CLOSE, b"\x03\xe8\xff"), (1007, "invalid UTF-8 in the close reason")),
-        (client_frame(CLOSE, close_payload(1000, "x" * 124)), (1002, "control frames must be whole and at most 125 bytes")),
+        (
+            client_frame(CLOSE, close_payload(1000, "x" * 124)),  # a 126-byte control frame
+            (1002, "control frames must be whole and at most 125 bytes"),
+        ),
     ],
 )
 def test_a_malformed_close_frame_is_answered_and_the_connection_ends_at_once(bad_close, answer):
@@ -1743,6 +1746,15 @@ def test_readme_errors(tmp_path):
         assert [c.recv(), c.recv()] == ["25", "20"]
         assert "Exception on / [GET]" in log() and "ZeroDivisionError" in log()
         c.close()
+
+
+def test_readme_limits(tmp_path):
+    with serve_snippet("limits", tmp_path) as (port, log):
+        c = client(f"ws://127.0.0.1:{port}/")
+        c.send_binary(b"x" * 60 * 1024)
+        assert c.recv() == "61440 bytes"
+        c.send_binary(b"x" * 100 * 1024)
+        assert recv_close(c) == (1009, "message over 65536 bytes")
 
 
 def test_readme_proxyfix(tmp_path):
