@@ -792,31 +792,24 @@ class Connection:
 
     def _start_keepalive(self, interval: float, timeout: float) -> None:
         self._ping_interval, self._ping_timeout = interval, timeout
-        self._arm(interval, self._check_alive)
+        self._arm(interval, pinged=False)
 
-    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
+    def _arm(self, seconds: float, pinged: bool) -> None:
         if self._keepalive is not None:
             self._keepalive.close()
         self._keepalive = gevent.get_hub().loop.timer(seconds)
-        self._keepalive.start(callback)
+        self._keepalive.start(self._check_alive, pinged)
 
-    def _check_alive(self) -> None:  # runs in the hub: must not block
+    def _check_alive(self, pinged: bool) -> None:  # runs in the hub: must not block
         if self.closed:
             return
-        if self._heard:
+        if self._heard:  # alive: look again a ping interval from now
             self._heard = False
-            self._arm(self._ping_interval, self._check_alive)
-        else:
+            self._arm(self._ping_interval, pinged=False)
+        elif not pinged:  # silent for a whole interval: ping it
             gevent.spawn(self._ping)
-            self._arm(self._ping_timeout, self._check_pong)
-
-    def _check_pong(self) -> None:  # runs in the hub: must not block
-        if self.closed:
-            return
-        if self._heard:
-            self._heard = False
-            self._arm(self._ping_interval, self._check_alive)
-        else:
+            self._arm(self._ping_timeout, pinged=True)
+        else:  # no answer to the ping
             gevent.spawn(self._expire)
 
     def _ping(self) -> None:
