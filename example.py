@@ -1,7 +1,7 @@
 """Flask-Websockets example: echo, commands, a long task, JSON and broadcast.
 
     python example.py                 # http://127.0.0.1:5000
-    python example.py --port 8000 --host 0.0.0.0
+    python example.py --port 8000 --host 0.0.0.0 --reload
 
 Open the page in two tabs to see broadcasts reach both.
 """
@@ -14,7 +14,7 @@ import time  # noqa: E402
 
 from flask import Flask, jsonify, render_template_string, request  # noqa: E402
 
-from flask_websockets import WebSockets, has_socket_context, ws  # noqa: E402
+from flask_websockets import WebSockets, has_socket_context, serve, ws  # noqa: E402
 
 app = Flask(__name__)
 sockets = WebSockets(app, match_one=True)  # one handler per message: the first that matches
@@ -215,18 +215,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--reload", action="store_true", help="restart when the code changes")
     args = parser.parse_args()
-
-    from gevent.pywsgi import WSGIServer
-    from geventwebsocket.handler import WebSocketHandler
-
-    server = WSGIServer((args.host, args.port), app, handler_class=WebSocketHandler)
-    server.start()  # binds the port, so --port 0 can print the one it got
-    print(f"Serving on http://{args.host}:{server.server_port}/ (Ctrl-C to stop)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        server.stop(timeout=1)
+    serve(app, args.host, args.port, reload=args.reload)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,10 @@ sent back as the reply::
         ws.send("working")              # `ws` is the current connection
         return jsonify(reply=message.split(" ", 1)[1])
 
-The app is served by gevent with gevent-websocket's handler::
+Serve it with gevent (``flask run --debug`` and gunicorn work too)::
 
-    from gevent.pywsgi import WSGIServer
-    from geventwebsocket.handler import WebSocketHandler
-    WSGIServer(("127.0.0.1", 5000), app, handler_class=WebSocketHandler).serve_forever()
+    from flask_websockets import serve
+    serve(app)          # http://127.0.0.1:5000, until Ctrl-C
 
 Each connection runs in its own greenlet inside the request context of its
 handshake, so ``request``, ``session``, ``g`` and ``current_app`` work in
@@ -30,27 +29,36 @@ handlers as they do in views.
 
 This file is the whole library and its reference manual. It reads top to
 bottom: the current connection (``ws``), the extension (``WebSockets``), the
-connection object (``Connection``), and last the RFC 6455 wire protocol.
+connection object (``Connection``), serving (``WebSocketHandler``,
+``serve``, ``GunicornWorker``), how servers hand a connection over, and last
+the RFC 6455 wire protocol.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import codecs
+import hashlib
 import logging
 import re
 import socket
 import struct
 import sys
+import threading
 from contextvars import ContextVar
-from typing import Any, Callable, TypeVar, Union
+from collections.abc import Iterable
+from typing import Any, Callable, NamedTuple, TypeVar, Union
 
 import gevent
-from flask import Flask, Response, current_app, request
+from flask import Flask, Response, abort, current_app, request
 from gevent.lock import Semaphore
+from gevent.pywsgi import WSGIHandler
+from geventwebsocket.handler import WebSocketHandler as _GeventWebSocketHandler
 from werkzeug.local import LocalProxy
 from werkzeug.wrappers import Response as _WerkzeugResponse
 
 __version__ = "2.0.0.dev0"
-__all__ = ["WebSockets", "Connection", "ConnectionClosed", "ws", "has_socket_context"]
+__all__ = ["WebSockets", "Connection", "ConnectionClosed", "WebSocketHandler", "serve", "ws", "has_socket_context"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +133,10 @@ _CONFIG_DEFAULTS: dict[str, Any] = {
     "WEBSOCKETS_PING_TIMEOUT": 20.0,
     # Seconds to wait for the client's close frame after the server's.
     "WEBSOCKETS_CLOSE_TIMEOUT": 5.0,
+    # Origins whose pages may connect: None for the page's own origin only
+    # (a handshake without Origin, from a non-browser client, is allowed),
+    # a list such as ["https://example.com"], or "*" for any.
+    "WEBSOCKETS_ALLOWED_ORIGINS": None,
 }
 
 
@@ -152,11 +164,25 @@ class WebSockets:
     handler runs and each non-``None`` return value is sent as its own reply.
     With ``match_one=True`` only the first matching pattern handler runs, or,
     if no pattern matched, only the first catch-all handler.
+
+    ``subprotocols`` lists the subprotocols the server speaks. The first one
+    the client offers that is in the list is chosen (the client's order wins),
+    sent back in the handshake, and available as ``ws.subprotocol``::
+
+        sockets = WebSockets(app, subprotocols=["chat.v2", "chat.v1"])
     """
 
-    def __init__(self, app: Flask | None = None, match_one: bool = False, path: str = "/") -> None:
+    def __init__(
+        self,
+        app: Flask | None = None,
+        match_one: bool = False,
+        path: str = "/",
+        subprotocols: Iterable[str] = (),
+    ) -> None:
         self.match_one = match_one
         self.path = path
+        self.subprotocols = list(subprotocols)
+        self._connect_hooks: list[Hook] = []
         self._text_patterns: list[tuple[re.Pattern[Any], Handler]] = []  # str patterns
         self._binary_patterns: list[tuple[re.Pattern[Any], Handler]] = []  # bytes patterns
         self._catch_all: list[Handler] = []
@@ -228,6 +254,23 @@ class WebSockets:
 
         return decorator
 
+    def before_connect(self, hook: F) -> F:
+        """Register a function that may refuse a handshake, called with no arguments.
+
+        It runs in the handshake's request context, after the origin check
+        and before the connection opens. To refuse, it calls ``abort()`` or
+        returns a response; ``None`` lets the connection open. With
+        :class:`WebSocketHandler` the client then gets that HTTP answer and
+        never a 101::
+
+            @sockets.before_connect
+            def members_only():
+                if "user_id" not in session:
+                    abort(401)
+        """
+        self._connect_hooks.append(_check_handler(hook))
+        return hook
+
     def on_open(self, hook: F) -> F:
         """Register a function called with no arguments when a client connects.
 
@@ -287,19 +330,24 @@ class WebSockets:
     # -- serving a connection -----------------------------------------------
 
     def _serve(self, **_view_args: Any) -> Response:
-        """The view of the websocket endpoint: run one connection to its end."""
-        environ = request.environ
-        upgraded = environ.get("wsgi.websocket")
-        if upgraded is None:
+        """The view of the websocket endpoint: the handshake, then the connection."""
+        handover = _handover(request.environ)
+        if handover is None:
             return _not_served_response()
+        refusal = handover.check() or self._refusal()
+        if refusal is not None:
+            return refusal  # an HTTP answer; after gevent-websocket's 101, a close with 1008
+        subprotocol = self._choose_subprotocol() if handover.answers_handshake else None
+        sock, pending = handover.accept(subprotocol)
         config = current_app.config
-        sock = upgraded.handler.socket
         conn = Connection(
-            environ,
+            request.environ,
             sock,
-            _take_over(sock, upgraded.handler.rfile),
+            pending,
+            subprotocol=subprotocol,
             max_size=config["WEBSOCKETS_MAX_MESSAGE_SIZE"],
             close_timeout=config["WEBSOCKETS_CLOSE_TIMEOUT"],
+            runtime=handover.runtime,
         )
         if config["WEBSOCKETS_PING_INTERVAL"]:
             conn._start_keepalive(config["WEBSOCKETS_PING_INTERVAL"], config["WEBSOCKETS_PING_TIMEOUT"])
@@ -312,14 +360,36 @@ class WebSockets:
             raise
         finally:
             conn._finish(1011, "internal error")  # no-op unless a handler error propagated
-            upgraded.closed = True  # the closing handshake is done: gevent-websocket must not add one
+            response = handover.end()
             self._connections.discard(conn)
             try:
                 for hook in self._close_hooks:
                     _call_logged(hook)
             finally:
                 _cv_socket.reset(token)
-        return _Upgraded(status=101)
+        return response
+
+    def _refusal(self) -> Response | None:
+        """Why this handshake is refused, as a response; ``None`` to accept it."""
+        allowed = current_app.config["WEBSOCKETS_ALLOWED_ORIGINS"]
+        origin = request.headers.get("Origin")
+        if not _origin_allowed(origin, allowed, request.host):
+            logger.warning(
+                "websocket handshake from origin %s refused: %s may connect. To allow it, set"
+                " WEBSOCKETS_ALLOWED_ORIGINS to a list of origins that includes it, or to '*'.",
+                origin,
+                f"only {request.host}" if allowed is None else f"only {allowed}",
+            )
+            abort(403, description=f"Origin {origin} may not open a websocket here.")
+        for hook in self._connect_hooks:
+            answer = hook()
+            if answer is not None:
+                return current_app.make_response(answer)
+        return None
+
+    def _choose_subprotocol(self) -> str | None:
+        offered = request.headers.get("Sec-WebSocket-Protocol", "").split(",")
+        return next((p.strip() for p in offered if p.strip() in self.subprotocols), None)
 
     def _run(self, conn: Connection) -> None:
         try:
@@ -400,28 +470,27 @@ def _call_logged(hook: Hook) -> None:
 _NOT_SERVED = """\
 This server cannot serve websockets.
 
-Flask-Websockets needs gevent's WSGI server with gevent-websocket's handler:
-
-    from gevent.pywsgi import WSGIServer
-    from geventwebsocket.handler import WebSocketHandler
-    WSGIServer(("127.0.0.1", 5000), app, handler_class=WebSocketHandler).serve_forever()
+Serve the app with flask_websockets.serve(app), gevent's WSGIServer with
+handler_class=flask_websockets.WebSocketHandler, `flask run`, or gunicorn with
+-k flask_websockets.GunicornWorker.
 """
 
 
 def _not_served_response() -> Response:
-    # A websocket handshake reached the app through a server that cannot
-    # upgrade it (`flask run`, the Flask test client): say how to fix it.
-    logger.warning("websocket handshake for %s refused: %s", request.path, _NOT_SERVED.splitlines()[2])
+    # A websocket handshake reached the app through a server that cannot hand
+    # over its connection (the Flask test client, gunicorn's sync workers).
+    logger.warning("websocket handshake for %s refused: the server cannot serve websockets", request.path)
     return current_app.response_class(_NOT_SERVED, status=501, mimetype="text/plain")
 
 
 def _close_unserved_upgrade(response: Response) -> Response:
-    """Close, with a code, a websocket the app upgraded but did not serve.
+    """Close, with a code, a connection gevent-websocket upgraded but the app refused.
 
-    gevent-websocket answers the handshake with 101 before the app runs. When
-    the app then answers with an error (an upgrade to a path with no websocket
-    endpoint: 404), gevent-websocket would send a close frame with no code.
-    Send 1008 (policy violation) for a 4xx, 1011 for a 5xx, 1000 otherwise.
+    gevent-websocket's own handler answers every handshake with 101 before
+    the app runs. When the app then answers with an error (no websocket
+    endpoint at that path: 404; a foreign origin: 403; a ``before_connect``
+    refusal), gevent-websocket would send a close frame with no code. Send
+    1008 (policy violation) for a 4xx, 1011 for a 5xx, 1000 otherwise.
     """
     upgraded = request.environ.get("wsgi.websocket")
     if upgraded is not None and not upgraded.closed:
@@ -437,36 +506,12 @@ def _close_unserved_upgrade(response: Response) -> Response:
     return response
 
 
-def _take_over(sock: Any, rfile: Any) -> bytes:
-    """Return what the server's reader buffered past the handshake, and close it.
-
-    From here on the connection reads the socket itself: one Python layer
-    less per read, and closing the reader frees its 8 KiB buffer, a third
-    of what an idle connection costs. The socket stays open.
-    """
-    timeout = sock.gettimeout()
-    sock.settimeout(0.0)  # take only what is already there
-    try:
-        pending = rfile.read1(65536) or b""
-    except OSError:  # nothing there (TLS says so with an error)
-        pending = b""
-    finally:
-        sock.settimeout(timeout)
-    rfile.close()
-    return pending
-
-
-class _Upgraded(Response):
-    """What the websocket view returns once the connection is over.
-
-    Flask runs ``after_request`` functions on it as on any response. The
-    server has switched protocols long before, so nobody reads its headers:
-    building them is skipped.
-    """
-
-    def __call__(self, environ: dict, start_response: Callable[..., Any]) -> list[bytes]:  # type: ignore[override]
-        start_response(self.status, [])
-        return []
+def _origin_allowed(origin: str | None, allowed: Any, host: str) -> bool:
+    if origin is None or allowed == "*":
+        return True  # not a browser, or anyone may connect
+    if allowed is None:  # same origin: the page's host is the one it connects to
+        return origin.partition("://")[2].rstrip("/").lower() == host.lower()
+    return origin.rstrip("/").lower() in {o.rstrip("/").lower() for o in allowed}
 
 
 # ---------------------------------------------------------------------------
@@ -489,6 +534,8 @@ class Connection:
         environ: the WSGI environ of the handshake request.
         path: the request path of the handshake, like ``request.path``.
         origin: the ``Origin`` header of the handshake, or ``None``.
+        subprotocol: the subprotocol agreed in the handshake, or ``None``
+            (see ``WebSockets(subprotocols=...)``).
         closed: ``True`` once a close frame was sent or received, or the
             connection was lost. Sending then raises :class:`ConnectionClosed`.
         close_code: the close code the connection ended with: the peer's (1005
@@ -498,8 +545,8 @@ class Connection:
 
     __slots__ = (
         "environ", "path", "origin", "closed", "close_code", "close_reason",
-        "_sock", "_buf", "_pos", "_max_size", "_close_timeout", "_send_lock", "_close_sent",
-        "_close_timer", "_heard", "_keepalive", "_ping_interval", "_ping_timeout",
+        "subprotocol", "_sock", "_buf", "_pos", "_max_size", "_close_timeout", "_runtime", "_send_lock",
+        "_close_sent", "_cancel_close", "_heard", "_cancel_keepalive", "_ping_interval", "_ping_timeout",
     )  # fmt: skip
 
     def __init__(
@@ -508,8 +555,10 @@ class Connection:
         sock: Any,
         pending: bytes = b"",
         *,
+        subprotocol: str | None = None,
         max_size: int | None = 1 << 20,
         close_timeout: float = 5.0,
+        runtime: _Runtime | None = None,
     ) -> None:
         self.environ = environ
         self.path: str = environ.get("PATH_INFO") or "/"
@@ -517,15 +566,17 @@ class Connection:
         self.closed = False
         self.close_code: int | None = None
         self.close_reason = ""
+        self.subprotocol = subprotocol
         self._sock = sock  # the upgraded TCP (or TLS) socket, read and written directly
         self._buf, self._pos = pending, 0  # received bytes, and how far they are parsed
         self._max_size = max_size
         self._close_timeout = close_timeout
-        self._send_lock = Semaphore()  # frames from several greenlets must not interleave
+        self._runtime = runtime or _GEVENT  # greenlets, or threads under Werkzeug's server
+        self._send_lock = self._runtime.lock()  # frames from several senders must not interleave
         self._close_sent = False
-        self._close_timer: gevent.Greenlet | None = None
+        self._cancel_close: Callable[[], Any] | None = None  # the close timeout's timer
         self._heard = False  # a frame arrived since the last keepalive check
-        self._keepalive: Any = None  # the keepalive's timer, a gevent loop watcher
+        self._cancel_keepalive: Callable[[], Any] | None = None  # the keepalive's timer
         self._ping_interval = self._ping_timeout = 0.0
 
     def __repr__(self) -> str:
@@ -594,7 +645,7 @@ class Connection:
                 self.closed = True
                 self.close_code, self.close_reason = code, reason
                 # A peer that never answers must not hold the connection open.
-                self._close_timer = gevent.spawn_later(self._close_timeout, self._abort)
+                self._cancel_close = self._runtime.call_later(self._close_timeout, self._abort)
             try:
                 self._write(_close_frame(code, reason))
             except OSError:
@@ -618,10 +669,9 @@ class Connection:
             self._send_close(code, reason)
             if drain:
                 self._drain()
-        if self._keepalive is not None:
-            self._keepalive.close()
-        if self._close_timer is not None:
-            self._close_timer.kill(block=False)
+        for cancel in (self._cancel_keepalive, self._cancel_close):
+            if cancel is not None:
+                cancel()
 
     # -- internals: receiving ------------------------------------------------
 
@@ -785,7 +835,7 @@ class Connection:
 
     # -- internals: keepalive ------------------------------------------------
     #
-    # One timer per connection in gevent's loop, and no greenlet waiting:
+    # One timer per connection (under gevent, in its loop), and nobody waiting:
     # receiving a frame costs one attribute store (`_heard`). A connection
     # silent for a ping interval gets a ping; if nothing at all arrives within
     # the ping timeout after it, the peer is gone.
@@ -795,22 +845,21 @@ class Connection:
         self._arm(interval, pinged=False)
 
     def _arm(self, seconds: float, pinged: bool) -> None:
-        if self._keepalive is not None:
-            self._keepalive.close()
-        self._keepalive = gevent.get_hub().loop.timer(seconds)
-        self._keepalive.start(self._check_alive, pinged)
+        if self._cancel_keepalive is not None:
+            self._cancel_keepalive()
+        self._cancel_keepalive = self._runtime.call_later(seconds, self._check_alive, pinged)
 
-    def _check_alive(self, pinged: bool) -> None:  # runs in the hub: must not block
+    def _check_alive(self, pinged: bool) -> None:  # in gevent's hub: must not block
         if self.closed:
             return
         if self._heard:  # alive: look again a ping interval from now
             self._heard = False
             self._arm(self._ping_interval, pinged=False)
         elif not pinged:  # silent for a whole interval: ping it
-            gevent.spawn(self._ping)
+            self._runtime.spawn(self._ping)
             self._arm(self._ping_timeout, pinged=True)
         else:  # no answer to the ping
-            gevent.spawn(self._expire)
+            self._runtime.spawn(self._expire)
 
     def _ping(self) -> None:
         try:
@@ -820,9 +869,314 @@ class Connection:
 
     def _expire(self) -> None:
         logger.info("closing %r: no answer to a ping within %s s", self, self._ping_timeout)
-        with gevent.Timeout(self._close_timeout, False):  # a dead peer may not even take this frame
-            self._send_close(1011, "keepalive ping timeout")
+        # A dead peer may not even take the close frame: give it the close timeout.
+        self._runtime.call_later(self._close_timeout, self._abort)
+        self._send_close(1011, "keepalive ping timeout")
         self._abort()
+
+
+# ---------------------------------------------------------------------------
+# Serving
+# ---------------------------------------------------------------------------
+
+
+class WebSocketHandler(_GeventWebSocketHandler):
+    """gevent-websocket's handler, letting the app answer each handshake.
+
+    The recommended ``handler_class`` for gevent's ``WSGIServer``, and what
+    :func:`serve` uses::
+
+        from gevent.pywsgi import WSGIServer
+        WSGIServer(("127.0.0.1", 5000), app, handler_class=flask_websockets.WebSocketHandler).serve_forever()
+
+    gevent-websocket's own handler sends ``101 Switching Protocols`` before
+    the app runs, so the app can only close a connection it does not want.
+    With this one the app answers first: a path without a websocket endpoint
+    gets 404, a foreign ``Origin`` 403, and a ``before_connect`` function may
+    answer 401; the client then never gets a 101. The 101 carries the chosen
+    subprotocol. Every websocket connection gets one access-log line with
+    status 101 and its duration, and no logger's handlers are touched.
+    """
+
+    _upgraded = False
+
+    def run_application(self) -> None:
+        if self.environ.get("HTTP_UPGRADE", "").lower() == "websocket":
+            self.environ["flask_websockets.accept"] = self._accept
+        WSGIHandler.run_application(self)  # pywsgi's: gevent-websocket's would send the 101 now
+
+    def _accept(self, subprotocol: str | None) -> tuple[Any, Any]:
+        """Send the 101; return the socket and the server's reader."""
+        headers = _handshake_headers(self.environ, subprotocol)
+        self.socket.sendall(_switching_protocols(headers))
+        self._upgraded = True
+        # What pywsgi's (or gunicorn's) access log reads about the response.
+        self._orig_status, self.status, self.code = "101 Switching Protocols", b"101 Switching Protocols", 101
+        self.response_headers = headers
+        self.headers_sent = self.close_connection = True
+        return self.socket, self.rfile
+
+    def start_response(self, status: str, headers: list, exc_info: Any = None) -> Callable[[bytes], None]:
+        if self._upgraded:  # the app's response after a websocket has nowhere to go
+            return lambda data: None
+        return super().start_response(status, headers, exc_info)  # type: ignore[no-any-return]
+
+    def process_result(self) -> None:
+        if not self._upgraded:
+            super().process_result()
+
+    def log_request(self) -> None:
+        # gevent-websocket leaves 101s out of the access log: log them like any
+        # request, with the next handler's log (pywsgi's, or gunicorn's).
+        super(_GeventWebSocketHandler, self).log_request()
+
+    @property
+    def logger(self) -> logging.Logger:
+        # gevent-websocket's replaces the handlers of its logger (gevent-websocket#16).
+        return logging.getLogger("geventwebsocket.handler")
+
+
+def serve(
+    app: Any,
+    host: str = "127.0.0.1",
+    port: int = 5000,
+    *,
+    ssl_context: Any = None,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+    reload: bool = False,
+    **server_kwargs: Any,
+) -> None:
+    """Serve ``app`` with gevent and :class:`WebSocketHandler` until Ctrl-C.
+
+    It prints the URL, passes ``ssl_context`` or ``certfile`` and ``keyfile``
+    on for https and wss, and ``server_kwargs`` to gevent's ``WSGIServer``
+    (``log=None`` silences the access log). ``reload=True`` restarts the
+    process when a source file changes, with Werkzeug's reloader::
+
+        if __name__ == "__main__":
+            flask_websockets.serve(app, port=8000, reload=True)
+
+    Like any gevent program, call ``gevent.monkey.patch_all()`` first thing
+    if handlers use blocking libraries (``time.sleep``, database drivers).
+    """
+    if reload:
+        # Werkzeug has no public API to reload a server other than its own.
+        from werkzeug._reloader import run_with_reloader
+
+        tls = dict(ssl_context=ssl_context, certfile=certfile, keyfile=keyfile)
+        run_with_reloader(lambda: serve(app, host, port, **tls, **server_kwargs))
+        return
+    from gevent.pool import Pool
+    from gevent.pywsgi import WSGIServer
+
+    tls = {k: v for k, v in dict(ssl_context=ssl_context, certfile=certfile, keyfile=keyfile).items() if v}
+    # In a pool, connections still open when the server stops are closed with 1001.
+    server_kwargs.setdefault("spawn", Pool())
+    server = WSGIServer((host, port), app, handler_class=WebSocketHandler, **tls, **server_kwargs)
+    server.start()  # bind first, so that port 0 prints the port it got
+    scheme = "https" if tls else "http"
+    print(f" * Serving on {scheme}://{host}:{server.server_port}/ (press Ctrl-C to quit)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop(timeout=1)
+
+
+def __getattr__(name: str) -> Any:
+    """``GunicornWorker``: gunicorn's gevent worker with :class:`WebSocketHandler`.
+
+    ``gunicorn -k flask_websockets.GunicornWorker -w 4 app:app``. Gunicorn is
+    imported only when the worker is asked for: it is not a dependency.
+    """
+    if name != "GunicornWorker":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
+
+    class GunicornHandler(WebSocketHandler, PyWSGIHandler):
+        """Our handshake, gunicorn's access log and environ."""
+
+    class GunicornWorker(GeventPyWSGIWorker):
+        wsgi_handler = GunicornHandler
+
+    globals()["GunicornWorker"] = GunicornWorker
+    return GunicornWorker
+
+
+# ---------------------------------------------------------------------------
+# How servers hand a connection over
+# ---------------------------------------------------------------------------
+
+
+class _Runtime(NamedTuple):
+    """Locks and timers for greenlets, or for threads."""
+
+    lock: Callable[[], Any]
+    spawn: Callable[[Callable[[], Any]], Any]
+    call_later: Callable[..., Callable[[], Any]]  # (seconds, function, *args) -> cancel()
+
+
+def _gevent_call_later(seconds: float, function: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    timer = gevent.get_hub().loop.timer(seconds)  # a callback in the hub, not a greenlet
+    timer.start(function, *args)
+    return timer.close  # type: ignore[no-any-return]
+
+
+def _thread_call_later(seconds: float, function: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    timer = threading.Timer(seconds, function, args)
+    timer.daemon = True
+    timer.start()
+    return timer.cancel
+
+
+_GEVENT = _Runtime(Semaphore, gevent.spawn, _gevent_call_later)
+_THREADS = _Runtime(threading.Lock, lambda f: threading.Thread(target=f, daemon=True).start(), _thread_call_later)
+
+
+class _Handover:
+    """How a server hands the connection over once the app accepts the handshake.
+
+    Subclasses for :class:`WebSocketHandler`, gevent-websocket's handler and
+    Werkzeug's development server.
+    """
+
+    answers_handshake = True  # no 101 has been sent: the app's answer is the server's
+    runtime = _GEVENT
+
+    def __init__(self, environ: dict) -> None:
+        self.environ = environ
+
+    def check(self) -> Response | None:
+        """A 400 or 426 for a handshake that is not RFC 6455's, else ``None``."""
+        return _handshake_error(self.environ)
+
+    def accept(self, subprotocol: str | None) -> tuple[Any, bytes]:
+        """Send the 101; return the socket and the bytes already received."""
+        raise NotImplementedError
+
+    def end(self) -> Response:
+        """Tidy up after the connection; return what the view answers."""
+        return _Upgraded(status=101)
+
+
+class _OwnHandler(_Handover):
+    def accept(self, subprotocol: str | None) -> tuple[Any, bytes]:
+        sock, reader = self.environ["flask_websockets.accept"](subprotocol)
+        return sock, _take_over(sock, reader)
+
+
+class _GeventWebsocketHandler(_Handover):
+    answers_handshake = False  # it sent the 101 before the app ran
+
+    def check(self) -> None:
+        return None
+
+    def accept(self, subprotocol: str | None) -> tuple[Any, bytes]:
+        handler = self.environ["wsgi.websocket"].handler
+        return handler.socket, _take_over(handler.socket, handler.rfile)
+
+    def end(self) -> Response:
+        self.environ["wsgi.websocket"].closed = True  # it must not send its own close frame
+        return super().end()
+
+
+class _WerkzeugServer(_Handover):
+    runtime = _THREADS  # `flask run` serves each request in a thread
+
+    def accept(self, subprotocol: str | None) -> tuple[Any, bytes]:
+        sock = self.environ["werkzeug.socket"]
+        sock.sendall(_switching_protocols(_handshake_headers(self.environ, subprotocol)))
+        # Werkzeug reads on from its reader after the app: leave it open.
+        return sock, _take_over(sock, self.environ["wsgi.input"], close=False)
+
+    def end(self) -> Response:
+        try:
+            self.environ["werkzeug.socket"].shutdown(socket.SHUT_RDWR)  # Werkzeug's next read ends
+        except OSError:
+            pass
+        return _Dropped(status=101)
+
+
+def _handover(environ: dict) -> _Handover | None:
+    if "flask_websockets.accept" in environ:
+        return _OwnHandler(environ)
+    if environ.get("wsgi.websocket") is not None:
+        return _GeventWebsocketHandler(environ)
+    if environ.get("werkzeug.socket") is not None:
+        return _WerkzeugServer(environ)
+    return None
+
+
+def _handshake_error(environ: dict) -> Response | None:
+    if environ.get("HTTP_SEC_WEBSOCKET_VERSION") != "13":
+        return Response("This server speaks websocket version 13.", 426, {"Sec-WebSocket-Version": "13"})
+    try:
+        valid = len(base64.b64decode(environ.get("HTTP_SEC_WEBSOCKET_KEY", ""), validate=True)) == 16
+    except binascii.Error:
+        valid = False
+    return None if valid else Response("Sec-WebSocket-Key must be 16 bytes in base64.", 400)
+
+
+def _handshake_headers(environ: dict, subprotocol: str | None) -> list[tuple[str, str]]:
+    digest = hashlib.sha1(environ["HTTP_SEC_WEBSOCKET_KEY"].encode() + _WEBSOCKET_GUID).digest()
+    headers = [
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Accept", base64.b64encode(digest).decode()),
+    ]
+    if subprotocol:
+        headers.append(("Sec-WebSocket-Protocol", subprotocol))
+    return headers
+
+
+def _switching_protocols(headers: list[tuple[str, str]]) -> bytes:
+    lines = ["HTTP/1.1 101 Switching Protocols", *(f"{name}: {value}" for name, value in headers)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 4.2.2
+
+
+def _take_over(sock: Any, reader: Any, close: bool = True) -> bytes:
+    """Return what the server's reader buffered past the handshake, and close it.
+
+    From here on the connection reads the socket itself: one Python layer
+    less per read, and closing the reader frees its 8 KiB buffer, a third
+    of what an idle connection costs. The socket stays open.
+    """
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)  # take only what is already there
+    try:
+        pending = reader.read1(65536) or b""
+    except OSError:  # nothing there (TLS says so with an error)
+        pending = b""
+    finally:
+        sock.settimeout(timeout)
+    if close:
+        reader.close()
+    return pending
+
+
+class _Upgraded(Response):
+    """What the websocket view returns once the connection is over.
+
+    Flask runs ``after_request`` functions on it as on any response. The
+    server has switched protocols long before, so nobody reads its headers:
+    building them is skipped.
+    """
+
+    def __call__(self, environ: dict, start_response: Callable[..., Any]) -> list[bytes]:  # type: ignore[override]
+        start_response(self.status, [])
+        return []
+
+
+class _Dropped(_Upgraded):
+    """For Werkzeug's server, which would write a response after the websocket."""
+
+    def __call__(self, environ: dict, start_response: Callable[..., Any]) -> list[bytes]:  # type: ignore[override]
+        raise ConnectionError("the websocket is over")  # Werkzeug drops the request quietly
 
 
 # ---------------------------------------------------------------------------

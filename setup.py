@@ -26,6 +26,8 @@ setup(
         "test": [
             "pytest>=7",
             "websocket-client>=1.6",
+            "trustme>=1.0",  # certificates for the wss tests
+            "gunicorn>=21",  # the gunicorn worker's test
         ],
     },
     classifiers=[

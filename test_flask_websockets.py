@@ -12,15 +12,22 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import http.client
+import io
 import json
+import logging
 import os
 import re
+import shutil
+import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 import types
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -28,11 +35,24 @@ import gevent
 import gevent.event
 import gevent.pool
 import pytest
+import trustme
 import websocket
-from flask import Flask, abort, current_app, g, jsonify, make_response, request, session, url_for
+from flask import (
+    Flask,
+    abort,
+    current_app,
+    g,
+    jsonify,
+    make_response,
+    render_template_string,
+    request,
+    session,
+    url_for,
+)
 from gevent import pywsgi
-from geventwebsocket.handler import WebSocketHandler
+from geventwebsocket.handler import WebSocketHandler as GeventWebSocketHandler
 from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.serving import make_server
 from werkzeug.wrappers import Response
 
 import flask_websockets
@@ -714,6 +734,7 @@ def test_concurrent_connections_see_their_own_ws_request_and_g():
 
 def test_connection_attributes():
     app, sockets = make_app()
+    app.config["WEBSOCKETS_ALLOWED_ORIGINS"] = ["http://example.com"]
     seen = {}
 
     @sockets.on_message
@@ -721,6 +742,7 @@ def test_connection_attributes():
         seen.update(
             path=ws.path,
             origin=ws.origin,
+            subprotocol=ws.subprotocol,
             closed=ws.closed,
             environ_is_request_environ=ws.environ is request.environ,
             type=type(ws._get_current_object()),
@@ -730,6 +752,7 @@ def test_connection_attributes():
     assert seen == {
         "path": "/",
         "origin": "http://example.com",
+        "subprotocol": None,
         "closed": False,
         "environ_is_request_environ": True,
         "type": Connection,
@@ -1287,7 +1310,7 @@ def test_handshake_without_gevent_websocket_gets_a_clear_501(caplog):
     response = app.test_client().get("/", headers={**UPGRADE, "Sec-WebSocket-Version": "13"})
     assert response.status_code == 501
     body = response.get_data(as_text=True)
-    assert "handler_class=WebSocketHandler" in body and "WSGIServer" in body
+    assert "flask_websockets.serve(app)" in body and "handler_class=flask_websockets.WebSocketHandler" in body
     assert "refused" in caplog.text
 
 
@@ -1308,15 +1331,36 @@ def test_importing_configures_no_logging():
 # ---------------------------------------------------------------------------
 
 
+SERVERS = ["flask_websockets", "gevent-websocket", "werkzeug"]
+
+
 @contextlib.contextmanager
-def serving(app):
-    """Serve ``app`` with gevent + gevent-websocket in a thread; yield its ws:// URL."""
+def serving(app, server="flask_websockets", **server_kwargs):
+    """Serve ``app`` in a thread on 127.0.0.1; yield its ws:// URL (wss:// with a certfile).
+
+    ``server``: gevent's WSGIServer with ``flask_websockets.WebSocketHandler``,
+    or with gevent-websocket's own handler, or Werkzeug's threaded
+    development server (what ``flask run`` uses).
+    """
+    scheme = "wss" if "ssl_context" in server_kwargs else "ws"
+    if server == "werkzeug":
+        dev = make_server("127.0.0.1", 0, app, threaded=True, **server_kwargs)
+        thread = threading.Thread(target=dev.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"{scheme}://127.0.0.1:{dev.server_port}"
+        finally:
+            dev.shutdown()
+            dev.server_close()
+        return
+    handler = flask_websockets.WebSocketHandler if server == "flask_websockets" else GeventWebSocketHandler
+    server_kwargs.setdefault("log", None)
     started = threading.Event()
     box = {}
 
     def serve():
         server = pywsgi.WSGIServer(
-            ("127.0.0.1", 0), app, handler_class=WebSocketHandler, log=None, spawn=gevent.pool.Pool(1000)
+            ("127.0.0.1", 0), app, handler_class=handler, spawn=gevent.pool.Pool(1000), **server_kwargs
         )
         server.start()
         box.update(server=server, hub=gevent.get_hub())
@@ -1331,7 +1375,7 @@ def serving(app):
     thread.start()
     assert started.wait(5)
     try:
-        yield f"ws://127.0.0.1:{box['server'].server_port}"
+        yield f"{scheme}://127.0.0.1:{box['server'].server_port}"
     finally:
         box["hub"].loop.run_callback_threadsafe(gevent.spawn, box["server"].stop, 1)
         thread.join(10)
@@ -1388,9 +1432,10 @@ def demo_app(**kwargs):
     return app, sockets, events
 
 
-def test_real_echo_text_binary_and_commands():
+@pytest.mark.parametrize("server", SERVERS)
+def test_real_echo_text_binary_and_commands(server):
     app, sockets, events = demo_app()
-    with serving(app) as url:
+    with serving(app, server) as url:
         c = client(url + "/")
         c.send("hello \u00e9")
         assert c.recv() == "hello \u00e9"
@@ -1414,9 +1459,10 @@ def test_real_match_one():
         c.close()
 
 
-def test_real_status_updates_while_another_connection_stays_responsive():
+@pytest.mark.parametrize("server", SERVERS)
+def test_real_status_updates_while_another_connection_stays_responsive(server):
     app, sockets, events = demo_app()
-    with serving(app) as url:
+    with serving(app, server) as url:
         slow, quick = client(url), client(url)
         slow.send("SLOW")
         assert slow.recv() == "step 0"
@@ -1430,18 +1476,20 @@ def test_real_status_updates_while_another_connection_stays_responsive():
         quick.close()
 
 
-def test_real_invalid_utf8_closes_with_1007():
+@pytest.mark.parametrize("server", SERVERS)
+def test_real_invalid_utf8_closes_with_1007(server):
     app, sockets, events = demo_app()
-    with serving(app) as url:
+    with serving(app, server) as url:
         c = client(url)
         c.send(b"\xed\xa0\x80", opcode=websocket.ABNF.OPCODE_TEXT)  # a UTF-16 surrogate
         assert recv_close(c) == (1007, "invalid UTF-8 in a text message")
         wait_until(lambda: events == [1007])
 
 
-def test_real_close_codes_both_ways():
+@pytest.mark.parametrize("server", SERVERS)
+def test_real_close_codes_both_ways(server):
     app, sockets, events = demo_app()
-    with serving(app) as url:
+    with serving(app, server) as url:
         c = client(url)
         c.send("CLOSE")
         assert recv_close(c) == (4001, "closed by server")
@@ -1452,9 +1500,10 @@ def test_real_close_codes_both_ways():
         wait_until(lambda: sorted(events) == [3003, 4001])
 
 
-def test_real_abrupt_disconnect_runs_on_close_and_empties_registry():
+@pytest.mark.parametrize("server", SERVERS)
+def test_real_abrupt_disconnect_runs_on_close_and_empties_registry(server):
     app, sockets, events = demo_app()
-    with serving(app) as url:
+    with serving(app, server) as url:
         clients = [client(url) for _ in range(3)]
         wait_until(lambda: len(sockets._connections) == 3)
         for c in clients:
@@ -1464,9 +1513,10 @@ def test_real_abrupt_disconnect_runs_on_close_and_empties_registry():
         assert sockets._connections == set()
 
 
-def test_real_fifty_concurrent_clients_lose_and_reorder_nothing():
+@pytest.mark.parametrize("server", SERVERS)
+def test_real_fifty_concurrent_clients_lose_and_reorder_nothing(server):
     app, sockets, events = demo_app()
-    with serving(app) as url:
+    with serving(app, server) as url:
         errors = []
 
         def talk(n):
@@ -1490,9 +1540,10 @@ def test_real_fifty_concurrent_clients_lose_and_reorder_nothing():
         assert sockets._connections == set()
 
 
-def test_real_oversized_message_closes_with_1009_and_server_keeps_serving():
+@pytest.mark.parametrize("server", SERVERS)
+def test_real_oversized_message_closes_with_1009_and_server_keeps_serving(server):
     app, sockets, events = demo_app()
-    with serving(app) as url:
+    with serving(app, server) as url:
         other = client(url)
         big = client(url)
         big.send_binary(b"x" * (3 << 20))  # the default limit is 1 MiB
@@ -1515,10 +1566,11 @@ def raw_handshake(url):
     return sock
 
 
-def test_real_keepalive_drops_a_silent_peer_and_keeps_a_live_one():
+@pytest.mark.parametrize("server", SERVERS)
+def test_real_keepalive_drops_a_silent_peer_and_keeps_a_live_one(server):
     app, sockets, events = demo_app()
     app.config.update(WEBSOCKETS_PING_INTERVAL=0.1, WEBSOCKETS_PING_TIMEOUT=0.1)
-    with serving(app) as url:
+    with serving(app, server) as url:
         live = client(url)
         received = []
         reader = threading.Thread(target=lambda: received.append(live.recv()))
@@ -1542,11 +1594,197 @@ def test_real_keepalive_drops_a_silent_peer_and_keeps_a_live_one():
         wait_until(lambda: events == [1011, 1000])
 
 
-def test_real_upgrade_to_an_unknown_path_is_closed_with_a_code():
+def refused_status(url, **kwargs):
+    """The HTTP status a refused handshake got (failing if it was accepted)."""
+    with pytest.raises(websocket.WebSocketBadStatusException) as refusal:
+        client(url, **kwargs).close()
+    return refusal.value.status_code
+
+
+def handshake_app():
     app, sockets, events = demo_app()
-    with serving(app) as url:
-        c = client(url + "/nowhere")  # gevent-websocket sends the 101 before Flask routes
-        assert recv_close(c) == (1008, "404 NOT FOUND")
+
+    @sockets.before_connect
+    def gate():
+        if request.args.get("token") == "none":
+            abort(401)
+        if request.args.get("token") == "busy":
+            return "try again later", 429
+
+    return app, sockets, events
+
+
+@pytest.mark.parametrize("server", ["flask_websockets", "werkzeug"])
+def test_refused_handshakes_get_an_http_status_and_no_101(server):
+    app, sockets, events = handshake_app()
+    with serving(app, server) as url:
+        assert refused_status(url + "/nowhere") == 404
+        assert refused_status(url + "/", origin="http://evil.example") == 403
+        assert refused_status(url + "/?token=none") == 401
+        assert refused_status(url + "/?token=busy") == 429
+        c = client(url + "/?token=good")
+        c.send("in")
+        assert c.recv() == "in"
+        c.close()
+        wait_until(lambda: events == [1000])  # only the accepted connection opened
+
+
+def test_refused_handshakes_with_gevent_websockets_handler_close_with_1008():
+    """Its 101 goes out before the app runs: a refusal can only close the connection."""
+    app, sockets, events = handshake_app()
+    with serving(app, "gevent-websocket") as url:
+        assert recv_close(client(url + "/nowhere")) == (1008, "404 NOT FOUND")
+        assert recv_close(client(url + "/", origin="http://evil.example")) == (1008, "403 FORBIDDEN")
+        assert recv_close(client(url + "/?token=none")) == (1008, "401 UNAUTHORIZED")
+        assert recv_close(client(url + "/?token=busy")) == (1008, "429 TOO MANY REQUESTS")
+        assert events == []
+
+
+@pytest.mark.parametrize("server", ["flask_websockets", "werkzeug"])
+def test_malformed_handshakes_get_426_or_400(server):
+    app, sockets, events = demo_app()
+    with serving(app, server) as url:
+        port = int(url.rsplit(":", 1)[1])
+
+        def handshake(version, key):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request(
+                "GET",
+                "/",
+                headers={
+                    "Upgrade": "websocket",
+                    "Connection": "Upgrade",
+                    "Sec-WebSocket-Version": version,
+                    "Sec-WebSocket-Key": key,
+                },
+            )
+            response = conn.getresponse()
+            conn.close()
+            return response.status, response.getheader("Sec-WebSocket-Version")
+
+        assert handshake("8", "dGhlIHNhbXBsZSBub25jZQ==") == (426, "13")
+        assert handshake("13", "dG9vIHNob3J0")[0] == 400  # 9 bytes, not 16
+        assert handshake("13", "not base64!!")[0] == 400
+        assert events == []
+
+
+@pytest.mark.parametrize(
+    "allowed, origin, accepted",
+    [
+        (None, None, True),  # a client that is not a browser
+        (None, "http://localhost", True),  # the same origin
+        (None, "http://localhost:8080", False),  # another port is another origin
+        (None, "http://evil.example", False),
+        (None, "null", False),  # a sandboxed page
+        (["https://app.example", "http://localhost:3000/"], "http://localhost:3000", True),
+        (["https://app.example"], "HTTPS://APP.EXAMPLE", True),
+        (["https://app.example"], "http://app.example", False),
+        ("*", "http://anyone.example", True),
+    ],
+)
+def test_allowed_origins(allowed, origin, accepted):
+    app, sockets = make_app()
+    app.config["WEBSOCKETS_ALLOWED_ORIGINS"] = allowed
+    sockets.on_message(lambda message: message)
+    fake = run(app, text("hi"), headers={"Origin": origin} if origin else {})
+    if accepted:
+        assert fake.status == 101 and fake.messages == ["hi"]
+    else:
+        assert fake.status == 403 and fake.frames == [("close", 1008, "403 FORBIDDEN")]
+
+
+def test_origin_refusal_log_names_the_setting(caplog):
+    app, sockets = make_app()
+    run(app, headers={"Origin": "http://evil.example"})
+    [record] = [r for r in caplog.records if "evil.example" in r.getMessage()]
+    assert record.levelname == "WARNING" and "WEBSOCKETS_ALLOWED_ORIGINS" in record.getMessage()
+
+
+@pytest.mark.parametrize("server", ["flask_websockets", "werkzeug"])
+def test_subprotocol_negotiation(server):
+    app = Flask(__name__)
+    sockets = WebSockets(app, subprotocols=["chat.v1", "chat.v2"])
+    sockets.on_message(lambda message: f"{message} over {ws.subprotocol}")
+    with serving(app, server) as url:
+        c = client(url, subprotocols=["chat.v3", "chat.v2", "chat.v1"])  # the client's order wins
+        assert c.getsubprotocol() == "chat.v2"
+        c.send("hi")
+        assert c.recv() == "hi over chat.v2"
+        c.close()
+        c = client(url)  # none offered
+        assert c.getsubprotocol() is None
+        c.send("hi")
+        assert c.recv() == "hi over None"
+        c.close()
+        c = client(url, suppress_origin=True)
+        with pytest.raises(websocket.WebSocketException):  # offered only unknown ones: no header,
+            client(url, subprotocols=["chat.v9"])  # which websocket-client (like browsers) rejects
+        c.close()
+
+
+def test_access_log_has_one_line_per_websocket_connection():
+    app, sockets, events = demo_app()
+    log = io.StringIO()
+    with serving(app, log=log) as url:
+        c = client(url + "/?room=1")
+        c.send("x")
+        assert c.recv() == "x"
+        time.sleep(0.05)
+        c.close()
+        wait_until(lambda: '"GET /?room=1 HTTP/1.1" 101' in log.getvalue())
+        with pytest.raises(urllib.error.HTTPError):  # an ordinary request, logged as pywsgi does
+            urllib.request.urlopen(url.replace("ws://", "http://") + "/nowhere", timeout=5)
+    websocket_line, http_line = log.getvalue().splitlines()
+    assert re.fullmatch(r'127\.0\.0\.1 - - \[.*\] "GET /\?room=1 HTTP/1\.1" 101 - (\d+\.\d+)', websocket_line)
+    assert float(websocket_line.rsplit(" ", 1)[1]) >= 0.05, "the duration is the connection's"
+    assert '"GET /nowhere HTTP/1.1" 404' in http_line
+
+
+def test_our_handler_leaves_loggers_alone():
+    app, sockets, events = demo_app()
+    logger = logging.getLogger("geventwebsocket.handler")
+    mine = logging.NullHandler()
+    logger.addHandler(mine)
+    try:
+        with serving(app) as url:
+            assert refused_status(url + "/nowhere") == 404
+            client(url).close()
+        assert mine in logger.handlers
+    finally:
+        logger.removeHandler(mine)
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1 and localhost, and its CA."""
+    ca = trustme.CA()
+    folder = tmp_path_factory.mktemp("tls")
+    ca.issue_cert("127.0.0.1", "localhost").private_key_and_cert_chain_pem.write_to_path(folder / "server.pem")
+    ca.cert_pem.write_to_path(folder / "ca.pem")
+    return folder / "server.pem", folder / "ca.pem"
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_wss_echo_with_a_self_signed_certificate(server, certificate):
+    pem, ca = certificate
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pem)
+    app, sockets, events = demo_app()
+    sockets.on_message("^URL$")(lambda message: url_for("websocket"))
+    app.add_url_rule("/page", "page", lambda: render_template_string("{{ url_for('websocket') }}"))
+    with serving(app, server, ssl_context=context) as url:
+        assert url.startswith("wss://")
+        c = client(url.replace("127.0.0.1", "localhost"), sslopt={"ca_certs": str(ca)})
+        c.send("URL")
+        assert [c.recv(), c.recv()] == [url.replace("127.0.0.1", "localhost") + "/", "URL"]
+        c.send_binary(b"\x00" * 100_000)
+        assert c.recv() == b"\x00" * 100_000
+        c.close()
+        page = urllib.request.urlopen(
+            url.replace("wss://", "https://") + "/page", context=ssl.create_default_context(cafile=str(ca)), timeout=5
+        )
+        assert page.read().decode().startswith("wss://127.0.0.1:")
+        wait_until(lambda: events == [1000])
 
 
 def test_real_proxyfix_and_url_for():
@@ -1554,16 +1792,21 @@ def test_real_proxyfix_and_url_for():
     app.wsgi_app = ProxyFix(app.wsgi_app, x_proto=1, x_host=1)
     sockets.on_message("^URL")(lambda m: url_for("websocket", _external=True))
     with serving(app) as url:
-        c = client(url, header=["X-Forwarded-Proto: https", "X-Forwarded-Host: chat.example"])
+        c = client(
+            url,
+            header=["X-Forwarded-Proto: https", "X-Forwarded-Host: chat.example"],
+            origin="https://chat.example",  # the page's origin, as a browser behind the proxy sends it
+        )
         c.send("URL")
         assert c.recv() == "wss://chat.example/"
         c.close()
 
 
-def test_real_http_index_and_websocket_share_the_root():
+@pytest.mark.parametrize("server", SERVERS)
+def test_real_http_index_and_websocket_share_the_root(server):
     app, sockets, events = demo_app()
     app.add_url_rule("/", "index", lambda: "index page")
-    with serving(app) as url:
+    with serving(app, server) as url:
         http = url.replace("ws://", "http://") + "/"
         assert urllib.request.urlopen(http, timeout=5).read() == b"index page"
         c = client(url)
@@ -1572,9 +1815,10 @@ def test_real_http_index_and_websocket_share_the_root():
         c.close()
 
 
-def test_real_server_stop_closes_open_connections_with_1001():
+@pytest.mark.parametrize("server", SERVERS[:2])
+def test_real_server_stop_closes_open_connections_with_1001(server):
     app, sockets, events = demo_app()
-    with serving(app) as url:
+    with serving(app, server) as url:
         c = client(url)
         wait_until(lambda: len(sockets._connections) == 1)
     assert recv_close(c) == (1001, "server shutting down")
@@ -1596,13 +1840,8 @@ def readme_snippets():
 
 SERVE_SNIPPET = """\
 import runpy, sys
-app = runpy.run_path(sys.argv[1], run_name="snippet")["app"]
-from gevent.pywsgi import WSGIServer
-from geventwebsocket.handler import WebSocketHandler
-server = WSGIServer(("127.0.0.1", 0), app, handler_class=WebSocketHandler)
-server.start()
-print(server.server_port, flush=True)
-server.serve_forever()
+import flask_websockets
+flask_websockets.serve(runpy.run_path(sys.argv[1], run_name="snippet")["app"], port=0)
 """
 
 
@@ -1646,7 +1885,7 @@ def test_every_readme_snippet_is_tested():
 def test_readme_quickstart(tmp_path):
     """Copied into app.py and run with `python app.py`, on a free port instead of 5000."""
     source = readme_snippets()["quickstart"]
-    assert '("127.0.0.1", 5000)' in source
+    assert "serve(app, port=5000)" in source
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -1757,12 +1996,215 @@ def test_readme_limits(tmp_path):
         assert recv_close(c) == (1009, "message over 65536 bytes")
 
 
+def run_snippet_as_a_program(name, tmp_path, port_in_snippet, **replacements):
+    """Write the snippet to app.py, on a free port; return `python app.py` (to run with `with`) and the port."""
+    source = readme_snippets()[name]
+    assert str(port_in_snippet) in source
+    port = free_port()
+    source = source.replace(str(port_in_snippet), str(port))
+    for old, new in replacements.items():
+        source = source.replace(old, new)
+    (tmp_path / "app.py").write_text(source)
+    return process([sys.executable, "app.py"], tmp_path), port
+
+
+def test_readme_handshake(tmp_path):
+    with serve_snippet("handshake", tmp_path) as (port, log):
+        url = f"ws://127.0.0.1:{port}/"
+        login = urllib.request.urlopen(f"http://127.0.0.1:{port}/login?name=ada", timeout=5)
+        cookie = login.headers["Set-Cookie"].split(";")[0]
+        assert refused_status(url, origin="https://app.example.com") == 401  # no session
+        assert refused_status(url, cookie=cookie, origin="https://evil.example") == 403
+        c = client(url, cookie=cookie, origin="https://app.example.com", subprotocols=["chat.v1", "chat.v2"])
+        assert c.getsubprotocol() == "chat.v1"
+        c.send("hi")
+        assert c.recv() == "ada (chat.v1): hi"
+        c.close()
+
+
+def test_readme_tls(tmp_path, certificate):
+    pem, ca = certificate
+    shutil.copy(pem, tmp_path / "cert.pem")  # the certificate and its key, in one file
+    shutil.copy(pem, tmp_path / "key.pem")
+    program, port = run_snippet_as_a_program("tls", tmp_path, 8443)
+    with program as proc:
+        url = f"wss://localhost:{port}/"
+        c = connect_when_up(url, proc, sslopt={"ca_certs": str(ca)}, origin=f"https://localhost:{port}")
+        c.send("where?")
+        assert c.recv() == url
+        c.close()
+
+
+def test_readme_gevent(tmp_path):
+    program, port = run_snippet_as_a_program("gevent", tmp_path, 5000)
+    with program as proc:
+        c = connect_when_up(f"ws://127.0.0.1:{port}/", proc)
+        c.send("hi")
+        assert c.recv() == "hi"
+        assert refused_status(f"ws://127.0.0.1:{port}/nowhere") == 404  # flask_websockets' handler
+        c.close()
+
+
 def test_readme_proxyfix(tmp_path):
     with serve_snippet("proxyfix", tmp_path) as (port, log):
-        c = client(f"ws://127.0.0.1:{port}/", header=["X-Forwarded-Proto: https", "X-Forwarded-Host: public.host"])
+        c = client(
+            f"ws://127.0.0.1:{port}/",
+            header=["X-Forwarded-Proto: https", "X-Forwarded-Host: public.host"],
+            origin="https://public.host",
+        )
         c.send("URL")
         assert c.recv() == "wss://public.host/"
         c.close()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def connect_when_up(url, proc, timeout=20, **kwargs):
+    """A websocket to a server that is still starting (or restarting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client(url, **kwargs)
+        except (OSError, websocket.WebSocketException):
+            assert proc.poll() is None, "the server exited"
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def process(args, cwd, **kwargs):
+    """A server process in its own process group, stopped with all its children."""
+    proc = subprocess.Popen(
+        args, cwd=cwd, env=SUBPROCESS_ENV, start_new_session=True, stderr=subprocess.PIPE, text=True, **kwargs
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+
+
+VERSIONED_APP = """\
+from flask import Flask
+import flask_websockets
+
+app = Flask(__name__)
+sockets = flask_websockets.WebSockets(app)
+VERSION = "v1"
+
+
+@sockets.on_message
+def echo(message):
+    return f"{VERSION}: {message}"
+
+
+if __name__ == "__main__":
+    flask_websockets.serve(app, port=PORT, reload=RELOAD)
+"""
+
+
+def wait_for_version(url, proc, version, timeout=20):
+    """Reconnect until the server that answers runs the given version of the code."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            c = connect_when_up(url, proc, timeout=max(0.1, deadline - time.monotonic()))
+            c.send("hi")
+            reply = c.recv()
+            c.close()
+            if reply == f"{version}: hi":
+                return
+        except (OSError, websocket.WebSocketException):
+            pass  # the old process is going away
+        assert time.monotonic() < deadline, f"never saw {version}"
+        time.sleep(0.2)
+
+
+def edit_version(path, version):
+    path.write_text(path.read_text().replace('VERSION = "v1"', f'VERSION = "{version}"'))
+    later = time.time() + 2
+    os.utime(path, (later, later))  # an mtime the reloader cannot miss
+
+
+def test_serve_prints_its_url_and_stops_cleanly_on_ctrl_c(tmp_path):
+    port = free_port()
+    (tmp_path / "app.py").write_text(VERSIONED_APP.replace("PORT", str(port)).replace("RELOAD", "False"))
+    with process([sys.executable, "app.py"], tmp_path, stdout=subprocess.PIPE) as proc:
+        assert proc.stdout.readline().strip() == f"* Serving on http://127.0.0.1:{port}/ (press Ctrl-C to quit)"
+        c = connect_when_up(f"ws://127.0.0.1:{port}/", proc)
+        c.send("hi")
+        assert c.recv() == "v1: hi"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(5) == 0
+        assert recv_close(c) == (1001, "server shutting down")
+        assert "Traceback" not in proc.stderr.read()
+
+
+@pytest.mark.parametrize("how", ["serve(reload=True)", "flask run --debug"])
+def test_code_changes_reload(how, tmp_path):
+    port = free_port()
+    path = tmp_path / "chatapp.py"
+    path.write_text(VERSIONED_APP.replace("PORT", str(port)).replace("RELOAD", "True"))
+    if how == "flask run --debug":
+        args = [sys.executable, "-m", "flask", "--app", "chatapp", "run", "--debug", "--port", str(port)]
+    else:
+        args = [sys.executable, "chatapp.py"]
+    with process(args, tmp_path) as proc:
+        url = f"ws://127.0.0.1:{port}/"
+        wait_for_version(url, proc, "v1")
+        edit_version(path, "v2")
+        wait_for_version(url, proc, "v2")
+
+
+def test_app_run_debug_serves_websockets(tmp_path):
+    port = free_port()
+    serving_line = "flask_websockets.serve(app, port=PORT, reload=RELOAD)"
+    source = VERSIONED_APP.replace(serving_line, f"app.run(port={port}, debug=True)")
+    (tmp_path / "app.py").write_text(source)
+    with process([sys.executable, "app.py"], tmp_path) as proc:
+        c = connect_when_up(f"ws://127.0.0.1:{port}/", proc)
+        c.send_binary(b"\x00\x01")
+        c.send("hi")
+        assert [c.recv(), c.recv()] == ["v1: b'\\x00\\x01'", "v1: hi"]
+        c.close()
+
+
+def test_gunicorn_with_two_workers(tmp_path):
+    (tmp_path / "gapp.py").write_text(
+        "import os\n"
+        "from flask import Flask\n"
+        "from flask_websockets import WebSockets\n"
+        "app = Flask(__name__)\n"
+        "WebSockets(app).on_message(lambda message: f'{os.getpid()}: {message}')\n"
+    )
+    port = free_port()
+    args = [sys.executable, "-m", "gunicorn", "-k", "flask_websockets.GunicornWorker", "-w", "2"]
+    args += ["-b", f"127.0.0.1:{port}", "--access-logfile", "-", "--graceful-timeout", "5"]
+    usage = subprocess.run([sys.executable, "-m", "gunicorn", "--help"], capture_output=True, text=True).stdout
+    if "--no-control-socket" in usage:  # gunicorn 24+: not its one shared ~/.gunicorn/gunicorn.ctl
+        args.append("--no-control-socket")
+    args.append("gapp:app")
+    with process(args, tmp_path, stdout=subprocess.PIPE) as proc:
+        clients = [connect_when_up(f"ws://127.0.0.1:{port}/", proc) for _ in range(10)]
+        for i, c in enumerate(clients):
+            c.send(f"hi {i}")
+        replies = [c.recv() for c in clients]
+        pids = {reply.split(":")[0] for reply in replies}
+        assert [reply.split(": ")[1] for reply in replies] == [f"hi {i}" for i in range(10)]
+        for c in clients:
+            c.close()
+        assert refused_status(f"ws://127.0.0.1:{port}/nowhere") == 404
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+        access_log, errors = proc.stdout.read(), proc.stderr.read()
+    workers = set(re.findall(r"Booting worker with pid: (\d+)", errors))
+    assert len(workers) == 2 and pids <= workers
+    assert access_log.count('"GET / HTTP/1.1" 101') == 10
 
 
 def test_example_py(tmp_path):
