@@ -932,7 +932,7 @@ class WebSocketHandler(_GeventWebSocketHandler):
 
     @property
     def logger(self) -> logging.Logger:
-        # gevent-websocket's replaces the handlers of its logger (gevent-websocket#16).
+        # gevent-websocket's own property replaces its logger's handlers (gevent-websocket#16).
         return logging.getLogger("geventwebsocket.handler")
 
 
@@ -960,17 +960,16 @@ def serve(
     Like any gevent program, call ``gevent.monkey.patch_all()`` first thing
     if handlers use blocking libraries (``time.sleep``, database drivers).
     """
+    tls = {k: v for k, v in dict(ssl_context=ssl_context, certfile=certfile, keyfile=keyfile).items() if v}
     if reload:
         # Werkzeug has no public API to reload a server other than its own.
         from werkzeug._reloader import run_with_reloader
 
-        tls = dict(ssl_context=ssl_context, certfile=certfile, keyfile=keyfile)
         run_with_reloader(lambda: serve(app, host, port, **tls, **server_kwargs))
         return
     from gevent.pool import Pool
     from gevent.pywsgi import WSGIServer
 
-    tls = {k: v for k, v in dict(ssl_context=ssl_context, certfile=certfile, keyfile=keyfile).items() if v}
     # In a pool, connections still open when the server stops are closed with 1001.
     server_kwargs.setdefault("spawn", Pool())
     server = WSGIServer((host, port), app, handler_class=WebSocketHandler, **tls, **server_kwargs)
