@@ -39,7 +39,9 @@ import base64
 import binascii
 import codecs
 import hashlib
+import io
 import logging
+import os
 import re
 import socket
 import struct
@@ -50,7 +52,9 @@ from collections.abc import Iterable
 from typing import Any, Callable, NamedTuple, TypeVar, Union
 
 import gevent
-from flask import Flask, Response, abort, current_app, request
+import gevent.event
+import gevent.socket
+from flask import Blueprint, Flask, Response, abort, current_app, request, session
 from gevent.lock import Semaphore
 from gevent.pywsgi import WSGIHandler
 from geventwebsocket.handler import WebSocketHandler as _GeventWebSocketHandler
@@ -58,7 +62,17 @@ from werkzeug.local import LocalProxy
 from werkzeug.wrappers import Response as _WerkzeugResponse
 
 __version__ = "2.0.0.dev0"
-__all__ = ["WebSockets", "Connection", "ConnectionClosed", "WebSocketHandler", "serve", "ws", "has_socket_context"]
+__all__ = [
+    "WebSockets",
+    "Connection",
+    "ConnectionClosed",
+    "WebSocketHandler",
+    "serve",
+    "WebSocketTestClient",
+    "HandshakeRefused",
+    "ws",
+    "has_socket_context",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -146,10 +160,16 @@ class WebSockets:
     ``WebSockets(app)`` adds a websocket endpoint named ``"websocket"`` at
     ``/``, or at ``path``: ``WebSockets(app, path="/ws")``. An HTTP view at the
     same path keeps working: the endpoint only answers websocket handshakes.
-    ``url_for("websocket")`` gives its ``ws://`` URL,
-    or ``wss://`` when the page was served over https. The extension is also
-    available as ``app.extensions["websockets"]``. The application factory
-    pattern works as usual::
+    ``url_for("websocket")`` gives its ``ws://`` URL, or ``wss://`` when the
+    page was served over https. The path may have URL variables
+    (``"/rooms/<room>"``), which handlers find in ``request.view_args``.
+
+    An app may have several, each with its own path, ``endpoint`` name,
+    handlers and connections: ``WebSockets(app, path="/chat", endpoint="chat")``.
+    On a blueprint, ``WebSockets(bp)`` lives under the blueprint's
+    ``url_prefix`` and is named ``"<blueprint name>.websocket"``. The first one
+    registered on an app is ``app.extensions["websockets"]``. The application
+    factory pattern works as usual::
 
         sockets = WebSockets()          # or WebSockets(match_one=True)
 
@@ -174,14 +194,18 @@ class WebSockets:
 
     def __init__(
         self,
-        app: Flask | None = None,
+        app: Flask | Blueprint | None = None,
         match_one: bool = False,
         path: str = "/",
         subprotocols: Iterable[str] = (),
+        endpoint: str = "websocket",
     ) -> None:
         self.match_one = match_one
         self.path = path
         self.subprotocols = list(subprotocols)
+        self.endpoint = endpoint
+        self._apps: list[Flask] = []
+        self._error_handlers: dict[type[BaseException], Callable[[Any], Reply]] = {}
         self._connect_hooks: list[Hook] = []
         self._text_patterns: list[tuple[re.Pattern[Any], Handler]] = []  # str patterns
         self._binary_patterns: list[tuple[re.Pattern[Any], Handler]] = []  # bytes patterns
@@ -192,17 +216,28 @@ class WebSockets:
         if app is not None:
             self.init_app(app)
 
-    def init_app(self, app: Flask) -> None:
-        """Add the websocket endpoint to ``app``; call once per app.
+    def init_app(self, app: Flask | Blueprint) -> None:
+        """Add the websocket endpoint to ``app``, or to a blueprint.
 
         One extension may serve any number of apps: handlers are shared, and
-        :meth:`broadcast` reaches the connections of all of them.
+        :meth:`broadcast` reaches the connections of all of them. On a
+        blueprint, the app is set up when it registers the blueprint.
         """
+        if self.endpoint in app.view_functions:
+            raise ValueError(f"{app.name} has an endpoint {self.endpoint!r} already: pass another endpoint=")
+        app.add_url_rule(self.path, endpoint=self.endpoint, view_func=self._serve, websocket=True)
+        if isinstance(app, Blueprint):
+            app.record_once(lambda state: self._set_up(state.app))  # type: ignore[arg-type]
+        else:
+            self._set_up(app)
+
+    def _set_up(self, app: Flask) -> None:
         for key, default in _CONFIG_DEFAULTS.items():
             app.config.setdefault(key, default)
-        app.extensions["websockets"] = self
-        app.add_url_rule(self.path, endpoint="websocket", view_func=self._serve, websocket=True)
-        app.after_request(_close_unserved_upgrade)
+        app.extensions.setdefault("websockets", self)
+        if _close_unserved_upgrade not in app.after_request_funcs.get(None, []):
+            app.after_request(_close_unserved_upgrade)
+        self._apps.append(app)
 
     # -- registering handlers ------------------------------------------------
 
@@ -250,6 +285,32 @@ class WebSockets:
                 self._text_patterns.append((regex, handler))
             else:
                 self._binary_patterns.append((regex, handler))
+            return handler
+
+        return decorator
+
+    def errorhandler(self, exception: type[BaseException]) -> Callable[[F], F]:
+        """Register a function that handles an error in this endpoint's handlers.
+
+        Like Flask's ``errorhandler``: the handler of the most specific class
+        in the error's class hierarchy wins, and gets the error. What it
+        returns is sent as the reply, as a message handler's would be, and it
+        may close the connection. An error it does not handle is logged, and
+        the connection goes on (see the module's notes on errors)::
+
+            @sockets.errorhandler(ValueError)
+            def bad_input(error):
+                return jsonify(error=str(error))
+
+            @sockets.errorhandler(PermissionError)
+            def forbidden(error):
+                ws.close(1008, "forbidden")
+        """
+        if not (isinstance(exception, type) and issubclass(exception, BaseException)):
+            raise TypeError(f"errorhandler() takes an exception class, not {exception!r}")
+
+        def decorator(handler: F) -> F:
+            self._error_handlers[exception] = _check_handler(handler)
             return handler
 
         return decorator
@@ -303,29 +364,89 @@ class WebSockets:
 
     # -- sending to many ----------------------------------------------------
 
-    def broadcast(self, message: Reply) -> int:
+    @property
+    def connections(self) -> list[Connection]:
+        """The open connections of this endpoint, as a list taken now.
+
+        Each :class:`Connection` has its handshake's ``request``, its
+        ``session`` as it was then, and a ``state`` dict for the app's own
+        data, so that a view can pick connections and ``send`` to them::
+
+            @app.post("/kick/<user>")
+            def kick(user):
+                for conn in sockets.connections:
+                    if conn.session.get("user") == user:
+                        conn.close(4000, "kicked")
+                return ""
+        """
+        return list(self._connections)
+
+    def broadcast(self, message: Reply, to: Callable[[Connection], bool] | None = None) -> int:
         """Send ``message`` to every open connection; return how many got it.
 
-        It works from handlers, HTTP views and background greenlets, and takes
-        the same types as a handler's reply. A connection that is closed or
-        dead is skipped and forgotten::
+        ``to`` picks the connections: a function that takes a
+        :class:`Connection` and returns whether it gets the message. It works
+        from handlers, HTTP views and background greenlets, and takes the same
+        types as a handler's reply. A connection that is closed or dead is
+        skipped and forgotten::
 
-            @app.post("/announce")
-            def announce():
-                n = sockets.broadcast(request.form["text"])
-                return f"sent to {n} clients"
+            @app.post("/notify/<int:user_id>")
+            def notify(user_id):
+                n = sockets.broadcast(request.form["text"], to=lambda c: c.session.get("user_id") == user_id)
+                return f"sent to {n} of the user's tabs"
         """
         frame = _encode(message, "broadcast()")
         if frame is None:
             return 0
         sent = 0
         for conn in list(self._connections):
+            if to is not None and not to(conn):
+                continue
             try:
                 conn._send_frame(frame)
                 sent += 1
             except ConnectionClosed:
                 self._connections.discard(conn)
         return sent
+
+    # -- testing --------------------------------------------------------------
+
+    def test_client(
+        self,
+        path: str | None = None,
+        headers: dict | None = None,
+        query_string: Any = None,
+        environ_overrides: dict | None = None,
+        http_client: Any = None,
+    ) -> WebSocketTestClient:
+        """Open a connection to this endpoint for a test, without a server.
+
+        ``path`` defaults to the endpoint's own (give it when the path has
+        URL variables). ``headers``, ``query_string`` and
+        ``environ_overrides`` go into the handshake request, as with Flask's
+        test client. To carry a session, pass the ``http_client``
+        (``app.test_client()``) that logged in. A refused handshake raises
+        :class:`HandshakeRefused`::
+
+            def test_greeting():
+                with sockets.test_client(query_string={"name": "ada"}) as client:
+                    assert client.receive() == "hello ada"
+        """
+        if http_client is None:
+            if len(self._apps) != 1:
+                raise RuntimeError(f"the endpoint is on {len(self._apps)} apps: pass http_client=app.test_client()")
+            http_client = self._apps[0].test_client()
+        if path is None:
+            path = self._own_path(http_client.application)
+        return WebSocketTestClient(
+            http_client, path, headers=headers, query_string=query_string, environ_overrides=environ_overrides
+        )
+
+    def _own_path(self, app: Flask) -> str:
+        rules = [r for r in app.url_map.iter_rules() if app.view_functions.get(r.endpoint) == self._serve]
+        if len(rules) != 1 or rules[0].arguments:
+            raise ValueError(f"give test_client() a path: the endpoint's rules are {[r.rule for r in rules]}")
+        return rules[0].rule
 
     # -- serving a connection -----------------------------------------------
 
@@ -344,6 +465,8 @@ class WebSockets:
             request.environ,
             sock,
             pending,
+            request=request._get_current_object(),  # type: ignore[attr-defined]
+            session=dict(session),
             subprotocol=subprotocol,
             max_size=config["WEBSOCKETS_MAX_MESSAGE_SIZE"],
             close_timeout=config["WEBSOCKETS_CLOSE_TIMEOUT"],
@@ -364,7 +487,7 @@ class WebSockets:
             self._connections.discard(conn)
             try:
                 for hook in self._close_hooks:
-                    _call_logged(hook)
+                    self._call(conn, hook)
             finally:
                 _cv_socket.reset(token)
         return response
@@ -392,12 +515,10 @@ class WebSockets:
         return next((p.strip() for p in offered if p.strip() in self.subprotocols), None)
 
     def _run(self, conn: Connection) -> None:
-        try:
-            for hook in self._open_hooks:
-                hook()
-        except Exception:
-            _handle_error()
-            conn.close(1011, "internal error")
+        for hook in self._open_hooks:
+            if not self._call(conn, hook):
+                conn.close(1011, "internal error")  # the connection is not set up
+                break
         while True:
             message = conn._receive()
             if message is None:
@@ -408,26 +529,50 @@ class WebSockets:
         patterns = self._text_patterns if isinstance(message, str) else self._binary_patterns
         for regex, handler in patterns:
             if regex.match(message) is not None:  # type: ignore[arg-type]
-                self._reply(conn, handler, message)
+                self._call(conn, handler, message)
                 if self.match_one:
                     return
         for handler in self._catch_all:
-            self._reply(conn, handler, message)
+            self._call(conn, handler, message)
             if self.match_one:
                 return
 
-    @staticmethod
-    def _reply(conn: Connection, handler: Handler, message: Message) -> None:
+    def _call(self, conn: Connection, function: Callable[..., Any], *args: Any) -> bool:
+        """Run a handler (its return value is the reply) or a hook (``args`` empty).
+
+        An error goes to the most specific error handler, whose return value
+        is the reply; failing that, it is logged (or propagates, see
+        ``_propagate``). Returns whether no error was left unhandled.
+        """
         try:
-            frame = _encode(handler(message), handler)
-            if frame is not None:
-                conn._send_frame(frame)
+            reply = function(*args)
+            if args:
+                conn._send_reply(reply, function)
+            return True
         except ConnectionClosed:
             # The peer is gone or the app closed the connection: not an app
             # error. The receive loop notices and ends the connection.
             logger.debug("reply dropped: connection closed", exc_info=True)
-        except Exception:
-            _handle_error()
+            return True
+        except Exception as error:
+            handler = self._error_handler(error)
+            if handler is None:
+                _handle_error()
+                return False
+            try:
+                conn._send_reply(handler(error), handler)
+                return True
+            except ConnectionClosed:
+                return True
+            except Exception:  # logged with the original error as its context
+                _handle_error()
+                return False
+
+    def _error_handler(self, error: Exception) -> Callable[[Any], Reply] | None:
+        for cls in type(error).__mro__:  # the most specific class first
+            if cls in self._error_handlers:
+                return self._error_handlers[cls]
+        return None
 
 
 def _check_handler(func: F) -> F:
@@ -458,13 +603,6 @@ def _handle_error() -> None:
     if _propagate():
         raise  # noqa: PLE0704 - called from an except block
     current_app.log_exception(sys.exc_info())  # type: ignore[arg-type]
-
-
-def _call_logged(hook: Hook) -> None:
-    try:
-        hook()
-    except Exception:
-        _handle_error()
 
 
 _NOT_SERVED = """\
@@ -531,6 +669,11 @@ class Connection:
     """One websocket connection: the object behind :data:`ws`.
 
     Attributes:
+        request: the handshake's request (``request.args``, ``.headers``,
+            ``.cookies``, ``.remote_addr``, ``.view_args``), also outside
+            the connection's own context, as in ``sockets.connections``.
+        session: the session as it was at the handshake, as a dict.
+        state: a dict for the app's own data about this connection.
         environ: the WSGI environ of the handshake request.
         path: the request path of the handshake, like ``request.path``.
         origin: the ``Origin`` header of the handshake, or ``None``.
@@ -544,7 +687,7 @@ class Connection:
     """
 
     __slots__ = (
-        "environ", "path", "origin", "closed", "close_code", "close_reason",
+        "request", "session", "_state", "environ", "path", "origin", "closed", "close_code", "close_reason",
         "subprotocol", "_sock", "_buf", "_pos", "_max_size", "_close_timeout", "_runtime", "_send_lock",
         "_close_sent", "_cancel_close", "_heard", "_cancel_keepalive", "_ping_interval", "_ping_timeout",
     )  # fmt: skip
@@ -559,7 +702,12 @@ class Connection:
         max_size: int | None = 1 << 20,
         close_timeout: float = 5.0,
         runtime: _Runtime | None = None,
+        request: Any = None,
+        session: dict | None = None,
     ) -> None:
+        self.request = request
+        self.session = {} if session is None else session
+        self._state: dict | None = None  # made on first use: most connections never need one
         self.environ = environ
         self.path: str = environ.get("PATH_INFO") or "/"
         self.origin: str | None = environ.get("HTTP_ORIGIN")
@@ -583,6 +731,22 @@ class Connection:
         state = "closed" if self.closed else "open"
         return f"<{type(self).__name__} {self.path} from {self.environ.get('REMOTE_ADDR')} {state}>"
 
+    @property
+    def state(self) -> dict:
+        """A dict for the app's own data about this connection.
+
+        Set in a handler, read by whoever picks connections::
+
+            @sockets.on_message("^JOIN (.*)")
+            def join(message):
+                ws.state["room"] = message[5:]
+
+            sockets.broadcast("hi", to=lambda c: c.state.get("room") == "kitchen")
+        """
+        if self._state is None:
+            self._state = {}
+        return self._state
+
     def send(self, message: Reply) -> None:
         """Send a message now, converted as a handler's return value is.
 
@@ -594,9 +758,7 @@ class Connection:
             ws.send("step 1 of 3 done")
             ws.send(jsonify(progress=0.33))
         """
-        frame = _encode(message, "ws.send()")
-        if frame is not None:
-            self._send_frame(frame)
+        self._send_reply(message, "ws.send()")
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake with a status code and a reason.
@@ -618,6 +780,11 @@ class Connection:
         self._send_close(code, reason)
 
     # -- internals: sending and closing --------------------------------------
+
+    def _send_reply(self, reply: Reply, who: str | Callable[..., Any]) -> None:
+        frame = _encode(reply, who)
+        if frame is not None:
+            self._send_frame(frame)
 
     def _send_frame(self, frame: bytes) -> None:
         with self._send_lock:
@@ -1002,6 +1169,197 @@ def __getattr__(name: str) -> Any:
 
     globals()["GunicornWorker"] = GunicornWorker
     return GunicornWorker
+
+
+# ---------------------------------------------------------------------------
+# Testing
+# ---------------------------------------------------------------------------
+
+
+class HandshakeRefused(Exception):
+    """The app answered a test client's handshake with an HTTP response.
+
+    ``status_code`` is its status, and ``response`` the Flask test response::
+
+        with pytest.raises(HandshakeRefused) as refused:
+            sockets.test_client()
+        assert refused.value.status_code == 401
+    """
+
+    def __init__(self, response: Any) -> None:
+        super().__init__(f"the handshake was refused: {response.status}")
+        self.response = response
+        self.status_code: int = response.status_code
+
+
+class WebSocketTestClient:
+    """A connection to a websocket endpoint for tests: ``sockets.test_client()``.
+
+    It goes through the endpoint's real code: handshake checks, contexts,
+    hooks, handlers, error handlers and broadcasts, without a server. Its
+    socket is one end of a socket pair, and the endpoint runs in a greenlet,
+    so tests need no server and no threads::
+
+        def test_echo():
+            with sockets.test_client() as client:
+                client.send("hi")
+                assert client.receive() == "hi"
+
+    Attributes:
+        subprotocol: the subprotocol the endpoint chose, or ``None``.
+        closed: whether the connection is closed.
+        close_code: the code it was closed with (1006 if dropped).
+        close_reason: the reason that came with it.
+    """
+
+    __test__ = False  # not a test class, for pytest
+
+    def __init__(self, http_client: Any, path: str, **request: Any) -> None:
+        self.subprotocol: str | None = None
+        self.closed = False
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._messages: list[Message] = []
+        self._buf = b""
+        self._close_sent = False
+        self._error: BaseException | None = None
+        self._sock, server_sock = gevent.socket.socketpair()
+        accepted = gevent.event.Event()
+
+        def accept(subprotocol: str | None) -> tuple[Any, Any]:
+            self.subprotocol = subprotocol
+            accepted.set()
+            return server_sock, io.BytesIO()  # nothing came with the handshake
+
+        def serve() -> Any:
+            request["environ_overrides"] = {**(request["environ_overrides"] or {}), "flask_websockets.accept": accept}
+            request["headers"] = {**_TEST_HANDSHAKE, **(request["headers"] or {})}
+            try:
+                return http_client.get(path, **request)
+            except BaseException as error:  # raised again in the test, where it belongs
+                self._error = error
+            finally:
+                server_sock.close()
+
+        self._server = gevent.spawn(serve)
+        gevent.wait([accepted, self._server], count=1)
+        if not accepted.is_set():
+            self._server.join()
+            self._raise_server_error()
+            raise HandshakeRefused(self._server.value)
+
+    def __enter__(self) -> WebSocketTestClient:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        try:
+            self.close()
+        except Exception:
+            if exc_info[0] is None:  # else the test's own error matters more
+                raise
+
+    def send(self, message: str | bytes) -> None:
+        """Send a text (``str``) or binary (``bytes``) message to the endpoint."""
+        if isinstance(message, str):
+            self._write(_OP_TEXT, message.encode("utf-8"))
+        else:
+            self._write(_OP_BINARY, bytes(message))
+
+    def receive(self, timeout: float = 1.0) -> Message:
+        """Return the next message from the endpoint: ``str`` or ``bytes``.
+
+        Waits up to ``timeout`` seconds, then raises ``TimeoutError``. Once
+        the endpoint has closed the connection, it raises
+        :class:`ConnectionClosed` (``close_code`` says how), or the handler
+        error that closed it, if errors propagate (``app.testing``).
+        """
+        try:
+            with gevent.Timeout(timeout, TimeoutError(f"no message within {timeout} s")):
+                while not self._messages and not self.closed:
+                    self._read_frame()
+        finally:
+            if self.closed and not self._messages:
+                self._finish()
+        if not self._messages:
+            raise ConnectionClosed(f"the endpoint closed the connection: {self.close_code} {self.close_reason}")
+        return self._messages.pop(0)
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close the connection, and wait until the endpoint is done with it.
+
+        Its ``on_close`` hooks have run when this returns. A handler error
+        that propagated (``app.testing``) is raised here.
+        """
+        if not self.closed and not self._close_sent:
+            self._write(_OP_CLOSE, code.to_bytes(2, "big") + reason.encode("utf-8"))
+            self._close_sent = True
+            with gevent.Timeout(5, False):
+                while not self.closed:
+                    self._read_frame()
+        self._finish()
+
+    def _finish(self) -> None:
+        self._server.join(timeout=5)
+        self._sock.close()
+        self._raise_server_error()
+
+    def _raise_server_error(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _write(self, opcode: int, payload: bytes) -> None:
+        """Send a frame as clients do, masked."""
+        mask = os.urandom(4)
+        n = len(payload)
+        if n < 126:
+            header = bytes((0x80 | opcode, 0x80 | n))
+        elif n < 65536:
+            header = struct.pack("!BBH", 0x80 | opcode, 0xFE, n)
+        else:
+            header = struct.pack("!BBQ", 0x80 | opcode, 0xFF, n)
+        self._sock.sendall(header + mask + _unmask_python(payload, mask))
+
+    def _read_frame(self) -> None:
+        try:
+            b0, b1 = self._recv(2)
+            length = b1 & 0x7F
+            if length >= 126:
+                length = int.from_bytes(self._recv(2 if length == 126 else 8), "big")
+            payload = self._recv(length)
+        except EOFError:  # dropped without a close frame
+            self.closed, self.close_code = True, self.close_code or 1006
+            return
+        opcode = b0 & 0x0F
+        if opcode == _OP_TEXT:
+            self._messages.append(payload.decode("utf-8"))
+        elif opcode == _OP_BINARY:
+            self._messages.append(payload)
+        elif opcode == _OP_PING:
+            self._write(_OP_PONG, payload)
+        elif opcode == _OP_CLOSE:
+            self.closed = True
+            self.close_code, self.close_reason = _parse_close(payload)
+            if not self._close_sent:  # answer it, as clients do
+                self._write(_OP_CLOSE, payload[:2])
+                self._close_sent = True
+
+    def _recv(self, count: int) -> bytes:
+        while len(self._buf) < count:
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise EOFError
+            self._buf += chunk
+        data, self._buf = self._buf[:count], self._buf[count:]
+        return data
+
+
+_TEST_HANDSHAKE = {
+    "Upgrade": "websocket",
+    "Connection": "Upgrade",
+    "Sec-WebSocket-Version": "13",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+}
 
 
 # ---------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import pytest
 import trustme
 import websocket
 from flask import (
+    Blueprint,
     Flask,
     abort,
     current_app,
@@ -56,7 +57,7 @@ from werkzeug.serving import make_server
 from werkzeug.wrappers import Response
 
 import flask_websockets
-from flask_websockets import Connection, ConnectionClosed, WebSockets, has_socket_context, ws
+from flask_websockets import Connection, ConnectionClosed, HandshakeRefused, WebSockets, has_socket_context, ws
 
 # An exception nobody could see (say, in a socket's finalizer) fails the test.
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
@@ -587,17 +588,13 @@ def test_handlers_run_in_the_handshake_request_context():
             }
         )
 
-    client = app.test_client()
-    client.get("/login")
-    client.set_cookie("theme", "dark")
-    fake = FakeWebSocket(text("a"), text("b"))
-    fake.disconnect()
-    client.get(
-        "/?room=7",
-        headers={**UPGRADE, "X-Test": "yes"},
-        environ_overrides={"wsgi.websocket": fake},
-    )
-    first, second = (json.loads(m) for m in fake.messages)
+    http = app.test_client()
+    http.get("/login")
+    http.set_cookie("theme", "dark")
+    with sockets.test_client(http_client=http, query_string={"room": "7"}, headers={"X-Test": "yes"}) as client:
+        client.send("a")
+        client.send("b")
+        first, second = json.loads(client.receive()), json.loads(client.receive())
     assert first == {
         "app": app.name,
         "path": "/",
@@ -713,18 +710,15 @@ def test_concurrent_connections_see_their_own_ws_request_and_g():
         assert ws._get_current_object() is mine
         return f"{g.name}:{request.args['name']}:{ws.environ['QUERY_STRING']}"
 
-    alice = connect(app, "/?name=alice")
-    bob = connect(app, "/?name=bob")
+    alice = sockets.test_client(query_string="name=alice")
+    bob = sockets.test_client(query_string="name=bob")
     for _ in range(3):
         alice.send("x")
         bob.send("x")
-    alice.wait_for(3)
-    bob.wait_for(3)
-    assert alice.messages == ["alice:alice:name=alice"] * 3
-    assert bob.messages == ["bob:bob:name=bob"] * 3
-    alice.disconnect()
-    bob.disconnect()
-    gevent.joinall([alice.greenlet, bob.greenlet], timeout=2)
+    assert [alice.receive() for _ in range(3)] == ["alice:alice:name=alice"] * 3
+    assert [bob.receive() for _ in range(3)] == ["bob:bob:name=bob"] * 3
+    alice.close()
+    bob.close()
 
 
 # ---------------------------------------------------------------------------
@@ -939,12 +933,10 @@ def test_broadcast_from_an_http_view():
     def announce():
         return f"sent to {sockets.broadcast(request.form['text'])}"
 
-    fake = connect(app)
-    response = app.test_client().post("/announce", data={"text": "hello all"})
-    assert response.data == b"sent to 1"
-    assert fake.wait_for(1) == [("text", "hello all")]
-    fake.disconnect()
-    fake.greenlet.join(timeout=2)
+    with sockets.test_client() as client:
+        response = app.test_client().post("/announce", data={"text": "hello all"})
+        assert response.data == b"sent to 1"
+        assert client.receive() == "hello all"
 
 
 # ---------------------------------------------------------------------------
@@ -965,15 +957,12 @@ def test_handler_error_is_logged_through_flask_and_connection_survives(caplog):
 
 def test_handler_error_does_not_affect_other_connections():
     app, sockets, events = lifecycle_app()
-    a, b = connect(app), connect(app)
-    a.send("boom")
-    b.send("still fine")
-    assert b.wait_for(1) == [("text", "still fine")]
-    a.send("fine too")
-    assert a.wait_for(1) == [("text", "fine too")]
-    a.disconnect()
-    b.disconnect()
-    gevent.joinall([a.greenlet, b.greenlet], timeout=2)
+    with sockets.test_client() as a, sockets.test_client() as b:
+        a.send("boom")
+        b.send("still fine")
+        assert b.receive() == "still fine"
+        a.send("fine too")
+        assert a.receive() == "fine too"
 
 
 @pytest.mark.parametrize(
@@ -1276,6 +1265,293 @@ def test_keepalive_off():
     assert fake.frames == [] and not fake.greenlet.dead
     fake.disconnect()
     fake.greenlet.join(timeout=2)
+
+
+# ---------------------------------------------------------------------------
+# Blueprints, several endpoints, error handlers, targeted sends
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("server", ["flask_websockets", "werkzeug"])
+def test_blueprint_endpoint_under_its_url_prefix(server):
+    bp = Blueprint("chat", __name__, url_prefix="/chat")
+    sockets = WebSockets(bp)
+    sockets.on_message(lambda message: f"{message} at {request.path} ({request.endpoint})")
+    bp.add_url_rule("/page", "page", lambda: url_for("chat.websocket"))
+    app = Flask(__name__)
+    app.register_blueprint(bp)
+    assert app.extensions["websockets"] is sockets
+    assert app.config["WEBSOCKETS_MAX_MESSAGE_SIZE"] == 1 << 20, "set up when the blueprint registered"
+    with serving(app, server) as url:
+        websocket_url = urllib.request.urlopen(url.replace("ws://", "http://") + "/chat/page", timeout=5).read()
+        assert websocket_url.decode() == url + "/chat/"
+        c = client(websocket_url.decode())
+        c.send("hi")
+        assert c.recv() == "hi at /chat/ (chat.websocket)"
+        c.close()
+        assert refused_status(url + "/") == 404  # nothing outside the prefix
+
+
+def test_two_endpoints_in_one_app_each_with_its_own_handlers_and_connections():
+    app = Flask(__name__)
+    chat = WebSockets(app, path="/chat", endpoint="chat")
+    feed = WebSockets(app, path="/feed", endpoint="feed", match_one=True)
+    chat.on_message(lambda message: f"chat: {message}")
+    feed.on_message("^x")(lambda message: "feed x")
+    feed.on_message(lambda message: "feed other")
+    closed = []
+    chat.on_close(lambda: closed.append("chat"))
+    feed.on_close(lambda: closed.append("feed"))
+    with serving(app) as url:
+        c, f = client(url + "/chat"), client(url + "/feed")
+        wait_until(lambda: len(chat.connections) == len(feed.connections) == 1)
+        c.send("x")
+        f.send("x")
+        assert c.recv() == "chat: x" and f.recv() == "feed x"
+        assert chat.broadcast("to chat") == 1
+        assert c.recv() == "to chat"
+        c.close()
+        wait_until(lambda: closed == ["chat"])
+        f.close()
+        wait_until(lambda: closed == ["chat", "feed"])
+    with app.test_request_context():
+        assert url_for("chat") == "ws://localhost/chat" and url_for("feed") == "ws://localhost/feed"
+
+
+def test_two_endpoints_with_one_name_get_a_clear_error():
+    app = Flask(__name__)
+    WebSockets(app, path="/a")
+    with pytest.raises(ValueError, match="endpoint="):
+        WebSockets(app, path="/b")
+
+
+def test_url_variables_are_view_args():
+    app = Flask(__name__)
+    sockets = WebSockets(app, path="/rooms/<room>")
+    sockets.on_message(lambda message: f"{request.view_args['room']}: {message}")
+    with sockets.test_client("/rooms/kitchen") as client:
+        client.send("hi")
+        assert client.receive() == "kitchen: hi"
+    with app.test_request_context():
+        assert url_for("websocket", room="hall") == "ws://localhost/rooms/hall"
+
+
+def test_error_handlers_most_specific_wins_and_its_return_is_the_reply():
+    app, sockets = make_app()
+
+    @sockets.on_message
+    def fail(message):
+        raise {"key": KeyError, "lookup": LookupError, "value": ValueError}[message](message)
+
+    @sockets.errorhandler(LookupError)
+    def lookup(error):
+        return f"lookup handled {type(error).__name__}"
+
+    @sockets.errorhandler(KeyError)
+    def key(error):
+        return jsonify(error="key", detail=str(error))
+
+    with sockets.test_client() as client:
+        client.send("key")
+        assert json.loads(client.receive()) == {"error": "key", "detail": "'key'"}
+        client.send("lookup")
+        assert client.receive() == "lookup handled LookupError"
+        client.send("value")  # no handler: logged as before, and the connection goes on
+        client.send("key")
+        assert json.loads(client.receive())["error"] == "key"
+
+
+def test_error_handler_may_close_the_connection():
+    app, sockets = make_app()
+    sockets.on_message(lambda message: 1 / 0)
+    closed = []
+    sockets.on_close(lambda: closed.append(ws.close_code))
+
+    @sockets.errorhandler(ZeroDivisionError)
+    def close_it(error):
+        ws.close(4002, "cannot divide")
+
+    with sockets.test_client() as client:
+        client.send("x")
+        with pytest.raises(ConnectionClosed):
+            client.receive()
+        assert (client.close_code, client.close_reason) == (4002, "cannot divide")
+    assert closed == [4002]
+
+
+def test_error_handler_covers_bad_reply_types_and_hooks(caplog):
+    app, sockets = make_app()
+    sockets.on_open(lambda: int("not a number"))
+    sockets.on_message(lambda message: {"a": "dict"})  # TypeError: not a websocket message
+    sockets.errorhandler(TypeError)(lambda error: "type error handled")
+    sockets.errorhandler(ValueError)(lambda error: ws.send("on_open failed, handled") or None)
+    with sockets.test_client() as client:
+        assert client.receive() == "on_open failed, handled"  # handled: the connection stays open
+        client.send("x")
+        assert client.receive() == "type error handled"
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_an_error_in_an_error_handler_is_logged_with_the_original(caplog):
+    app, sockets = make_app()
+    sockets.on_message(lambda message: {}["missing"])
+    sockets.errorhandler(KeyError)(lambda error: 1 / 0)
+    with sockets.test_client() as client:
+        client.send("x")
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert isinstance(record.exc_info[1], ZeroDivisionError)
+    assert isinstance(record.exc_info[1].__context__, KeyError)
+
+
+def test_errorhandler_takes_exception_classes_only():
+    app, sockets = make_app()
+    with pytest.raises(TypeError, match="exception class"):
+        sockets.errorhandler(404)
+
+
+def test_connections_carry_the_handshake_request_session_and_state():
+    app, sockets = make_app()
+
+    @app.route("/login/<name>")
+    def login(name):
+        session["user"] = name
+        return ""
+
+    @sockets.on_message("^ROOM (.*)")
+    def room(message):
+        ws.state["room"] = message[5:]
+        session["changed"] = True  # not the snapshot
+
+    http = app.test_client()
+    http.get("/login/ada")
+    with sockets.test_client(http_client=http, query_string={"tab": "2"}, headers={"X-Tab": "two"}) as client:
+        client.send("ROOM kitchen")
+        gevent.sleep(0.01)
+        [conn] = sockets.connections
+        assert conn.session == {"user": "ada"}
+        assert conn.state == {"room": "kitchen"}
+        assert (conn.request.path, conn.request.args["tab"], conn.request.headers["X-Tab"]) == ("/", "2", "two")
+        assert conn.request.remote_addr == "127.0.0.1"
+    assert sockets.connections == []
+
+
+def test_broadcast_to_the_chosen_connections_from_an_http_view():
+    app, sockets = make_app()
+
+    @app.route("/login/<int:user_id>")
+    def login(user_id):
+        session["user_id"] = user_id
+        return ""
+
+    @app.post("/notify/<int:user_id>")
+    def notify(user_id):
+        count = sockets.broadcast(request.form["text"], to=lambda c: c.session.get("user_id") == user_id)
+        return f"sent to {count}"
+
+    users = {}
+    for user_id in (1, 2):
+        http = app.test_client()
+        http.get(f"/login/{user_id}")
+        users[user_id] = [sockets.test_client(http_client=http) for tab in range(2)]  # two tabs each
+    assert app.test_client().post("/notify/2", data={"text": "for 2"}).data == b"sent to 2"
+    for tab in users[2]:
+        assert tab.receive() == "for 2"
+    for tab in users[1]:
+        with pytest.raises(TimeoutError):
+            tab.receive(timeout=0.1)
+    for tab in users[1] + users[2]:
+        tab.close()
+
+
+def test_sending_from_a_background_greenlet():
+    app, sockets = make_app()
+    with sockets.test_client() as client:
+        [conn] = sockets.connections
+        gevent.spawn(lambda: (conn.send("direct"), sockets.broadcast("to all"))).join()
+        assert [client.receive(), client.receive()] == ["direct", "to all"]
+
+
+# ---------------------------------------------------------------------------
+# The test client
+# ---------------------------------------------------------------------------
+
+
+def test_test_client_drives_an_app_with_its_hooks():
+    app, sockets = make_app(subprotocols=["v2"])
+    events = []
+
+    @sockets.before_connect
+    def members_only():
+        if request.args.get("member") != "yes":
+            abort(401)
+
+    @sockets.on_open
+    def opened():
+        events.append("open")
+        ws.send(f"welcome, you speak {ws.subprotocol}")
+
+    @sockets.on_message
+    def echo(message):
+        events.append(message)
+        return message
+
+    @sockets.on_close
+    def closed():
+        events.append(("close", ws.close_code))
+
+    with pytest.raises(HandshakeRefused) as refused:
+        sockets.test_client()
+    assert refused.value.status_code == 401
+    with pytest.raises(HandshakeRefused) as refused:
+        sockets.test_client(query_string="member=yes", headers={"Origin": "http://evil.example"})
+    assert refused.value.status_code == 403
+    client = sockets.test_client(query_string="member=yes", headers={"Sec-WebSocket-Protocol": "v1, v2"})
+    assert client.subprotocol == "v2"
+    assert client.receive() == "welcome, you speak v2"
+    client.send("text")
+    client.send(b"\x00binary")
+    assert [client.receive(), client.receive()] == ["text", b"\x00binary"]
+    assert not client.closed
+    client.close(4000, "done")
+    assert (client.closed, client.close_code) == (True, 4000)
+    assert events == ["open", "text", b"\x00binary", ("close", 4000)], "on_close ran before close() returned"
+
+
+def test_test_client_sees_a_server_close_and_times_out_politely():
+    app, sockets = make_app()
+    sockets.on_message("^bye")(lambda message: ws.close(4001, "bye"))
+    sockets.on_message(lambda message: None)
+    with sockets.test_client() as client:
+        client.send("nothing comes back")
+        with pytest.raises(TimeoutError):
+            client.receive(timeout=0.05)
+        client.send("bye")
+        with pytest.raises(ConnectionClosed):
+            client.receive()
+        assert (client.closed, client.close_code, client.close_reason) == (True, 4001, "bye")
+
+
+def test_test_client_raises_a_propagated_handler_error():
+    app, sockets = make_app()
+    app.testing = True
+    sockets.on_message(lambda message: {}[message])
+    client = sockets.test_client()
+    client.send("missing")
+    with pytest.raises(KeyError, match="missing"):
+        client.receive()
+    assert client.close_code == 1011
+
+
+def test_test_client_needs_a_path_for_url_variables_and_one_app():
+    app = Flask(__name__)
+    sockets = WebSockets(app, path="/rooms/<room>")
+    with pytest.raises(ValueError, match="path"):
+        sockets.test_client()
+    shared = WebSockets()
+    shared.init_app(Flask("one"))
+    shared.init_app(Flask("two"))
+    with pytest.raises(RuntimeError, match="http_client"):
+        shared.test_client()
 
 
 # ---------------------------------------------------------------------------
@@ -2043,6 +2319,82 @@ def test_readme_gevent(tmp_path):
         assert c.recv() == "hi"
         assert refused_status(f"ws://127.0.0.1:{port}/nowhere") == 404  # flask_websockets' handler
         c.close()
+
+
+def test_readme_targeted(tmp_path):
+    with serve_snippet("targeted", tmp_path) as (port, log):
+        base = f"http://127.0.0.1:{port}"
+
+        def logged_in(name):
+            cookie = urllib.request.urlopen(f"{base}/login/{name}", timeout=5).headers["Set-Cookie"].split(";")[0]
+            return client(f"ws://127.0.0.1:{port}/", cookie=cookie)
+
+        ada_tabs = [logged_in("ada"), logged_in("ada")]
+        bob = logged_in("bob")
+        bob.send("TOPIC cats")
+        assert bob.recv() == "following cats"
+        tell = urllib.request.urlopen(f"{base}/tell/ada", data=b"text=dinner", timeout=5).read()
+        assert tell == b"2 tabs"
+        assert [tab.recv() for tab in ada_tabs] == ["dinner", "dinner"]
+        news = urllib.request.urlopen(f"{base}/news/cats", data=b"text=new+cat", timeout=5).read()
+        assert news == b"1 followers"
+        assert bob.recv() == "new cat"
+        for c in ada_tabs:  # nothing else came to ada
+            c.settimeout(0.2)
+            with pytest.raises(websocket.WebSocketTimeoutException):
+                c.recv()
+            c.close()
+        bob.close()
+
+
+def test_readme_blueprints(tmp_path):
+    with serve_snippet("blueprints", tmp_path) as (port, log):
+        game = client(f"ws://127.0.0.1:{port}/game/")
+        game.send("e4")
+        assert game.recv() == f"move e4 (ws://127.0.0.1:{port}/game/)"
+        kitchen = [client(f"ws://127.0.0.1:{port}/rooms/kitchen") for _ in range(2)]
+        hall = client(f"ws://127.0.0.1:{port}/rooms/hall")
+        kitchen[0].send("hi")
+        assert [c.recv() for c in kitchen] == ["kitchen: hi", "kitchen: hi"]
+        hall.send("yo")
+        assert hall.recv() == "hall: yo"
+        for c in kitchen:
+            c.settimeout(0.2)
+            with pytest.raises(websocket.WebSocketTimeoutException):
+                c.recv()  # the hall's message stayed in the hall
+        for c in (game, hall, *kitchen):
+            c.close()
+
+
+def test_readme_errorhandlers(tmp_path):
+    with serve_snippet("errorhandlers", tmp_path) as (port, log):
+        c = client(f"ws://127.0.0.1:{port}/")
+        c.send("4")
+        c.send("0")
+        c.send("x")
+        assert [c.recv(), json.loads(c.recv()), c.recv()] == [
+            "25",
+            {"error": "arithmetic", "detail": "integer division or modulo by zero"},
+            "send a number",
+        ]
+        c.send("secret")
+        assert recv_close(c) == (4003, "forbidden")
+        assert "Traceback" not in log(), "handled errors are not logged"
+
+
+def test_readme_testing(tmp_path):
+    """The README's test file, run by pytest as a user would run it."""
+    (tmp_path / "test_chat.py").write_text(readme_snippets()["testing"])
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_chat.py"],
+        cwd=tmp_path,
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 passed" in result.stdout
 
 
 def test_readme_proxyfix(tmp_path):
