@@ -43,15 +43,22 @@ def main():
         "--max-message-size", type=int, default=None, help="WEBSOCKETS_MAX_MESSAGE_SIZE in bytes; 0 means no limit"
     )
     parser.add_argument("--pure-python", action="store_true", help="do not use wsaccel even if installed")
+    parser.add_argument(
+        "--handler",
+        choices=["gevent-websocket", "flask_websockets"],
+        default="gevent-websocket",
+        help="the pywsgi handler: gevent-websocket's own (as the reference servers use), or flask_websockets'",
+    )
     args = parser.parse_args()
     if args.max_message_size is not None:
         app.config["WEBSOCKETS_MAX_MESSAGE_SIZE"] = args.max_message_size or None
-    server = WSGIServer((args.host, args.port), app, handler_class=WebSocketHandler, log=None, backlog=args.backlog)
     import flask_websockets
 
+    handler = flask_websockets.WebSocketHandler if args.handler == "flask_websockets" else WebSocketHandler
+    server = WSGIServer((args.host, args.port), app, handler_class=handler, log=None, backlog=args.backlog)
     accelerated = flask_websockets._unmask is not flask_websockets._unmask_python
     print(
-        f"flask_websockets echo on ws://{args.host}:{args.port}/ws, unmasking with"
+        f"flask_websockets echo on ws://{args.host}:{args.port}/ws, {args.handler}'s handler, unmasking with"
         f" {'wsaccel' if accelerated else 'pure Python'}",
         file=sys.stderr,
         flush=True,
