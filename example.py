@@ -2,6 +2,7 @@
 
     python example.py                 # http://127.0.0.1:5000
     python example.py --port 8000 --host 0.0.0.0 --reload
+    python example.py --certfile cert.pem --keyfile key.pem   # https and wss
 
 Open the page in two tabs to see broadcasts reach both.
 """
@@ -97,13 +98,14 @@ PAGE = """<!doctype html>
   #state.open { background: #dcf5e3; color: #17693a; }
   #state.closed { background: #fde2e2; color: #9b1c1c; }
   form { display: flex; gap: .5rem; margin: .5rem 0; align-items: center; }
-  label { width: 7.5rem; font-weight: 600; }
+  label { width: 9.5rem; font-weight: 600; }
+  h2 { font-size: 1rem; margin: 0 0 .5rem; color: #4b5466; }
   input[type=text] { flex: 1; padding: .4rem .5rem; border: 1px solid #c9ceda; border-radius: 6px; }
   button { padding: .4rem .8rem; border: 0; border-radius: 6px; background: #3056d3; color: #fff;
            cursor: pointer; }
   button.secondary { background: #5b6476; }
   #log { list-style: none; padding: 0; margin: 0; font-family: ui-monospace, monospace; font-size: 13px;
-         max-height: 22rem; overflow-y: auto; }
+         max-height: 36rem; overflow-y: auto; }
   #log li { padding: .25rem .4rem; border-bottom: 1px solid #eef0f4; white-space: pre-wrap; }
   #log li.sent { color: #3056d3; }
   #log li.sent::before { content: "\\2192  "; }
@@ -125,6 +127,7 @@ PAGE = """<!doctype html>
   </div>
 
   <div class="card">
+    <h2>Try it</h2>
     <form id="echo-form"><label for="echo">Echo</label>
       <input type="text" id="echo" value="Hello, websocket!"><button>Send</button></form>
     <form id="command-form"><label for="command">ECHO command</label>
@@ -138,7 +141,7 @@ PAGE = """<!doctype html>
       <button type="button" id="close" class="secondary">Server-side close</button></form>
   </div>
 
-  <div class="card"><ul id="log"></ul></div>
+  <div class="card"><h2>Messages (&rarr; sent, &larr; received)</h2><ul id="log"></ul></div>
 </main>
 <script>
 const url = document.getElementById("url").textContent;
@@ -216,8 +219,10 @@ def main():
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--reload", action="store_true", help="restart when the code changes")
+    parser.add_argument("--certfile", help="a TLS certificate: serve https and wss")
+    parser.add_argument("--keyfile", help="the certificate's private key")
     args = parser.parse_args()
-    serve(app, args.host, args.port, reload=args.reload)
+    serve(app, args.host, args.port, certfile=args.certfile, keyfile=args.keyfile, reload=args.reload)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ setup(
     ],
     extras_require={
         "speedups": ["wsaccel>=0.6"],  # C unmasking for large messages; optional
+        "browser": ["playwright>=1.40"],  # the browser tests; they drive Debian's chromium
         "test": [
             "pytest>=7",
             "websocket-client>=1.6",

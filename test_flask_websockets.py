@@ -2587,3 +2587,94 @@ def test_example_py(tmp_path):
         c.send("CLOSE")
         assert recv_close(c) == (1000, "closed by the server")
         other.close()
+
+
+# ---------------------------------------------------------------------------
+# The example in a real browser: python -m pytest -m browser
+# ---------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's: apt-get install chromium
+ARTIFACTS = HERE / "test-artifacts"
+
+
+def missing(what):
+    """Skip a browser test for lack of ``what``; in CI, where they must run, fail it."""
+    message = f"browser tests need {what}"
+    if os.environ.get("FLASK_WEBSOCKETS_BROWSER_TESTS") == "required":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Headless Chromium driven by Playwright, or a skip that says what is missing."""
+    if not os.path.exists(CHROMIUM):
+        missing(f"Debian's chromium at {CHROMIUM}: apt-get install chromium")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        missing("playwright: python -m pip install -e '.[test,browser]'")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            # As root, and on a machine whose only network is loopback.
+            args=["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+            + ["--disable-component-update", "--disable-sync"],
+        )
+        yield browser, sync_api.expect
+        browser.close()
+
+
+def open_example(browser, expect, url):
+    """A fresh browser (its own context: a second user) on the example page, connected."""
+    page = browser.new_context(ignore_https_errors=True, viewport={"width": 900, "height": 1000}).new_page()
+    page.goto(url)
+    expect(page.locator("#state")).to_have_text("open")
+    return page
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_browser_drives_the_example_page(scheme, chromium, certificate, tmp_path):
+    browser, expect = chromium
+    pem, ca = certificate
+    tls = ["--certfile", str(pem), "--keyfile", str(pem)] if scheme == "https" else []
+    with subprocess_server(["example.py", "--port", "0", *tls], tmp_path) as (port, log):
+        page = open_example(browser, expect, f"{scheme}://127.0.0.1:{port}/")
+        # The page connected to the URL that url_for('websocket') rendered.
+        ws_url = f"{'wss' if scheme == 'https' else 'ws'}://127.0.0.1:{port}/"
+        expect(page.locator("#url")).to_have_text(ws_url)
+        received = page.locator("#log li.received")
+        expect(received.last).to_have_text("welcome, 127.0.0.1")
+
+        page.fill("#echo", "hello from the browser")
+        page.click("#echo-form button")
+        expect(received.last).to_have_text("hello from the browser")
+
+        page.fill("#command", "just this part")
+        page.click("#command-form button")
+        expect(received.last).to_have_text("just this part")
+
+        page.click("#work")
+        expect(received.last).to_have_text("work done")
+        steps = received.all_text_contents()[-4:]
+        assert steps == ["working: step 1 of 3", "working: step 2 of 3", "working: step 3 of 3", "work done"]
+
+        page.fill("#json", "rendered as JSON")
+        page.click("#json-form button")
+        json_reply = page.locator("#log li.json").last
+        expect(json_reply).to_contain_text('"upper": "RENDERED AS JSON"')
+        expect(json_reply).to_contain_text('"words": 3')
+
+        other = open_example(browser, expect, f"{scheme}://127.0.0.1:{port}/")
+        other.fill("#broadcast", "hello, both tabs")
+        other.click("#broadcast-form button")
+        expect(received.last).to_have_text("broadcast: hello, both tabs")
+        expect(other.locator("#log li.system").last).to_have_text("broadcast sent to 2 client(s)")
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"example-{scheme}.png"), full_page=True)
+        page.click("#close")
+        expect(page.locator("#state")).to_have_text("closed (code 1000, closed by the server)")
+        page.screenshot(path=str(ARTIFACTS / f"example-{scheme}-closed.png"), full_page=True)
+        assert '"GET / HTTP/1.1" 101' in log(), "the access log has the websocket connections"
