@@ -1418,14 +1418,18 @@ class _Handover:
         return _Upgraded(status=101)
 
 
-class _OwnHandler(_Handover):
+class _OurHandlerHandover(_Handover):
+    """:class:`WebSocketHandler` (and the test client): it sends the 101 when asked."""
+
     def accept(self, subprotocol: str | None) -> tuple[Any, bytes]:
         sock, reader = self.environ["flask_websockets.accept"](subprotocol)
         return sock, _take_over(sock, reader)
 
 
-class _GeventWebsocketHandler(_Handover):
-    answers_handshake = False  # it sent the 101 before the app ran
+class _GeventWebsocketHandover(_Handover):
+    """gevent-websocket's own handler: its 101 went out before the app ran."""
+
+    answers_handshake = False
 
     def check(self) -> None:
         return None
@@ -1439,8 +1443,10 @@ class _GeventWebsocketHandler(_Handover):
         return super().end()
 
 
-class _WerkzeugServer(_Handover):
-    runtime = _THREADS  # `flask run` serves each request in a thread
+class _WerkzeugHandover(_Handover):
+    """Werkzeug's development server (``flask run``): a thread per request."""
+
+    runtime = _THREADS
 
     def accept(self, subprotocol: str | None) -> tuple[Any, bytes]:
         sock = self.environ["werkzeug.socket"]
@@ -1458,11 +1464,11 @@ class _WerkzeugServer(_Handover):
 
 def _handover(environ: dict) -> _Handover | None:
     if "flask_websockets.accept" in environ:
-        return _OwnHandler(environ)
+        return _OurHandlerHandover(environ)
     if environ.get("wsgi.websocket") is not None:
-        return _GeventWebsocketHandler(environ)
+        return _GeventWebsocketHandover(environ)
     if environ.get("werkzeug.socket") is not None:
-        return _WerkzeugServer(environ)
+        return _WerkzeugHandover(environ)
     return None
 
 

@@ -1421,12 +1421,13 @@ def test_connections_carry_the_handshake_request_session_and_state():
     def room(message):
         ws.state["room"] = message[5:]
         session["changed"] = True  # not the snapshot
+        return "in"
 
     http = app.test_client()
     http.get("/login/ada")
     with sockets.test_client(http_client=http, query_string={"tab": "2"}, headers={"X-Tab": "two"}) as client:
         client.send("ROOM kitchen")
-        gevent.sleep(0.01)
+        assert client.receive() == "in"
         [conn] = sockets.connections
         assert conn.session == {"user": "ada"}
         assert conn.state == {"room": "kitchen"}
