@@ -95,8 +95,8 @@ Working outside of websocket context.
 This typically means that you used `ws` outside a websocket handler, for
 example in an HTTP view or in a greenlet you spawned. Check with
 has_socket_context(). To reach connections from elsewhere, use
-sockets.broadcast(message), or keep a reference to the connection object
-inside a handler: `conn = ws._get_current_object()`.\
+sockets.connections or sockets.broadcast(message), or keep a reference to the
+connection object inside a handler: `conn = ws._get_current_object()`.\
 """
 
 #: The connection whose message is being handled, like ``flask.request`` for
@@ -295,8 +295,8 @@ class WebSockets:
         Like Flask's ``errorhandler``: the handler of the most specific class
         in the error's class hierarchy wins, and gets the error. What it
         returns is sent as the reply, as a message handler's would be, and it
-        may close the connection. An error it does not handle is logged, and
-        the connection goes on (see the module's notes on errors)::
+        may close the connection. An error no handler handles is logged, and
+        the connection goes on, as without error handlers::
 
             @sockets.errorhandler(ValueError)
             def bad_input(error):
@@ -336,8 +336,9 @@ class WebSockets:
         """Register a function called with no arguments when a client connects.
 
         It runs before the first message is handled, with ``ws``, ``request``
-        and ``session`` bound. If it raises, the error is logged and the
-        connection is closed with 1011 (internal error)::
+        and ``session`` bound. If it raises and no :meth:`errorhandler`
+        handles the error, it is logged and the connection is closed with
+        1011 (internal error)::
 
             @sockets.on_open
             def greet():
