@@ -31,31 +31,35 @@ This file is the whole library and its reference manual. It reads top to
 bottom: the current connection (``ws``), the extension (``WebSockets``), the
 connection object (``Connection``), serving (``WebSocketHandler``,
 ``serve``, ``GunicornWorker``), how servers hand a connection over, and last
-the RFC 6455 wire protocol.
+the RFC 6455 protocol core, which knows nothing of Flask, gevent or sockets.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import codecs
+import collections
+import enum
 import hashlib
 import io
 import logging
 import os
 import re
 import socket
+import ssl
 import struct
 import sys
-import threading
+import time
+import urllib.parse
+from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
-from collections.abc import Iterable
 from typing import Any, Callable, NamedTuple, TypeVar, Union
 
 import gevent
 import gevent.event
+import gevent.monkey
 import gevent.socket
-from flask import Blueprint, Flask, Response, abort, current_app, request, session
-from gevent.lock import Semaphore
+from flask import Blueprint, Flask, Response, abort, current_app, got_request_exception, request, session
 from gevent.pywsgi import WSGIHandler
 from geventwebsocket.handler import WebSocketHandler as _GeventWebSocketHandler
 from werkzeug.local import LocalProxy
@@ -137,7 +141,9 @@ Handler = Callable[[Message], Reply]
 Hook = Callable[[], Any]
 
 #: Configuration keys, set on ``app.config`` by :meth:`WebSockets.init_app`
-#: unless already there. ``None`` turns a limit or the keepalive off.
+#: unless already there. ``None`` turns a limit or a timeout off. They are
+#: checked at ``init_app`` and again when a connection opens (apps may change
+#: their config in between): a bad value is a ``ValueError`` naming the key.
 _CONFIG_DEFAULTS: dict[str, Any] = {
     # Largest message accepted, in bytes; a larger one closes with 1009.
     "WEBSOCKETS_MAX_MESSAGE_SIZE": 1 << 20,
@@ -151,6 +157,11 @@ _CONFIG_DEFAULTS: dict[str, Any] = {
     # (a handshake without Origin, from a non-browser client, is allowed),
     # a list such as ["https://example.com"], or "*" for any.
     "WEBSOCKETS_ALLOWED_ORIGINS": None,
+    # Bytes that may wait for a slow client, per connection: past them
+    # ws.send() waits, and broadcast() closes the client as too slow.
+    "WEBSOCKETS_MAX_SEND_BUFFER": 1 << 20,
+    # Seconds a client may take nothing at all before it is closed as too slow.
+    "WEBSOCKETS_SEND_TIMEOUT": 10.0,
 }
 
 
@@ -231,9 +242,15 @@ class WebSockets:
         else:
             self._set_up(app)
 
+    #: Timers for keepalive and timeouts: ``None`` for the event loop's. Tests
+    #: put a fake clock here, with ``call_later(seconds, f, *args)`` (returning
+    #: an object with ``close()``) and ``now()``.
+    _clock: Any = None
+
     def _set_up(self, app: Flask) -> None:
         for key, default in _CONFIG_DEFAULTS.items():
             app.config.setdefault(key, default)
+        _settings(app)  # a bad value fails here, at start-up, naming its key
         app.extensions.setdefault("websockets", self)
         if _close_unserved_upgrade not in app.after_request_funcs.get(None, []):
             app.after_request(_close_unserved_upgrade)
@@ -387,9 +404,14 @@ class WebSockets:
 
         ``to`` picks the connections: a function that takes a
         :class:`Connection` and returns whether it gets the message. It works
-        from handlers, HTTP views and background greenlets, and takes the same
-        types as a handler's reply. A connection that is closed or dead is
-        skipped and forgotten::
+        from handlers, HTTP views, background greenlets and other threads, and
+        takes the same types as a handler's reply. The frame is built once.
+
+        It never waits for a client: each connection takes the message into
+        its send buffer and returns. A client whose buffer would pass
+        ``WEBSOCKETS_MAX_SEND_BUFFER`` does not get it and is closed as too
+        slow (1008, "client too slow"). A connection that is closed is skipped
+        and forgotten::
 
             @app.post("/notify/<int:user_id>")
             def notify(user_id):
@@ -404,8 +426,8 @@ class WebSockets:
             if to is not None and not to(conn):
                 continue
             try:
-                conn._send_frame(frame)
-                sent += 1
+                if conn._send_frame(frame, wait=False):
+                    sent += 1
             except ConnectionClosed:
                 self._connections.discard(conn)
         return sent
@@ -456,53 +478,53 @@ class WebSockets:
         handover = _handover(request.environ)
         if handover is None:
             return _not_served_response()
-        refusal = handover.check() or self._refusal()
+        settings = _settings(current_app)
+        refusal = handover.check() or self._refusal(settings)
         if refusal is not None:
             return refusal  # an HTTP answer; after gevent-websocket's 101, a close with 1008
         subprotocol = self._choose_subprotocol() if handover.answers_handshake else None
         sock, pending = handover.accept(subprotocol)
-        config = current_app.config
         conn = Connection(
             request.environ,
             sock,
-            pending,
+            subprotocol=subprotocol,
+            settings=settings,
             request=request._get_current_object(),  # type: ignore[attr-defined]
             session=dict(session),
-            subprotocol=subprotocol,
-            max_size=config["WEBSOCKETS_MAX_MESSAGE_SIZE"],
-            close_timeout=config["WEBSOCKETS_CLOSE_TIMEOUT"],
-            runtime=handover.runtime,
+            clock=self._clock,
         )
-        if config["WEBSOCKETS_PING_INTERVAL"]:
-            conn._start_keepalive(config["WEBSOCKETS_PING_INTERVAL"], config["WEBSOCKETS_PING_TIMEOUT"])
         token = _cv_socket.set(conn)
         self._connections.add(conn)
+        wait = True
         try:
+            conn._start(pending)
             self._run(conn)
         except gevent.GreenletExit:  # the server is stopping: no time to wait for the peer
-            conn._finish(1001, "server shutting down", drain=False)
+            conn._close(1001, "server shutting down")
+            wait = False
             raise
         finally:
-            conn._finish(1011, "internal error")  # no-op unless a handler error propagated
-            response = handover.end()
-            self._connections.discard(conn)
-            try:
-                for hook in self._close_hooks:
-                    self._call(conn, hook)
-            finally:
-                _cv_socket.reset(token)
-        return response
+            # Each step runs, whatever the others raise: on_close runs exactly once.
+            _run_all(
+                lambda: conn._end(wait),
+                lambda: self._connections.discard(conn),
+                lambda: [self._call(conn, hook) for hook in self._close_hooks],
+                handover.end,
+                lambda: _cv_socket.reset(token),
+            )
+        return handover.response()
 
-    def _refusal(self) -> Response | None:
+    def _refusal(self, settings: _Settings) -> Response | None:
         """Why this handshake is refused, as a response; ``None`` to accept it."""
-        allowed = current_app.config["WEBSOCKETS_ALLOWED_ORIGINS"]
         origin = request.headers.get("Origin")
-        if not _origin_allowed(origin, allowed, request.host):
+        if not _origin_allowed(origin, settings.allowed_origins, request.scheme, request.host):
             logger.warning(
                 "websocket handshake from origin %s refused: %s may connect. To allow it, set"
                 " WEBSOCKETS_ALLOWED_ORIGINS to a list of origins that includes it, or to '*'.",
                 origin,
-                f"only {request.host}" if allowed is None else f"only {allowed}",
+                f"only {request.scheme}://{request.host}"
+                if settings.allowed_origins is None
+                else f"only {current_app.config['WEBSOCKETS_ALLOWED_ORIGINS']}",
             )
             abort(403, description=f"Origin {origin} may not open a websocket here.")
         for hook in self._connect_hooks:
@@ -518,12 +540,9 @@ class WebSockets:
     def _run(self, conn: Connection) -> None:
         for hook in self._open_hooks:
             if not self._call(conn, hook):
-                conn.close(1011, "internal error")  # the connection is not set up
+                conn._close(1011, "internal error")  # the connection is not set up
                 break
-        while True:
-            message = conn._receive()
-            if message is None:
-                return
+        for message in conn._messages():
             self._dispatch(conn, message)
 
     def _dispatch(self, conn: Connection, message: Message) -> None:
@@ -543,7 +562,9 @@ class WebSockets:
 
         An error goes to the most specific error handler, whose return value
         is the reply; failing that, it is logged (or propagates, see
-        ``_propagate``). Returns whether no error was left unhandled.
+        ``_propagate``). Returns whether no error was left unhandled. Errors
+        that are not ``Exception`` count too (``gevent.Timeout``), but not
+        those that stop a greenlet or the process.
         """
         try:
             reply = function(*args)
@@ -555,21 +576,25 @@ class WebSockets:
             # error. The receive loop notices and ends the connection.
             logger.debug("reply dropped: connection closed", exc_info=True)
             return True
-        except Exception as error:
+        except _STOPPING:
+            raise
+        except BaseException as error:
             handler = self._error_handler(error)
             if handler is None:
-                _handle_error()
+                _handle_error(error)
                 return False
             try:
                 conn._send_reply(handler(error), handler)
                 return True
             except ConnectionClosed:
                 return True
-            except Exception:  # logged with the original error as its context
-                _handle_error()
+            except _STOPPING:
+                raise
+            except BaseException as handler_error:  # logged with the original error as its context
+                _handle_error(handler_error)
                 return False
 
-    def _error_handler(self, error: Exception) -> Callable[[Any], Reply] | None:
+    def _error_handler(self, error: BaseException) -> Callable[[Any], Reply] | None:
         for cls in type(error).__mro__:  # the most specific class first
             if cls in self._error_handlers:
                 return self._error_handlers[cls]
@@ -599,11 +624,32 @@ def _propagate() -> bool:
     return current_app.testing if propagate is None else bool(propagate)
 
 
-def _handle_error() -> None:
-    """Log the exception being handled through Flask, or re-raise it."""
+def _handle_error(error: BaseException) -> None:
+    """Report an unhandled error as Flask does for views: signal, then log or re-raise.
+
+    Error trackers that listen to ``got_request_exception`` (Sentry, Rollbar)
+    see it. Called from the ``except`` block that caught it.
+    """
+    got_request_exception.send(current_app._get_current_object(), exception=error)  # type: ignore[attr-defined]
     if _propagate():
         raise  # noqa: PLE0704 - called from an except block
     current_app.log_exception(sys.exc_info())  # type: ignore[arg-type]
+
+
+#: Errors that stop a greenlet or the process: never handled as handler errors.
+_STOPPING = (gevent.GreenletExit, KeyboardInterrupt, SystemExit)
+
+
+def _run_all(*steps: Callable[[], Any]) -> None:
+    """Run every step, even when some raise; then raise the first error."""
+    error: BaseException | None = None
+    for step in steps:
+        try:
+            step()
+        except BaseException as exc:  # noqa: PERF203 - cleanup must go on
+            error = error or exc
+    if error is not None:
+        raise error
 
 
 _NOT_SERVED = """\
@@ -645,12 +691,30 @@ def _close_unserved_upgrade(response: Response) -> Response:
     return response
 
 
-def _origin_allowed(origin: str | None, allowed: Any, host: str) -> bool:
+def _origin_allowed(origin: str | None, allowed: Any, scheme: str, host: str) -> bool:
+    """Whether a page from ``origin`` may connect; ``allowed`` is from ``_Settings``."""
     if origin is None or allowed == "*":
         return True  # not a browser, or anyone may connect
-    if allowed is None:  # same origin: the page's host is the one it connects to
-        return origin.partition("://")[2].rstrip("/").lower() == host.lower()
-    return origin.rstrip("/").lower() in {o.rstrip("/").lower() for o in allowed}
+    key = _origin_key(origin)
+    if allowed is None:  # same origin: scheme, host and port of the page equal the request's
+        return key is not None and key == _origin_key(f"{scheme}://{host}")
+    return key in allowed
+
+
+def _origin_key(origin: str) -> tuple[str, str, int | None] | None:
+    """``(scheme, host, port)`` of an origin, default ports filled in; ``None`` if malformed."""
+    try:
+        parts = urllib.parse.urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme.lower(), parts.scheme.lower())
+    if not scheme or not parts.hostname:
+        return None
+    return scheme, parts.hostname.lower(), port if port is not None else _DEFAULT_PORTS.get(scheme)
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 # ---------------------------------------------------------------------------
@@ -685,26 +749,27 @@ class Connection:
         close_code: the close code the connection ended with: the peer's (1005
             if its close frame had none), yours, or 1006 if it was lost.
         close_reason: the reason that came with ``close_code``.
+        buffered_amount: bytes accepted by ``send`` but not yet taken by the
+            network, like the browser's ``WebSocket.bufferedAmount``.
     """
 
     __slots__ = (
-        "request", "session", "_state", "environ", "path", "origin", "closed", "close_code", "close_reason",
-        "subprotocol", "_sock", "_buf", "_pos", "_max_size", "_close_timeout", "_runtime", "_send_lock",
-        "_close_sent", "_cancel_close", "_heard", "_cancel_keepalive", "_ping_interval", "_ping_timeout",
+        "request", "session", "_state", "environ", "path", "origin", "subprotocol", "_proto", "_sock",
+        "_settings", "_clock", "_hub", "_loop", "_thread", "_timeout", "_reader", "_reading", "_heard",
+        "_inbox", "_inbox_size", "_waiter", "_out", "_out_size", "_writer", "_progress_at", "_room",
+        "_keepalive_timer", "_close_timer", "_send_timer", "_tls_pending", "_held",
     )  # fmt: skip
 
     def __init__(
         self,
         environ: dict,
         sock: Any,
-        pending: bytes = b"",
         *,
         subprotocol: str | None = None,
-        max_size: int | None = 1 << 20,
-        close_timeout: float = 5.0,
-        runtime: _Runtime | None = None,
+        settings: _Settings | None = None,
         request: Any = None,
         session: dict | None = None,
+        clock: Any = None,
     ) -> None:
         self.request = request
         self.session = {} if session is None else session
@@ -712,25 +777,35 @@ class Connection:
         self.environ = environ
         self.path: str = environ.get("PATH_INFO") or "/"
         self.origin: str | None = environ.get("HTTP_ORIGIN")
-        self.closed = False
-        self.close_code: int | None = None
-        self.close_reason = ""
         self.subprotocol = subprotocol
-        self._sock = sock  # the upgraded TCP (or TLS) socket, read and written directly
-        self._buf, self._pos = pending, 0  # received bytes, and how far they are parsed
-        self._max_size = max_size
-        self._close_timeout = close_timeout
-        self._runtime = runtime or _GEVENT  # greenlets, or threads under Werkzeug's server
-        self._send_lock = self._runtime.lock()  # frames from several senders must not interleave
-        self._close_sent = False
-        self._cancel_close: Callable[[], Any] | None = None  # the close timeout's timer
-        self._heard = False  # a frame arrived since the last keepalive check
-        self._cancel_keepalive: Callable[[], Any] | None = None  # the keepalive's timer
-        self._ping_interval = self._ping_timeout = 0.0
+        self._settings = settings or _DEFAULT_SETTINGS
+        self._proto = _Protocol(max_size=self._settings.max_message_size)
+        self._sock = sock  # the upgraded TCP (or TLS) socket
+        self._clock = clock  # timers: None for the event loop's, or a fake clock in tests
+        self._inbox: list[Message] = []  # messages received, waiting for the handlers
+        self._inbox_size = 0
+        self._waiter: Any = None  # the greenlet waiting in _wait()
+        self._out: collections.deque | None = None  # what the socket has not taken yet
+        self._out_size = 0
+        self._writer: Any = None  # the event loop's write watcher, made at the first short write
+        self._room: Any = None  # an Event for senders waiting for the buffer to drain
+        # The close frame that answers the client's close frame or its protocol
+        # error, held until the handlers are done with the messages before it.
+        self._held: bytes | None = None
+        self._reading = self._heard = False
+        self._keepalive_timer: Any = None
+        self._close_timer: Any = None
+        self._send_timer: Any = None
+        self._hub: Any = None  # the event loop's greenlet, of the thread that serves the connection
+        self._loop: Any = None
+        self._reader: Any = None  # the event loop's read watcher
+        self._tls_pending: Any = None  # a TLS socket's pending(): bytes decrypted but not read
+        self._thread: int | None = None
+        self._timeout: float | None = None  # the socket's own, given back at the end
+        self._progress_at = 0.0  # when the socket last took something
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else "open"
-        return f"<{type(self).__name__} {self.path} from {self.environ.get('REMOTE_ADDR')} {state}>"
+        return f"<{type(self).__name__} {self.path} from {self.environ.get('REMOTE_ADDR')} {self._proto.state.value}>"
 
     @property
     def state(self) -> dict:
@@ -748,8 +823,27 @@ class Connection:
             self._state = {}
         return self._state
 
+    # Handlers see the connection as it was when their message arrived: open,
+    # while a close frame that came after it waits in ``_held``.
+
+    @property
+    def closed(self) -> bool:
+        return self._proto.state is not _OPEN and self._held is None
+
+    @property
+    def close_code(self) -> int | None:
+        return None if self._held is not None else self._proto.close_code
+
+    @property
+    def close_reason(self) -> str:
+        return "" if self._held is not None else self._proto.close_reason
+
+    @property
+    def buffered_amount(self) -> int:
+        return self._out_size
+
     def send(self, message: Reply) -> None:
-        """Send a message now, converted as a handler's return value is.
+        """Send a message, converted as a handler's return value is.
 
         ``str`` goes as text, ``bytes``/``bytearray``/``memoryview`` as binary,
         a Flask response as its body; ``None`` sends nothing. Other types raise
@@ -758,17 +852,27 @@ class Connection:
 
             ws.send("step 1 of 3 done")
             ws.send(jsonify(progress=0.33))
+
+        It returns once the message is handed to the network, or queued: if the
+        client reads slowly and ``WEBSOCKETS_MAX_SEND_BUFFER`` bytes already
+        wait, it waits for room. A client that takes nothing for
+        ``WEBSOCKETS_SEND_TIMEOUT`` seconds is closed as too slow, and the
+        waiting ``send`` raises :class:`ConnectionClosed`. It may be called from
+        any greenlet, and from other threads (it then waits for the
+        connection's own thread to send it).
         """
         self._send_reply(message, "ws.send()")
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake with a status code and a reason.
 
-        The connection stops sending at once; it ends when the client answers
-        with its own close frame, or after ``WEBSOCKETS_CLOSE_TIMEOUT`` seconds
-        (default 5). Closing a closed connection does nothing. ``code`` must be
-        one a server may send (1000-1003, 1007-1014, 3000-4999) and the UTF-8
-        ``reason`` at most 123 bytes, or ``ValueError`` is raised::
+        It returns at once: the close frame goes out after what is already
+        queued. The connection ends when the client answers with its own close
+        frame, or after ``WEBSOCKETS_CLOSE_TIMEOUT`` seconds (default 5).
+        Messages that arrive meanwhile are discarded. Closing a closed
+        connection does nothing. ``code`` must be one a server may send
+        (1000-1003, 1007-1014, 3000-4999) and the UTF-8 ``reason`` at most 123
+        bytes, or ``ValueError`` is raised::
 
             @sockets.on_message("^QUIT")
             def quit(message):
@@ -778,269 +882,441 @@ class Connection:
             raise ValueError(f"close code {code} may not be sent: use 1000-1003, 1007-1014 or 3000-4999")
         if len(reason.encode("utf-8")) > 123:
             raise ValueError("a close reason is at most 123 bytes of UTF-8")
-        self._send_close(code, reason)
+        if self._thread is not None and _get_ident() != self._thread:
+            self._loop.run_callback_threadsafe(self._close, code, reason)
+        else:
+            self._close(code, reason)
 
-    # -- internals: sending and closing --------------------------------------
+    # -- internals: the life of a connection ----------------------------------
+    #
+    # All I/O happens in the event loop of the thread that serves the
+    # connection, in callbacks: the socket is non-blocking, a read watcher
+    # parses what arrives as it arrives, answers pings and queues messages in
+    # the inbox, and the view's greenlet only takes messages from the inbox and
+    # runs handlers. So pings are answered and pongs heard while a handler
+    # runs, however long, and an idle connection costs no greenlet beyond its
+    # view's. Writes go straight to the socket; what it does not take waits in
+    # a buffer that a write watcher, made at the first short write, drains.
+
+    def _start(self, pending: bytes) -> None:
+        """Begin reading: called in the view's greenlet, right after the 101."""
+        self._hub = gevent.get_hub()
+        self._loop = self._hub.loop
+        self._thread = _get_ident()
+        self._timeout = self._sock.gettimeout()
+        self._sock.settimeout(0.0)
+        self._tls_pending = getattr(self._sock, "pending", None)
+        self._reader = self._loop.io(self._sock.fileno(), 1)
+        if pending:
+            self._proto.receive_data(pending)
+        self._pump()  # parses what came with the handshake, and starts the reader
+        interval = self._settings.ping_interval
+        if interval:
+            self._keepalive_timer = self._call_later(interval, self._check_alive, False)
+
+    def _on_readable(self) -> None:  # in the event loop: must never block
+        try:
+            data = self._sock.recv(65536)
+        except _WOULD_BLOCK:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self._heard = True
+            self._proto.receive_data(data)
+        else:
+            self._proto.receive_eof()
+        self._pump()
+        if self._tls_pending is not None and self._reading and self._tls_pending():
+            self._loop.run_callback(self._on_readable)  # decrypted bytes the socket no longer signals
+
+    def _pump(self) -> None:
+        """Turn received bytes into messages in the inbox, up to its bound."""
+        proto, inbox = self._proto, self._inbox
+        while len(inbox) < _INBOX_MESSAGES and self._inbox_size < self._settings.inbox_bytes:
+            event = proto.next_event()
+            if event is None:
+                break
+            kind, data = event
+            if kind == _OP_TEXT or kind == _OP_BINARY:
+                inbox.append(data)
+                self._inbox_size += len(data)
+            elif kind == _OP_PING:
+                self._write(proto.data_to_send())  # the pong goes out now, whatever waits
+            elif kind == _OP_CLOSE or kind == _FAILED:
+                if kind == _FAILED:
+                    logger.info("closing %r with %d: %s", self, *data)
+                if inbox:  # replies to the messages before it go first
+                    self._held = proto.data_to_send()
+                else:
+                    self._write(proto.data_to_send())
+                break
+        state = proto.state
+        if state is _CLOSED:
+            self._stop_reading()
+            if self._held is None:
+                self._stop_timers()
+        else:
+            if state is _CLOSING and self._held is None:
+                self._arm_close_timer()  # after a protocol error
+            if len(inbox) >= _INBOX_MESSAGES or self._inbox_size >= self._settings.inbox_bytes:
+                self._stop_reading()  # the handlers lag behind: TCP pushes back on the client
+            elif not self._reading:
+                self._reading = True
+                self._reader.start(self._on_readable)
+        if self._waiter is not None and (inbox or state is _CLOSED):
+            self._wake()
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._reader.stop()
+
+    def _resume_reading(self) -> None:  # in the event loop
+        if self._proto.state is not _CLOSED and not self._reading and self._held is None:
+            self._pump()
+
+    def _messages(self) -> Iterator[Message]:
+        """The messages received, in order, until the connection is closed."""
+        inbox = self._inbox
+        while True:
+            if inbox:
+                message = inbox.pop(0)
+                self._inbox_size -= len(message)
+                if not inbox and not self._reading and self._proto.state is _OPEN:
+                    # Reading stopped at the inbox's bound: go on, after the others had a turn.
+                    self._loop.run_callback(self._resume_reading)
+                yield message
+            elif self._held is not None:
+                self._release_held()
+            elif self._proto.state is _CLOSED:
+                return
+            else:
+                self._wait()
+
+    def _release_held(self) -> None:
+        """Send the close frame held behind the messages the handlers were still on."""
+        data, self._held = self._held, None
+        if data:
+            self._write(data)
+        if self._proto.state is _CLOSING:
+            self._arm_close_timer()
+            if not self._reading:
+                self._loop.run_callback(self._resume_reading)  # to read the client's close frame
+        elif self._out is None:
+            self._stop_timers()
+
+    def _wait(self) -> None:
+        """Let the event loop run until :meth:`_wake`."""
+        self._waiter = gevent.getcurrent()
+        try:
+            self._hub.switch()
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if gevent.getcurrent() is self._hub:
+            waiter.switch()
+        else:  # only the event loop may switch to a waiting greenlet
+            self._loop.run_callback(_switch_if_alive, waiter)
+
+    # -- internals: sending --------------------------------------------------
 
     def _send_reply(self, reply: Reply, who: str | Callable[..., Any]) -> None:
         frame = _encode(reply, who)
         if frame is not None:
-            self._send_frame(frame)
+            self._send_frame(frame, wait=True)
 
-    def _send_frame(self, frame: bytes) -> None:
-        with self._send_lock:
-            if self.closed:
-                raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
-            try:
-                self._write(frame)
-            except OSError as err:
-                self._lost()
-                raise ConnectionClosed(f"{self!r} was lost: {err}") from err
+    def _send_frame(self, frame: bytes, wait: bool) -> bool:
+        """Send or queue a whole frame; return whether it was accepted.
 
-    def _write(self, frame: bytes) -> None:
-        # One send() nearly always takes a whole frame. gevent's sendall()
-        # would add a getsockopt() system call and a chunking loop to each.
-        sent = self._sock.send(frame)
-        if sent < len(frame):
-            self._sock.sendall(memoryview(frame)[sent:])
-
-    def _send_close(self, code: int, reason: str) -> None:
-        with self._send_lock:
-            if self._close_sent:
-                return
-            self._close_sent = True
-            if not self.closed:  # we start the closing handshake
-                self.closed = True
-                self.close_code, self.close_reason = code, reason
-                # A peer that never answers must not hold the connection open.
-                self._cancel_close = self._runtime.call_later(self._close_timeout, self._abort)
-            try:
-                self._write(_close_frame(code, reason))
-            except OSError:
-                self._lost()
-
-    def _abort(self) -> None:
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)  # blocked reads and writes return
-        except OSError:
-            pass
-
-    def _lost(self) -> None:
-        self.closed = True
-        if self.close_code is None:
-            self.close_code = 1006
-        self._abort()  # a write failed: the reader must not wait on a dead peer
-
-    def _finish(self, code: int, reason: str, drain: bool = True) -> None:
-        """End the connection: close it with ``code`` if it is still open."""
-        if not self.closed:
-            self._send_close(code, reason)
-            if drain:
-                self._drain()
-        for cancel in (self._cancel_keepalive, self._cancel_close):
-            if cancel is not None:
-                cancel()
-
-    # -- internals: receiving ------------------------------------------------
-
-    def _receive(self) -> Message | None:
-        """Return the next message, or ``None`` once the connection is over."""
-        try:
-            message = self._read_message()
-            while message is not None and self._close_sent:
-                # RFC 6455 5.5.1: after our close frame, data is discarded.
-                message = self._read_message()
-            return message
-        except _ProtocolError as err:
-            logger.info("closing %r with %d: %s", self, err.code, err.reason)
-            self._send_close(err.code, err.reason)
-            if err.unread is not None:  # else the bad frame was the peer's close: it sends no more
-                self._drain(err.unread)
-        except (OSError, EOFError, ConnectionClosed):
-            self._lost()
-        return None
-
-    def _drain(self, unread: int = 0) -> None:
-        """Discard input until the peer's close frame, within the close timeout."""
-        try:
-            self._skip(unread)
-            while self._read_message() is not None:
-                pass
-        except Exception:
-            pass
-
-    def _read(self, count: int) -> bytes:
-        """Return exactly ``count`` bytes (``EOFError`` if the peer hangs up first)."""
-        pos = self._pos
-        end = pos + count
-        if end <= len(self._buf):
-            self._pos = end
-            return self._buf[pos:end]
-        return self._read_more(count)
-
-    def _read_more(self, count: int) -> bytes:
-        # One recv() usually brings a whole small message, or several.
-        data = self._buf[self._pos :]
-        self._buf, self._pos = b"", 0  # an idle connection holds no buffer
-        if count - len(data) > 65536:  # a long payload: straight into its own buffer
-            out = bytearray(count)
-            out[: len(data)] = data
-            view = memoryview(out)[len(data) :]
-            while view:
-                got = self._sock.recv_into(view)
-                if not got:
-                    raise EOFError
-                view = view[got:]
-            return out  # type: ignore[return-value]  # a bytearray: _unmask may work in place
-        while len(data) < count:
-            chunk = self._sock.recv(65536)
-            if not chunk:
-                raise EOFError
-            data = data + chunk if data else chunk
-        self._buf, self._pos = data, count
-        return data[:count]
-
-    def _skip(self, count: int) -> None:
-        """Discard ``count`` bytes, never holding more than 64 KiB of them."""
-        buffered = len(self._buf) - self._pos
-        if count <= buffered:
-            self._pos += count
-            return
-        count -= buffered
-        self._buf, self._pos = b"", 0
-        while count:
-            chunk = self._sock.recv(min(count, 65536))
-            if not chunk:
-                raise EOFError
-            count -= len(chunk)
-
-    def _read_message(self) -> Message | None:
-        """Read frames until a whole message; ``None`` after a close frame.
-
-        Pings are answered and pongs ignored on the way. A text message is
-        decoded once, incrementally when fragmented, so invalid UTF-8 fails
-        with 1007 at the first bad fragment. The message may not grow over
-        ``max_size`` bytes.
+        When the buffer is full, ``wait`` waits for room (in a greenlet);
+        otherwise the connection is closed as too slow and the frame dropped.
         """
-        budget = self._max_size
-        opcode = 0  # of the fragmented message being assembled
-        parts: list[Any] = []
-        decoder = None
-        while True:
-            fin, op, payload = self._read_frame(budget)
-            if op >= _OP_CLOSE:
-                if op == _OP_CLOSE:
-                    self._on_close_frame(payload)
-                    return None
-                if op == _OP_PING and not self.closed:
-                    self._send_frame(_frame(_OP_PONG, payload))
-                elif op > _OP_PONG:
-                    raise _ProtocolError(1002, f"reserved opcode {op}")
-                continue
-            if op == _OP_CONTINUATION:
-                if not opcode:
-                    raise _ProtocolError(1002, "continuation frame outside a fragmented message")
-            elif op > _OP_BINARY:
-                raise _ProtocolError(1002, f"reserved opcode {op}")
-            elif opcode:
-                raise _ProtocolError(1002, "new message inside a fragmented message")
-            elif fin:  # a whole message in one frame, the common case
-                return _decode_utf8(payload) if op == _OP_TEXT else payload
-            else:
-                opcode = op
-                if op == _OP_TEXT:
-                    decoder = _utf8_decoder()
-            if budget is not None:
-                budget -= len(payload)
-            if decoder is not None:
-                try:
-                    parts.append(decoder.decode(payload, bool(fin)))
-                except UnicodeDecodeError:
-                    raise _ProtocolError(1007, "invalid UTF-8 in a text message") from None
-            else:
-                parts.append(payload)
-            if fin:
-                return "".join(parts) if decoder is not None else b"".join(parts)
-
-    def _read_frame(self, budget: int | None) -> tuple[int, int, bytes]:
-        """Read one frame: ``(fin, opcode, unmasked payload)``.
-
-        A data frame longer than ``budget`` fails with 1009 before its payload
-        is read. After our close frame, data payloads are skipped unread.
-        """
-        b0, b1 = self._read(2)
-        op = b0 & 0x0F
-        length = b1 & 0x7F
-        if length >= 126:
-            length = int.from_bytes(self._read(2 if length == 126 else 8), "big")
-        if b0 & 0x70 or not b1 & 0x80 or (op >= _OP_CLOSE and (length > 125 or not b0 & 0x80)) or length >> 63:
-            # The header is whole, so the rest of the frame can still be skipped.
-            unread = None if op == _OP_CLOSE else 0 if length >> 63 else (b1 >> 7) * 4 + length
-            raise _ProtocolError(1002, _header_error(b0, b1, length), unread=unread)
-        self._heard = True
-        if op < _OP_CLOSE:
-            if self._close_sent:
-                self._skip(4 + length)
-                return b0 & 0x80, op, b""
-            if budget is not None and length > budget:
-                raise _ProtocolError(1009, f"message over {self._max_size} bytes", unread=4 + length)
-        mask = self._read(4)
-        if not length:
-            return b0 & 0x80, op, b""
-        return b0 & 0x80, op, _unmask(self._read(length), mask)
-
-    def _on_close_frame(self, payload: bytes) -> None:
-        """Answer the peer's close frame: the closing handshake is then complete.
-
-        The answer carries the peer's code (1000 if it sent none), and the
-        server drops the TCP connection first, as RFC 6455 7.1.1 asks.
-        """
-        code, reason = _parse_close(payload)
-        if not self.closed:
-            self.closed = True
-            self.close_code, self.close_reason = code, reason
-        self._send_close(1000 if code == 1005 else code, "")
-
-    # -- internals: keepalive ------------------------------------------------
-    #
-    # One timer per connection (under gevent, in its loop), and nobody waiting:
-    # receiving a frame costs one attribute store (`_heard`). A connection
-    # silent for a ping interval gets a ping; if nothing at all arrives within
-    # the ping timeout after it, the peer is gone.
-
-    def _start_keepalive(self, interval: float, timeout: float) -> None:
-        self._ping_interval, self._ping_timeout = interval, timeout
-        self._arm(interval, pinged=False)
-
-    def _arm(self, seconds: float, pinged: bool) -> None:
-        if self._cancel_keepalive is not None:
-            self._cancel_keepalive()
-        self._cancel_keepalive = self._runtime.call_later(seconds, self._check_alive, pinged)
-
-    def _check_alive(self, pinged: bool) -> None:  # in gevent's hub: must not block
+        if self._thread is not None and _get_ident() != self._thread:
+            return self._send_from_thread(frame, wait)
         if self.closed:
-            return
-        if self._heard:  # alive: look again a ping interval from now
-            self._heard = False
-            self._arm(self._ping_interval, pinged=False)
-        elif not pinged:  # silent for a whole interval: ping it
-            self._runtime.spawn(self._ping)
-            self._arm(self._ping_timeout, pinged=True)
-        else:  # no answer to the ping
-            self._runtime.spawn(self._expire)
+            raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
+        if self._out is not None and self._out_size + len(frame) > self._settings.max_send_buffer:
+            if not wait or gevent.getcurrent() is self._hub:
+                self._too_slow()
+                return False
+            self._wait_for_room(len(frame))
+        self._write(frame)
+        return True
 
-    def _ping(self) -> None:
+    def _write(self, data: bytes) -> None:
+        """Send ``data`` after what is queued, without ever blocking."""
+        if self._out is not None:
+            self._out.append(data)
+            self._out_size += len(data)
+            return
         try:
-            self._send_frame(_PING)
+            sent = self._sock.send(data)
+        except _WOULD_BLOCK:
+            sent = 0
+        except OSError:
+            self._drop()
+            return
+        if sent < len(data):  # the socket's buffer is full: queue the rest, write when it has room
+            self._out = collections.deque([memoryview(data)[sent:]])
+            self._out_size = len(data) - sent
+            if self._writer is None:
+                self._writer = self._loop.io(self._sock.fileno(), 2)
+            self._writer.start(self._on_writable)
+            self._progress_at = self._now()
+            if self._settings.send_timeout is not None and self._send_timer is None:
+                self._send_timer = self._call_later(self._settings.send_timeout, self._check_progress)
+
+    def _on_writable(self) -> None:  # in the event loop
+        out = self._out
+        if out is None:
+            return
+        progress = False
+        try:
+            while out:
+                head = out[0]
+                sent = self._sock.send(head)
+                if not sent:
+                    break
+                progress = True
+                self._out_size -= sent
+                if sent < len(head):
+                    out[0] = memoryview(head)[sent:]
+                    break
+                out.popleft()
+        except _WOULD_BLOCK:
+            pass
+        except OSError:
+            self._drop()
+            return
+        if progress:
+            self._progress_at = self._now()
+        if not out:
+            self._out, self._out_size = None, 0
+            self._writer.stop()
+            if self._proto.state is _CLOSED and self._waiter is not None:
+                self._wake()
+        if self._room is not None and self._out_size <= self._settings.max_send_buffer // 2:
+            self._room.set()
+            self._room = None
+
+    def _wait_for_room(self, size: int) -> None:
+        """Wait until ``size`` more bytes fit in the buffer, or it is empty."""
+        while self._out is not None and self._out_size + size > self._settings.max_send_buffer:
+            if self._room is None:
+                self._room = gevent.event.Event()
+            self._room.wait()
+            if self._proto.state is not _OPEN:
+                raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
+
+    def _check_progress(self) -> None:  # a timer: has the socket taken nothing for the send timeout?
+        self._send_timer = None
+        if self._out is None or self._proto.state is _CLOSED:
+            return
+        timeout = self._settings.send_timeout
+        assert timeout is not None
+        stalled = self._now() - self._progress_at
+        if stalled < timeout:
+            self._send_timer = self._call_later(timeout - stalled, self._check_progress)
+            return
+        logger.info("closing %r: the client took nothing for %s s", self, timeout)
+        self._too_slow()
+        self._drop()
+
+    def _too_slow(self) -> None:
+        """Close a connection whose client does not read: its queued messages are dropped."""
+        if self._proto.state is not _OPEN:
+            return
+        logger.info("closing %r: the client is too slow (%d bytes wait to be sent)", self, self._out_size)
+        if self._out is not None and len(self._out) > 1:  # keep the frame the socket has begun to take
+            head = self._out[0]
+            self._out.clear()
+            self._out.append(head)
+            self._out_size = len(head)
+        self._close(1008, "client too slow")
+
+    def _send_from_thread(self, frame: bytes, wait: bool) -> bool:
+        """Send from another thread: the connection's own event loop does it."""
+        if self._proto.state is not _OPEN:
+            raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
+        if not wait:  # broadcast: hand it over, never wait
+            self._loop.run_callback_threadsafe(self._offer, frame)
+            return True
+        done, outcome = _thread_lock(), []  # type: tuple[Any, list[Any]]
+        done.acquire()
+
+        def send() -> None:
+            try:
+                outcome.append(self._send_frame(frame, wait=True))
+            except BaseException as error:  # raised again in the sending thread
+                outcome.append(error)
+            finally:
+                done.release()
+
+        self._loop.run_callback_threadsafe(gevent.spawn, send)
+        while not done.acquire(timeout=0.5):
+            if self._hub is None:  # the connection ended before its loop ran the send
+                raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return True
+
+    def _offer(self, frame: bytes) -> None:  # a broadcast from another thread, in the event loop
+        try:
+            self._send_frame(frame, wait=False)
         except ConnectionClosed:
             pass
 
-    def _expire(self) -> None:
-        logger.info("closing %r: no answer to a ping within %s s", self, self._ping_timeout)
-        # A dead peer may not even take the close frame: give it the close timeout.
-        self._runtime.call_later(self._close_timeout, self._abort)
-        self._send_close(1011, "keepalive ping timeout")
-        self._abort()
+    # -- internals: closing --------------------------------------------------
+
+    def _close(self, code: int, reason: str) -> None:
+        """Send a close frame; never blocks. Messages not yet handled are dropped."""
+        if self._held is not None:  # the client closed (or failed) already: answer it now
+            self._inbox.clear()
+            self._inbox_size = 0
+            self._release_held()
+            return
+        if self._proto.state is not _OPEN:
+            return
+        self._proto.send_close(code, reason)
+        self._inbox.clear()
+        self._inbox_size = 0
+        if self._sock is None or self._hub is None:  # never started
+            self._proto.abort()
+            return
+        self._write(self._proto.data_to_send())
+        self._arm_close_timer()
+        if not self._reading and self._proto.state is not _CLOSED:
+            self._loop.run_callback(self._resume_reading)  # to read the client's close frame
+        self._wake_senders()
+
+    def _arm_close_timer(self) -> None:
+        if self._settings.close_timeout is not None and self._close_timer is None:
+            self._close_timer = self._call_later(self._settings.close_timeout, self._on_close_timeout)
+
+    def _on_close_timeout(self) -> None:  # a timer
+        self._close_timer = None
+        if self._proto.state is not _CLOSED:
+            logger.info("dropping %r: no close frame from the client", self)
+            self._drop()
+
+    def _drop(self) -> None:
+        """Drop the TCP connection: the peer is gone, or took too long."""
+        if self._proto.state is _CLOSED and self._out is None:
+            return
+        self._proto.abort()
+        self._out, self._out_size, self._held = None, 0, None
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._stop_reading()
+        if self._writer is not None:
+            self._writer.stop()
+        self._stop_timers()
+        self._wake_senders()
+        if self._waiter is not None:
+            self._wake()
+
+    def _wake_senders(self) -> None:
+        if self._room is not None:
+            self._room.set()
+            self._room = None
+
+    def _end(self, wait: bool) -> None:
+        """Release everything, once the handlers are done; in the view's greenlet.
+
+        With ``wait``, give the closing handshake and the last frames up to the
+        close timeout to complete.
+        """
+        if self._proto.state is _OPEN:
+            self._close(1011, "internal error")  # a handler error propagated
+        if self._reader is None:  # never started
+            return
+        try:
+            if wait:
+                for _ in self._messages():  # until CLOSED: the peer's close frame, or the timeout
+                    pass
+                if self._out is not None:
+                    with gevent.Timeout(self._settings.close_timeout, False):
+                        while self._out is not None and self._proto.state is _CLOSED:
+                            self._wait()
+        finally:
+            self._stop_reading()
+            self._stop_timers()
+            for watcher in (self._reader, self._writer):
+                if watcher is not None:
+                    watcher.close()
+            self._hub = self._reader = self._writer = None
+            self._out, self._out_size = None, 0
+            self._wake_senders()
+            try:
+                self._sock.settimeout(self._timeout)  # the server may still use it
+            except OSError:
+                pass
+
+    # -- internals: keepalive and timers --------------------------------------
+    #
+    # One timer per connection, and nobody waiting. A connection silent for a
+    # ping interval gets a ping; if nothing at all arrives within the ping
+    # timeout after it, the peer is gone. While reading is paused because
+    # handlers lag behind, the silence is ours, not the peer's.
+
+    def _check_alive(self, pinged: bool) -> None:  # a timer
+        self._keepalive_timer = None
+        if self._proto.state is not _OPEN:
+            return
+        if pinged and not self._heard and self._reading:
+            self._on_readable()  # a loop held up by a slow handler may not have read yet
+            if self._proto.state is not _OPEN:
+                return
+        interval, timeout = self._settings.ping_interval, self._settings.ping_timeout
+        assert interval is not None
+        if self._heard or not self._reading:  # alive, or not read: look again an interval from now
+            self._heard = False
+            self._keepalive_timer = self._call_later(interval, self._check_alive, False)
+        elif not pinged:  # silent for a whole interval: ping it
+            self._write(_PING)
+            if timeout is None:
+                self._keepalive_timer = self._call_later(interval, self._check_alive, False)
+            else:
+                self._keepalive_timer = self._call_later(timeout, self._check_alive, True)
+        else:  # no answer to the ping
+            logger.info("closing %r: no answer to a ping within %s s", self, timeout)
+            self._close(1011, "keepalive ping timeout")
+            self._drop()  # a dead peer: the close frame goes out if it can, no waiting
+
+    def _call_later(self, seconds: float, function: Callable[..., Any], *args: Any) -> Any:
+        if self._clock is not None:
+            return self._clock.call_later(seconds, function, *args)
+        timer = self._loop.timer(seconds)  # a callback in the event loop, not a greenlet
+        timer.start(function, *args)
+        return timer
+
+    def _now(self) -> float:
+        return self._clock.now() if self._clock is not None else time.monotonic()
+
+    def _stop_timers(self) -> None:
+        for name in ("_keepalive_timer", "_close_timer", "_send_timer"):
+            timer = getattr(self, name)
+            if timer is not None:
+                setattr(self, name, None)
+                timer.close()
+
+
+def _switch_if_alive(greenlet: Any) -> None:
+    if not greenlet.dead:
+        greenlet.switch()
+
+
+#: At most this many messages wait for the handlers; then reading pauses.
+_INBOX_MESSAGES = 16
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+# The real thread's identity and lock, even where gevent's monkey-patching made threads greenlets.
+_get_ident = gevent.monkey.get_original("_thread", "get_ident")
+_thread_lock = gevent.monkey.get_original("_thread", "allocate_lock")
 
 
 # ---------------------------------------------------------------------------
@@ -1217,12 +1493,8 @@ class WebSocketTestClient:
 
     def __init__(self, http_client: Any, path: str, **request: Any) -> None:
         self.subprotocol: str | None = None
-        self.closed = False
-        self.close_code: int | None = None
-        self.close_reason = ""
+        self._proto = _Protocol(client=True, max_size=None)  # the server's own codec, checking its frames
         self._messages: list[Message] = []
-        self._buf = b""
-        self._close_sent = False
         self._error: BaseException | None = None
         self._sock, server_sock = gevent.socket.socketpair()
         accepted = gevent.event.Event()
@@ -1246,8 +1518,21 @@ class WebSocketTestClient:
         gevent.wait([accepted, self._server], count=1)
         if not accepted.is_set():
             self._server.join()
+            self._sock.close()
             self._raise_server_error()
             raise HandshakeRefused(self._server.value)
+
+    @property
+    def closed(self) -> bool:
+        return self._proto.state is not _OPEN
+
+    @property
+    def close_code(self) -> int | None:
+        return self._proto.close_code
+
+    @property
+    def close_reason(self) -> str:
+        return self._proto.close_reason
 
     def __enter__(self) -> WebSocketTestClient:
         return self
@@ -1261,10 +1546,9 @@ class WebSocketTestClient:
 
     def send(self, message: str | bytes) -> None:
         """Send a text (``str``) or binary (``bytes``) message to the endpoint."""
-        if isinstance(message, str):
-            self._write(_OP_TEXT, message.encode("utf-8"))
-        else:
-            self._write(_OP_BINARY, bytes(message))
+        if self._proto.state is not _OPEN:
+            raise ConnectionClosed(f"the connection is closed: {self.close_code} {self.close_reason}")
+        self._sock.sendall(self._proto.message(message))
 
     def receive(self, timeout: float = 1.0) -> Message:
         """Return the next message from the endpoint: ``str`` or ``bytes``.
@@ -1272,14 +1556,15 @@ class WebSocketTestClient:
         Waits up to ``timeout`` seconds, then raises ``TimeoutError``. Once
         the endpoint has closed the connection, it raises
         :class:`ConnectionClosed` (``close_code`` says how), or the handler
-        error that closed it, if errors propagate (``app.testing``).
+        error that closed it, if errors propagate (``app.testing``). A frame
+        that breaks RFC 6455 closes it with 1002 and the reason.
         """
         try:
             with gevent.Timeout(timeout, TimeoutError(f"no message within {timeout} s")):
-                while not self._messages and not self.closed:
-                    self._read_frame()
+                while not self._messages and self._proto.state is not _CLOSED:
+                    self._read()
         finally:
-            if self.closed and not self._messages:
+            if self._proto.state is _CLOSED and not self._messages:
                 self._finish()
         if not self._messages:
             raise ConnectionClosed(f"the endpoint closed the connection: {self.close_code} {self.close_reason}")
@@ -1291,12 +1576,12 @@ class WebSocketTestClient:
         Its ``on_close`` hooks have run when this returns. A handler error
         that propagated (``app.testing``) is raised here.
         """
-        if not self.closed and not self._close_sent:
-            self._write(_OP_CLOSE, code.to_bytes(2, "big") + reason.encode("utf-8"))
-            self._close_sent = True
-            with gevent.Timeout(5, False):
-                while not self.closed:
-                    self._read_frame()
+        if self._proto.state is _OPEN:
+            self._proto.send_close(code, reason)
+            self._sock.sendall(self._proto.data_to_send())
+        with gevent.Timeout(5, False):
+            while self._proto.state is not _CLOSED:
+                self._read()
         self._finish()
 
     def _finish(self) -> None:
@@ -1309,50 +1594,29 @@ class WebSocketTestClient:
         if error is not None:
             raise error
 
-    def _write(self, opcode: int, payload: bytes) -> None:
-        """Send a frame as clients do, masked."""
-        mask = os.urandom(4)
-        n = len(payload)
-        if n < 126:
-            header = bytes((0x80 | opcode, 0x80 | n))
-        elif n < 65536:
-            header = struct.pack("!BBH", 0x80 | opcode, 0xFE, n)
-        else:
-            header = struct.pack("!BBQ", 0x80 | opcode, 0xFF, n)
-        self._sock.sendall(header + mask + _unmask_python(payload, mask))
-
-    def _read_frame(self) -> None:
+    def _read(self) -> None:
         try:
-            b0, b1 = self._recv(2)
-            length = b1 & 0x7F
-            if length >= 126:
-                length = int.from_bytes(self._recv(2 if length == 126 else 8), "big")
-            payload = self._recv(length)
-        except EOFError:  # dropped without a close frame
-            self.closed, self.close_code = True, self.close_code or 1006
-            return
-        opcode = b0 & 0x0F
-        if opcode == _OP_TEXT:
-            self._messages.append(payload.decode("utf-8"))
-        elif opcode == _OP_BINARY:
-            self._messages.append(payload)
-        elif opcode == _OP_PING:
-            self._write(_OP_PONG, payload)
-        elif opcode == _OP_CLOSE:
-            self.closed = True
-            self.close_code, self.close_reason = _parse_close(payload)
-            if not self._close_sent:  # answer it, as clients do
-                self._write(_OP_CLOSE, payload[:2])
-                self._close_sent = True
-
-    def _recv(self, count: int) -> bytes:
-        while len(self._buf) < count:
-            chunk = self._sock.recv(65536)
-            if not chunk:
-                raise EOFError
-            self._buf += chunk
-        data, self._buf = self._buf[:count], self._buf[count:]
-        return data
+            data = self._sock.recv(65536)
+        except TimeoutError:  # receive()'s timeout, an OSError
+            raise
+        except OSError:  # reset: as good as closed
+            data = b""
+        if data:
+            self._proto.receive_data(data)
+        else:
+            self._proto.receive_eof()
+        while True:
+            event = self._proto.next_event()
+            if event is None:
+                break
+            if event[0] == _OP_TEXT or event[0] == _OP_BINARY:
+                self._messages.append(event[1])
+        answer = self._proto.data_to_send()  # pongs, and the answer to a close frame
+        if answer:
+            try:
+                self._sock.sendall(answer)
+            except OSError:
+                pass
 
 
 _TEST_HANDSHAKE = {
@@ -1364,33 +1628,138 @@ _TEST_HANDSHAKE = {
 
 
 # ---------------------------------------------------------------------------
+# How it works: the life of a connection
+# ---------------------------------------------------------------------------
+#
+# Handshake. The endpoint is an ordinary Flask view on a ``websocket=True``
+# rule, so routing, ``before_request`` and the request context are Flask's.
+# The view (``WebSockets._serve``) checks the handshake (RFC 6455, origin,
+# ``before_connect``) while an HTTP answer is still possible.
+#
+# Handover. The server hands over the socket (``_Handover``): our handler and
+# the test client send the 101 when the view asks; gevent-websocket's handler
+# has sent it already; Werkzeug's server lends its socket to its thread. The
+# view keeps the bytes that came behind the handshake and reads the socket
+# itself from then on.
+#
+# Receiving. ``Connection._start`` makes the socket non-blocking and watches
+# it from the event loop: ``_on_readable`` feeds what arrives to the protocol
+# core (``_Protocol``), which answers pings, and queues messages in the inbox.
+# The view's greenlet takes them from the inbox and runs the handlers, in its
+# request context (``WebSockets._run``). When 16 messages wait, or a limit's
+# worth of bytes, reading pauses until the handlers catch up: TCP pushes back
+# on the client, and memory stays bounded. Keepalive and the close timeout
+# are timers in the same loop.
+#
+# Sending. A frame goes to the socket at once; what the socket does not take
+# waits in the connection's buffer, bounded by WEBSOCKETS_MAX_SEND_BUFFER.
+#
+# Closing. Whoever closes, the protocol's state goes OPEN -> CLOSING (our
+# close frame sent: input is skipped until the client's) -> CLOSED (close
+# frames exchanged; a protocol error, answered with its code; the TCP
+# connection lost, 1006; or a timeout, when the server drops it). Then the
+# view's loop ends, ``Connection._end`` releases the watchers and timers,
+# ``on_close`` runs once, and the view returns to the server, which closes the
+# socket.
+
+
+class _Settings(NamedTuple):
+    """The ``WEBSOCKETS_*`` configuration of an app, checked."""
+
+    max_message_size: int | None
+    ping_interval: float | None
+    ping_timeout: float | None
+    close_timeout: float | None
+    allowed_origins: Any  # None, "*", or a frozenset of _origin_key()s
+    max_send_buffer: int
+    send_timeout: float | None
+
+    @property
+    def inbox_bytes(self) -> int:
+        """How many received bytes may wait for the handlers before reading pauses."""
+        return self.max_message_size or 1 << 20
+
+
+def _settings(app: Flask) -> _Settings:
+    """The app's settings, checked when its config changes; a ``ValueError`` names a bad key."""
+    raw = tuple(_frozen(app.config.get(key, default)) for key, default in _CONFIG_DEFAULTS.items())
+    cached = app.extensions.get("flask_websockets.settings")
+    if cached is None or cached[0] != raw:
+        cached = raw, _check_settings(dict(zip(_CONFIG_DEFAULTS, raw)))
+        app.extensions["flask_websockets.settings"] = cached
+    return cached[1]  # type: ignore[no-any-return]
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, set, frozenset)) else value
+
+
+def _check_settings(values: dict[str, Any]) -> _Settings:
+    def positive(key: str, integer: bool = False, optional: bool = True) -> Any:
+        value = values[key]
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not 0 < value < 1e18:
+            what = "a positive whole number of bytes" if integer else "a positive number of seconds"
+            raise ValueError(f"{key} must be {what}{' or None' if optional else ''}, not {value!r}")
+        return value
+
+    origins = values["WEBSOCKETS_ALLOWED_ORIGINS"]
+    if origins is not None and origins != "*":
+        example = "None, '*' or a list of origins such as ['https://example.com']"
+        if isinstance(origins, (str, bytes)) or not isinstance(origins, Iterable):
+            raise ValueError(f"WEBSOCKETS_ALLOWED_ORIGINS must be {example}, not {origins!r}")
+        keys = [_origin_key(origin) if isinstance(origin, str) else None for origin in origins]
+        for origin, key in zip(origins, keys):
+            if key is None:
+                raise ValueError(f"WEBSOCKETS_ALLOWED_ORIGINS: {origin!r} is not an origin such as 'https://example.com'")
+        origins = frozenset(keys)
+    return _Settings(
+        max_message_size=positive("WEBSOCKETS_MAX_MESSAGE_SIZE", integer=True),
+        ping_interval=positive("WEBSOCKETS_PING_INTERVAL"),
+        ping_timeout=positive("WEBSOCKETS_PING_TIMEOUT"),
+        close_timeout=positive("WEBSOCKETS_CLOSE_TIMEOUT"),
+        allowed_origins=origins,
+        max_send_buffer=positive("WEBSOCKETS_MAX_SEND_BUFFER", integer=True, optional=False),
+        send_timeout=positive("WEBSOCKETS_SEND_TIMEOUT"),
+    )
+
+
+_DEFAULT_SETTINGS = _check_settings(dict(_CONFIG_DEFAULTS))
+
+
+def _encode(value: Reply, who: str | Callable[..., Any]) -> bytes | None:
+    """The frame for a sent message or a handler's reply, or ``None`` for ``None``.
+
+    ``who`` is the sending function's name, or the handler, for the error message.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return _frame(_OP_TEXT, value.encode("utf-8"))
+    if isinstance(value, (bytes, bytearray)):
+        return _frame(_OP_BINARY, value)
+    if isinstance(value, memoryview):
+        return _frame(_OP_BINARY, value.tobytes())  # its bytes, whatever its item size or shape
+    if isinstance(value, _WerkzeugResponse):
+        body = value.get_data()
+        if (value.mimetype or "").startswith("text/") or value.is_json:
+            # Text frames are UTF-8, whatever charset the response declares.
+            charset = value.mimetype_params.get("charset", "utf-8")
+            return _frame(_OP_TEXT, body.decode(charset).encode("utf-8"))
+        return _frame(_OP_BINARY, body)
+    if callable(who):
+        who = f"message handler {_name(who)}()"
+    raise TypeError(
+        f"{who} got {type(value).__name__}: a websocket message must be str (text),"
+        " bytes, bytearray or memoryview (binary), or a Flask response such as"
+        " jsonify(...); return None to send nothing"
+    )
+
+
+# ---------------------------------------------------------------------------
 # How servers hand a connection over
 # ---------------------------------------------------------------------------
-
-
-class _Runtime(NamedTuple):
-    """Locks and timers for greenlets, or for threads."""
-
-    lock: Callable[[], Any]
-    spawn: Callable[[Callable[[], Any]], Any]
-    call_later: Callable[..., Callable[[], Any]]  # (seconds, function, *args) -> cancel()
-
-
-def _gevent_call_later(seconds: float, function: Callable[..., Any], *args: Any) -> Callable[[], Any]:
-    timer = gevent.get_hub().loop.timer(seconds)  # a callback in the hub, not a greenlet
-    timer.start(function, *args)
-    return timer.close  # type: ignore[no-any-return]
-
-
-def _thread_call_later(seconds: float, function: Callable[..., Any], *args: Any) -> Callable[[], Any]:
-    timer = threading.Timer(seconds, function, args)
-    timer.daemon = True
-    timer.start()
-    return timer.cancel
-
-
-_GEVENT = _Runtime(Semaphore, gevent.spawn, _gevent_call_later)
-_THREADS = _Runtime(threading.Lock, lambda f: threading.Thread(target=f, daemon=True).start(), _thread_call_later)
 
 
 class _Handover:
@@ -1401,7 +1770,6 @@ class _Handover:
     """
 
     answers_handshake = True  # no 101 has been sent: the app's answer is the server's
-    runtime = _GEVENT
 
     def __init__(self, environ: dict) -> None:
         self.environ = environ
@@ -1414,8 +1782,11 @@ class _Handover:
         """Send the 101; return the socket and the bytes already received."""
         raise NotImplementedError
 
-    def end(self) -> Response:
-        """Tidy up after the connection; return what the view answers."""
+    def end(self) -> None:
+        """Tidy up after the connection."""
+
+    def response(self) -> Response:
+        """What the view returns once the connection is over."""
         return _Upgraded(status=101)
 
 
@@ -1439,15 +1810,17 @@ class _GeventWebsocketHandover(_Handover):
         handler = self.environ["wsgi.websocket"].handler
         return handler.socket, _take_over(handler.socket, handler.rfile)
 
-    def end(self) -> Response:
+    def end(self) -> None:
         self.environ["wsgi.websocket"].closed = True  # it must not send its own close frame
-        return super().end()
 
 
 class _WerkzeugHandover(_Handover):
-    """Werkzeug's development server (``flask run``): a thread per request."""
+    """Werkzeug's development server (``flask run``): a thread per request.
 
-    runtime = _THREADS
+    The connection runs its I/O in that thread's own gevent event loop, made
+    for it and destroyed with it (unless gevent's monkey-patching made the
+    thread a greenlet of the main loop).
+    """
 
     def accept(self, subprotocol: str | None) -> tuple[Any, bytes]:
         sock = self.environ["werkzeug.socket"]
@@ -1455,11 +1828,15 @@ class _WerkzeugHandover(_Handover):
         # Werkzeug reads on from its reader after the app: leave it open.
         return sock, _take_over(sock, self.environ["wsgi.input"], close=False)
 
-    def end(self) -> Response:
+    def end(self) -> None:
         try:
             self.environ["werkzeug.socket"].shutdown(socket.SHUT_RDWR)  # Werkzeug's next read ends
         except OSError:
             pass
+        if gevent.getcurrent().parent is None:  # a real thread: its event loop was made for this connection
+            gevent.get_hub().destroy()
+
+    def response(self) -> Response:
         return _Dropped(status=101)
 
 
@@ -1474,6 +1851,12 @@ def _handover(environ: dict) -> _Handover | None:
 
 
 def _handshake_error(environ: dict) -> Response | None:
+    """An HTTP answer for a handshake that is not RFC 6455's, else ``None``."""
+    if environ.get("REQUEST_METHOD") != "GET":  # HEAD, say: RFC 6455 4.1 asks for GET
+        return Response("A websocket handshake is a GET request.", 405, {"Allow": "GET"})
+    if environ.get("CONTENT_LENGTH", "0") not in ("", "0") or "HTTP_TRANSFER_ENCODING" in environ:
+        # The server would read the body from what is now the websocket's stream.
+        return Response("A websocket handshake has no body.", 400)
     if environ.get("HTTP_SEC_WEBSOCKET_VERSION") != "13":
         return Response("This server speaks websocket version 13.", 426, {"Sec-WebSocket-Version": "13"})
     try:
@@ -1544,36 +1927,400 @@ class _Dropped(_Upgraded):
 
 
 # ---------------------------------------------------------------------------
-# RFC 6455 wire protocol
+# The protocol core: RFC 6455 without I/O
 # ---------------------------------------------------------------------------
+#
+# Everything below knows nothing of Flask, gevent or sockets: it turns bytes
+# into events and messages into bytes. The server's connection and the test
+# client both use it, so the test client checks every frame the server sends.
 
 _OP_CONTINUATION, _OP_TEXT, _OP_BINARY = 0x0, 0x1, 0x2
 _OP_CLOSE, _OP_PING, _OP_PONG = 0x8, 0x9, 0xA
-_utf8_decoder = codecs.getincrementaldecoder("utf-8")
+_FAILED = -1  # the kind of event that reports a protocol error
+
+#: Each frame after the first of a message counts as at least this many bytes
+#: against the size limit: a flood of tiny or empty fragments ends in 1009.
+_MIN_FRAME_COST = 64
+
+
+class _State(enum.Enum):
+    """Where a connection is in its life (RFC 6455 section 7)."""
+
+    OPEN = "open"  # messages flow both ways
+    CLOSING = "closing"  # our close frame is out: input is discarded until the peer's
+    CLOSED = "closed"  # close frames exchanged, or the connection failed or was lost
+
+
+_OPEN, _CLOSING, _CLOSED = _State.OPEN, _State.CLOSING, _State.CLOSED
+
+
+class _Protocol:
+    """One end of a websocket connection, as bytes in and events out.
+
+    Feed it what the socket received with :meth:`receive_data` (and
+    :meth:`receive_eof` at the end), take events from :meth:`next_event` until
+    it returns ``None``, and send what :meth:`data_to_send` returns. An event
+    is a tuple ``(kind, data)``:
+
+    ========================  ==========================================================
+    ``(_OP_TEXT, str)``       a text message; ``(_OP_BINARY, bytes)`` a binary one
+    ``(_OP_PING, bytes)``     a ping, already answered: the pong is in ``data_to_send()``
+    ``(_OP_PONG, bytes)``     a pong
+    ``(_OP_CLOSE, (c, r))``   the peer's close frame, with its code and reason; if the
+                              peer started the closing handshake, the answer is queued
+    ``(_FAILED, (c, r))``     the peer broke RFC 6455 or the size limit: the close frame
+                              with code ``c`` is queued, and input is discarded
+    ========================  ==========================================================
+
+    ``state`` goes from OPEN to CLOSING when this end sends its close frame
+    (:meth:`send_close`, or a failure), and to CLOSED when the closing
+    handshake is over or the connection ends. In CLOSING, frames are skipped
+    unread until the peer's close frame, whatever they are.
+
+    The parser is lazy: it parses only as far as the next event, so a caller
+    that stops asking bounds what it holds. A message under way is kept in one
+    buffer that grows as its bytes arrive (nothing is allocated for an
+    announced length), unmasked and, for text, checked for UTF-8 on the way:
+    invalid text fails at the first bad byte. ``max_size`` bounds it, counting
+    each frame after the first as at least ``_MIN_FRAME_COST`` bytes.
+    """
+
+    __slots__ = (
+        "client", "max_size", "state", "close_code", "close_reason", "_buf", "_pos", "_eof", "_output",
+        "_mask_bit", "_left", "_fin", "_mask", "_phase", "_skip", "_opcode", "_message", "_size", "_decoder",
+    )  # fmt: skip
+
+    def __init__(self, client: bool = False, max_size: int | None = 1 << 20) -> None:
+        self.client = client
+        self.max_size = max_size
+        self.state = _OPEN
+        self.close_code: int | None = None  # this end's, if it closed first; else the peer's (1006: lost)
+        self.close_reason = ""
+        self._buf: bytes = b""  # received bytes, parsed up to _pos
+        self._pos = 0
+        self._eof = False
+        self._output: list[bytes] = []  # automatic answers: pongs and close frames
+        self._mask_bit = 0 if client else 0x80  # clients mask every frame; servers never do
+        # The frame whose payload is arriving:
+        self._left = 0  # payload bytes still to come
+        self._fin = 0
+        self._mask: bytes | None = None
+        self._phase = 0  # payload bytes unmasked so far (where the mask stands)
+        self._skip = False  # its payload is discarded
+        # The message being assembled from one or more frames:
+        self._opcode = 0  # 0: none
+        self._message: bytearray | None = None
+        self._size = 0  # its cost against max_size
+        self._decoder: Any = None  # an incremental UTF-8 decoder, for text
+
+    # -- input ---------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Take bytes received from the peer."""
+        if self._pos >= len(self._buf):
+            self._buf, self._pos = data, 0
+        else:  # a partial header, or frames the caller has not asked for yet
+            self._buf = self._buf[self._pos :] + data
+            self._pos = 0
+
+    def receive_eof(self) -> None:
+        """The peer closed the TCP connection: events end after what it sent."""
+        self._eof = True
+
+    def abort(self) -> None:
+        """This end drops the connection: nothing more is read or sent."""
+        if self.state is _OPEN:
+            self.close_code = 1006
+        self.state = _CLOSED
+        self._buf, self._pos, self._message, self._decoder, self._output = b"", 0, None, None, []
+
+    def next_event(self) -> tuple[int, Any] | None:
+        """The next event, or ``None`` until more data arrives (or for good, once CLOSED)."""
+        while self.state is not _CLOSED:
+            if self._left:
+                event = self._receive_payload()
+                if event is not None or self._left:
+                    return event
+                continue
+            buf, pos = self._buf, self._pos
+            available = len(buf) - pos
+            if available < 2:
+                return self._end_of_input()
+            b0, b1 = buf[pos], buf[pos + 1]
+            length = b1 & 0x7F
+            start = pos + 2 + (0 if length < 126 else 2 if length == 126 else 8)  # the mask, if any
+            end = start + (4 if b1 & 0x80 else 0)  # the payload
+            if len(buf) < end:
+                return self._end_of_input()
+            if length >= 126:
+                length = int.from_bytes(buf[pos + 2 : start], "big")
+            mask = buf[start:end] if end > start else None
+            if self.state is _CLOSING:
+                event = self._frame_while_closing(b0, length, end)
+            elif (
+                (b0 == 0x81 or b0 == 0x82) and b1 & 0x80 == self._mask_bit and not self._opcode
+                and len(buf) >= end + length and (self.max_size is None or length <= self.max_size)
+            ):  # fmt: skip
+                # The common case: a whole message in one frame, all of it here.
+                self._pos = end + length
+                payload = buf[end : end + length]
+                if mask is not None:
+                    payload = _unmask(payload, mask)
+                if b0 == 0x82:
+                    return _OP_BINARY, payload
+                try:
+                    return _OP_TEXT, payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    return self._fail(1007, "invalid UTF-8 in a text message")
+            else:
+                event = self._frame(b0, b1, length, mask, end)
+            if event is not None:
+                return event
+        return None
+
+    def _end_of_input(self) -> tuple[int, Any] | None:
+        """No event until more data arrives; if none will, the connection is over."""
+        if self._eof:  # the peer hung up: after its close frame, or not (1006)
+            if self.state is _OPEN:
+                self.close_code = 1006
+            self.state = _CLOSED
+        return None
+
+    def _frame(self, b0: int, b1: int, length: int, mask: bytes | None, end: int) -> tuple[int, Any] | None:
+        """Check a frame header and act on it; its payload starts at ``end``."""
+        opcode = b0 & 0x0F
+        error = self._header_error(b0, b1, opcode, length)
+        if error is not None:
+            self._pos = end
+            # A bad close frame is still the peer's last frame: answer it and stop.
+            return self._fail(1002, error, skip=None if opcode == _OP_CLOSE else length)
+        if opcode >= _OP_CLOSE:
+            if len(self._buf) < end + length:
+                return self._end_of_input()  # control frames are handled whole
+            self._pos = end + length
+            payload = self._buf[end : end + length]
+            return self._control(opcode, payload if mask is None else _unmask(payload, mask))
+        cost = length if opcode else max(length, _MIN_FRAME_COST)
+        if self.max_size is not None and self._size + cost > self.max_size:
+            self._pos = end
+            return self._fail(1009, f"message over {self.max_size} bytes", skip=length)
+        self._pos = end
+        if opcode:  # the first frame of a message
+            self._opcode, self._message, self._size = opcode, bytearray(), 0
+            self._decoder = _utf8_decoder() if opcode == _OP_TEXT else None
+        self._size += cost
+        self._fin, self._mask, self._phase, self._skip = b0 & 0x80, mask, 0, False
+        self._left = length
+        if length:
+            return None  # next_event() goes on with the payload
+        return self._end_of_frame()
+
+    def _header_error(self, b0: int, b1: int, opcode: int, length: int) -> str | None:
+        if b0 & 0x70:
+            return "reserved bits set without an extension"
+        if b1 & 0x80 != self._mask_bit:
+            return "server frames must not be masked" if self.client else "client frames must be masked"
+        if length >> 63:
+            return "frame length over 2**63"
+        if opcode >= _OP_CLOSE:
+            if not b0 & 0x80 or length > 125:
+                return "control frames must be whole and at most 125 bytes"
+            if opcode > _OP_PONG:
+                return f"reserved opcode {opcode}"
+        elif opcode > _OP_BINARY:
+            return f"reserved opcode {opcode}"
+        elif not opcode and not self._opcode:
+            return "continuation frame outside a fragmented message"
+        elif opcode and self._opcode:
+            return "new message inside a fragmented message"
+        return None
+
+    def _receive_payload(self) -> tuple[int, Any] | None:
+        """Take what has arrived of the current frame's payload."""
+        buf, pos = self._buf, self._pos
+        take = min(self._left, len(buf) - pos)
+        if not take:
+            return self._end_of_input()
+        self._pos = pos + take
+        self._left -= take
+        if not self._skip:
+            message = self._message
+            assert message is not None
+            start = len(message)
+            message += memoryview(buf)[pos : pos + take]
+            if self._mask is not None:
+                _unmask_into(message, start, self._mask, self._phase)
+                self._phase += take
+            if self._decoder is not None:
+                try:
+                    with memoryview(message) as view:
+                        self._decoder.decode(view[start:])
+                except UnicodeDecodeError:
+                    return self._fail(1007, "invalid UTF-8 in a text message", skip=self._left)
+        if self._left:
+            return None
+        return self._end_of_frame()
+
+    def _end_of_frame(self) -> tuple[int, Any] | None:
+        if self._skip or not self._fin:
+            return None
+        opcode, message, decoder = self._opcode, self._message, self._decoder
+        assert message is not None
+        self._opcode, self._message, self._decoder = 0, None, None
+        if decoder is None:
+            return opcode, bytes(message)
+        try:
+            decoder.decode(b"", True)  # a sequence cut off at the end
+        except UnicodeDecodeError:
+            return self._fail(1007, "invalid UTF-8 in a text message")
+        return opcode, message.decode("utf-8")
+
+    def _control(self, opcode: int, payload: bytes) -> tuple[int, Any]:
+        if opcode == _OP_PING:
+            self._output.append(self.frame(_OP_PONG, payload))
+            return opcode, payload
+        if opcode == _OP_PONG:
+            return opcode, payload
+        try:
+            code, reason = _parse_close(payload)
+        except _ProtocolError as error:
+            return self._fail(error.code, error.reason, skip=None)
+        if self.state is _OPEN:  # the peer starts the closing handshake: answer it
+            self.close_code, self.close_reason = code, reason
+            self._output.append(self._close_frame(1000 if code == 1005 else code, ""))
+        self.state = _CLOSED
+        return opcode, (code, reason)
+
+    def _frame_while_closing(self, b0: int, length: int, end: int) -> tuple[int, Any] | None:
+        """After our close frame: skip every frame but the peer's close frame."""
+        if b0 & 0x0F == _OP_CLOSE and length <= 125:
+            if len(self._buf) < end + length:
+                return self._end_of_input()
+            self._pos = end + length
+            self.state = _CLOSED
+            return _OP_CLOSE, (self.close_code, self.close_reason)  # its content no longer matters
+        self._pos = end
+        self._left, self._skip = length, True
+        return None
+
+    def _fail(self, code: int, reason: str, skip: int | None = 0) -> tuple[int, Any]:
+        """Fail the connection: queue a close frame with ``code``, discard what follows.
+
+        ``skip`` is what is left of the offending frame's payload, or ``None``
+        when that frame was the peer's close frame, its last.
+        """
+        if self.state is _OPEN:
+            self.close_code, self.close_reason = code, reason
+            self._output.append(self._close_frame(code, reason))
+        self._opcode, self._message, self._decoder = 0, None, None
+        if skip is None:
+            self.state = _CLOSED
+        else:
+            self.state = _CLOSING
+            self._left, self._skip = skip, True
+        return _FAILED, (code, reason)
+
+    # -- output --------------------------------------------------------------
+
+    def send_close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake: the close frame waits in :meth:`data_to_send`."""
+        if self.state is _OPEN:
+            self.state = _CLOSING
+            self.close_code, self.close_reason = code, reason
+            self._output.append(self._close_frame(code, reason))
+
+    def data_to_send(self) -> bytes:
+        """What the protocol itself has to send: pongs and close frames."""
+        if not self._output:
+            return b""
+        data = b"".join(self._output)
+        self._output.clear()
+        return data
+
+    def frame(self, opcode: int, payload: Any) -> bytes:
+        """A whole frame from this end: masked for a client, as RFC 6455 requires."""
+        return _encode_frame(opcode, payload, mask=os.urandom(4) if self.client else None)
+
+    def message(self, message: str | bytes) -> bytes:
+        """The frame of a whole text (``str``) or binary message."""
+        if isinstance(message, str):
+            return self.frame(_OP_TEXT, message.encode("utf-8"))
+        return self.frame(_OP_BINARY, message)
+
+    def _close_frame(self, code: int, reason: str) -> bytes:
+        return self.frame(_OP_CLOSE, _close_payload(code, reason))
 
 
 class _ProtocolError(Exception):
-    """The peer broke RFC 6455 or a limit: fail the connection with ``code``.
+    """A close frame that breaks RFC 6455: fail the connection with ``code``."""
 
-    ``unread`` counts the bytes of the offending frame still to be skipped
-    before the peer's answering close frame; ``None`` if the offending frame
-    was the peer's close frame.
-    """
-
-    def __init__(self, code: int, reason: str, unread: int | None = 0) -> None:
+    def __init__(self, code: int, reason: str) -> None:
         super().__init__(code, reason)
-        self.code, self.reason, self.unread = code, reason, unread
+        self.code, self.reason = code, reason
 
 
-def _header_error(b0: int, b1: int, length: int) -> str:
-    if b0 & 0x70:
-        return "reserved bits set without an extension"
-    if not b1 & 0x80:
-        return "client frames must be masked"
-    if length >> 63:
-        return "frame length over 2**63"
-    return "control frames must be whole and at most 125 bytes"
+def _encode_frame(opcode: int, payload: Any, *, fin: bool = True, rsv: int = 0, mask: bytes | None = None) -> bytes:
+    """One frame. ``rsv`` sets reserved bits (0x40, 0x20, 0x10); ``mask`` masks it."""
+    n = payload.nbytes if isinstance(payload, memoryview) else len(payload)
+    b0 = (0x80 if fin else 0) | rsv | opcode
+    mask_bit = 0 if mask is None else 0x80
+    if n < 126:
+        header = bytes((b0, mask_bit | n))
+    elif n < 65536:
+        header = struct.pack("!BBH", b0, mask_bit | 126, n)
+    else:
+        header = struct.pack("!BBQ", b0, mask_bit | 127, n)
+    if mask is None:
+        return header + payload
+    return header + mask + _unmask(bytes(payload), mask)
 
+
+def _frame(opcode: int, payload: Any) -> bytes:
+    """A whole, unmasked frame, as servers send them: the fast path of :func:`_encode_frame`."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x80 | opcode, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x80 | opcode, 126, n) + payload
+    return struct.pack("!BBQ", 0x80 | opcode, 127, n) + payload
+
+
+def _close_payload(code: int, reason: str) -> bytes:
+    """A close frame's payload; a long reason is cut at 123 bytes, between characters."""
+    encoded = reason.encode("utf-8")
+    if len(encoded) > 123:
+        encoded = encoded[:123].decode("utf-8", "ignore").encode("utf-8")
+    return code.to_bytes(2, "big") + encoded
+
+
+def _close_frame(code: int, reason: str) -> bytes:
+    return _frame(_OP_CLOSE, _close_payload(code, reason))
+
+
+_PING = _frame(_OP_PING, b"keepalive")
+
+
+def _parse_close(payload: bytes) -> tuple[int, str]:
+    """The code and reason of a close frame (1005 and "" when it has none)."""
+    if not payload:
+        return 1005, ""
+    if len(payload) == 1:
+        raise _ProtocolError(1002, "close frame with a 1-byte payload")
+    code = int.from_bytes(payload[:2], "big")
+    if not _is_valid_close_code(code):
+        raise _ProtocolError(1002, f"invalid close code {code}")
+    try:
+        return code, payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise _ProtocolError(1007, "invalid UTF-8 in the close reason") from None
+
+
+def _is_valid_close_code(code: int) -> bool:
+    # RFC 6455 7.4 and the IANA registry: 1004-1006 and 1015 are never sent.
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
 # XOR with one key byte, as a bytes.translate() table, for each of the 256 keys.
 _XOR_TABLES = [
@@ -1595,10 +2342,23 @@ def _unmask_python(payload: bytes, mask: bytes) -> bytes:
     if n < 400:
         key = int.from_bytes((mask * (n // 4 + 1))[:n], "big")
         return (int.from_bytes(payload, "big") ^ key).to_bytes(n, "big")
-    data = payload if type(payload) is bytearray else bytearray(payload)  # a bytearray is ours to change
+    data = bytearray(payload)
     for lane in range(4):
         data[lane::4] = data[lane::4].translate(_XOR_TABLES[mask[lane]])
     return bytes(data)
+
+
+def _unmask_into_python(data: bytearray, start: int, mask: bytes, phase: int) -> None:
+    """Unmask ``data[start:]`` in place; ``phase`` bytes of the frame came before it."""
+    if phase & 3:
+        mask = mask[phase & 3 :] + mask[: phase & 3]
+    n = len(data) - start
+    if n < 400:
+        key = int.from_bytes((mask * (n // 4 + 1))[:n], "big")
+        data[start:] = (int.from_bytes(data[start:], "big") ^ key).to_bytes(n, "big")
+        return
+    for lane in range(4):
+        data[start + lane :: 4] = data[start + lane :: 4].translate(_XOR_TABLES[mask[lane]])
 
 
 try:  # an optional accelerator, written in C: pip install wsaccel
@@ -1607,82 +2367,10 @@ try:  # an optional accelerator, written in C: pip install wsaccel
     def _unmask(payload: bytes, mask: bytes) -> bytes:
         return _XorMasker(mask).process(payload)  # type: ignore[no-any-return]
 
+    def _unmask_into(data: bytearray, start: int, mask: bytes, phase: int) -> None:
+        if phase & 3:
+            mask = mask[phase & 3 :] + mask[: phase & 3]
+        data[start:] = _XorMasker(mask).process(data[start:])
+
 except ImportError:
-    _unmask = _unmask_python
-
-
-def _decode_utf8(payload: bytes) -> str:
-    try:
-        return payload.decode("utf-8")
-    except UnicodeDecodeError:
-        raise _ProtocolError(1007, "invalid UTF-8 in a text message") from None
-
-
-def _parse_close(payload: bytes) -> tuple[int, str]:
-    """The code and reason of a close frame (1005 and "" when it has none).
-
-    A malformed close frame is still the peer's last frame: the error says
-    so (``unread=None``), and it is answered without waiting for another.
-    """
-    if not payload:
-        return 1005, ""
-    code = int.from_bytes(payload[:2], "big")
-    if len(payload) == 1:
-        raise _ProtocolError(1002, "close frame with a 1-byte payload", unread=None)
-    if not _is_valid_close_code(code):
-        raise _ProtocolError(1002, f"invalid close code {code}", unread=None)
-    try:
-        return code, payload[2:].decode("utf-8")
-    except UnicodeDecodeError:
-        raise _ProtocolError(1007, "invalid UTF-8 in the close reason", unread=None) from None
-
-
-def _frame(opcode: int, payload: Any) -> bytes:
-    """A whole, unmasked frame (servers never mask)."""
-    n = len(payload)
-    if n < 126:
-        header = bytes((0x80 | opcode, n))
-    elif n < 65536:
-        header = struct.pack("!BBH", 0x80 | opcode, 126, n)
-    else:
-        header = struct.pack("!BBQ", 0x80 | opcode, 127, n)
-    return header + payload
-
-
-def _close_frame(code: int, reason: str) -> bytes:
-    return _frame(_OP_CLOSE, code.to_bytes(2, "big") + reason.encode("utf-8")[:123])
-
-
-_PING = _frame(_OP_PING, b"keepalive")
-
-
-def _is_valid_close_code(code: int) -> bool:
-    # RFC 6455 7.4 and the IANA registry: 1004-1006 and 1015 are never sent.
-    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
-
-
-def _encode(value: Reply, who: str | Callable[..., Any]) -> bytes | None:
-    """The frame for a sent message or a handler's reply, or ``None`` for ``None``.
-
-    ``who`` is the sending function's name, or the handler, for the error message.
-    """
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return _frame(_OP_TEXT, value.encode("utf-8"))
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return _frame(_OP_BINARY, value)
-    if isinstance(value, _WerkzeugResponse):
-        body = value.get_data()
-        if (value.mimetype or "").startswith("text/") or value.is_json:
-            # Text frames are UTF-8, whatever charset the response declares.
-            charset = value.mimetype_params.get("charset", "utf-8")
-            return _frame(_OP_TEXT, body.decode(charset).encode("utf-8"))
-        return _frame(_OP_BINARY, body)
-    if callable(who):
-        who = f"message handler {_name(who)}()"
-    raise TypeError(
-        f"{who} got {type(value).__name__}: a websocket message must be str (text),"
-        " bytes, bytearray or memoryview (binary), or a Flask response such as"
-        " jsonify(...); return None to send nothing"
-    )
+    _unmask, _unmask_into = _unmask_python, _unmask_into_python

@@ -26,6 +26,7 @@ setup(
         "browser": ["playwright>=1.40"],  # the browser tests; they drive Debian's chromium
         "test": [
             "pytest>=7",
+            "pytest-timeout>=2",  # a hang fails the test instead of the run
             "websocket-client>=1.6",
             "trustme>=1.0",  # certificates for the wss tests
             "gunicorn>=21",  # the gunicorn worker's test
