@@ -475,21 +475,22 @@ class WebSockets:
 
     def _serve(self, **_view_args: Any) -> Response:
         """The view of the websocket endpoint: the handshake, then the connection."""
-        handover = _handover(request.environ)
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        handover = _handover(req.environ)
         if handover is None:
             return _not_served_response()
-        settings = _settings(current_app)
-        refusal = handover.check() or self._refusal(settings)
+        settings = _settings(current_app._get_current_object())  # type: ignore[attr-defined]
+        refusal = handover.check() or self._refusal(req, settings)
         if refusal is not None:
             return refusal  # an HTTP answer; after gevent-websocket's 101, a close with 1008
-        subprotocol = self._choose_subprotocol() if handover.answers_handshake else None
+        subprotocol = self._choose_subprotocol(req) if handover.answers_handshake else None
         sock, pending = handover.accept(subprotocol)
         conn = Connection(
-            request.environ,
+            req.environ,
             sock,
             subprotocol=subprotocol,
             settings=settings,
-            request=request._get_current_object(),  # type: ignore[attr-defined]
+            request=req,
             session=dict(session),
             clock=self._clock,
         )
@@ -514,15 +515,15 @@ class WebSockets:
             )
         return handover.response()
 
-    def _refusal(self, settings: _Settings) -> Response | None:
+    def _refusal(self, req: Any, settings: _Settings) -> Response | None:
         """Why this handshake is refused, as a response; ``None`` to accept it."""
-        origin = request.headers.get("Origin")
-        if not _origin_allowed(origin, settings.allowed_origins, request.scheme, request.host):
+        origin = req.environ.get("HTTP_ORIGIN")
+        if origin is not None and not _origin_allowed(origin, settings.allowed_origins, req):
             logger.warning(
                 "websocket handshake from origin %s refused: %s may connect. To allow it, set"
                 " WEBSOCKETS_ALLOWED_ORIGINS to a list of origins that includes it, or to '*'.",
                 origin,
-                f"only {request.scheme}://{request.host}"
+                f"only {req.scheme}://{req.host}"
                 if settings.allowed_origins is None
                 else f"only {current_app.config['WEBSOCKETS_ALLOWED_ORIGINS']}",
             )
@@ -533,8 +534,10 @@ class WebSockets:
                 return current_app.make_response(answer)
         return None
 
-    def _choose_subprotocol(self) -> str | None:
-        offered = request.headers.get("Sec-WebSocket-Protocol", "").split(",")
+    def _choose_subprotocol(self, req: Any) -> str | None:
+        if not self.subprotocols:
+            return None
+        offered = req.headers.get("Sec-WebSocket-Protocol", "").split(",")
         return next((p.strip() for p in offered if p.strip() in self.subprotocols), None)
 
     def _run(self, conn: Connection) -> None:
@@ -691,13 +694,13 @@ def _close_unserved_upgrade(response: Response) -> Response:
     return response
 
 
-def _origin_allowed(origin: str | None, allowed: Any, scheme: str, host: str) -> bool:
+def _origin_allowed(origin: str, allowed: Any, req: Any) -> bool:
     """Whether a page from ``origin`` may connect; ``allowed`` is from ``_Settings``."""
-    if origin is None or allowed == "*":
-        return True  # not a browser, or anyone may connect
+    if allowed == "*":
+        return True
     key = _origin_key(origin)
     if allowed is None:  # same origin: scheme, host and port of the page equal the request's
-        return key is not None and key == _origin_key(f"{scheme}://{host}")
+        return key is not None and key == _origin_key(f"{req.scheme}://{req.host}")
     return key in allowed
 
 
@@ -1681,17 +1684,16 @@ class _Settings(NamedTuple):
 
 
 def _settings(app: Flask) -> _Settings:
-    """The app's settings, checked when its config changes; a ``ValueError`` names a bad key."""
-    raw = tuple(_frozen(app.config.get(key, default)) for key, default in _CONFIG_DEFAULTS.items())
+    """The app's settings, checked again when its config changed; a ``ValueError`` names a bad key."""
+    get = app.config.get
+    raw = [get(key) for key in _CONFIG_DEFAULTS]
     cached = app.extensions.get("flask_websockets.settings")
     if cached is None or cached[0] != raw:
-        cached = raw, _check_settings(dict(zip(_CONFIG_DEFAULTS, raw)))
+        settings = _check_settings({key: get(key, default) for key, default in _CONFIG_DEFAULTS.items()})
+        # A copy of any list, so that changing the app's list in place is noticed.
+        cached = [list(value) if isinstance(value, (list, set)) else value for value in raw], settings
         app.extensions["flask_websockets.settings"] = cached
     return cached[1]  # type: ignore[no-any-return]
-
-
-def _frozen(value: Any) -> Any:
-    return tuple(value) if isinstance(value, (list, set, frozenset)) else value
 
 
 def _check_settings(values: dict[str, Any]) -> _Settings:
@@ -2054,6 +2056,8 @@ class _Protocol:
                 return self._end_of_input()
             if length >= 126:
                 length = int.from_bytes(buf[pos + 2 : start], "big")
+            if b0 & 0x08 and length <= 125 and len(buf) < end + length:
+                return self._end_of_input()  # control frames are handled whole
             mask = buf[start:end] if end > start else None
             if self.state is _CLOSING:
                 event = self._frame_while_closing(b0, length, end)
@@ -2095,8 +2099,6 @@ class _Protocol:
             # A bad close frame is still the peer's last frame: answer it and stop.
             return self._fail(1002, error, skip=None if opcode == _OP_CLOSE else length)
         if opcode >= _OP_CLOSE:
-            if len(self._buf) < end + length:
-                return self._end_of_input()  # control frames are handled whole
             self._pos = end + length
             payload = self._buf[end : end + length]
             return self._control(opcode, payload if mask is None else _unmask(payload, mask))
@@ -2194,8 +2196,6 @@ class _Protocol:
     def _frame_while_closing(self, b0: int, length: int, end: int) -> tuple[int, Any] | None:
         """After our close frame: skip every frame but the peer's close frame."""
         if b0 & 0x0F == _OP_CLOSE and length <= 125:
-            if len(self._buf) < end + length:
-                return self._end_of_input()
             self._pos = end + length
             self.state = _CLOSED
             return _OP_CLOSE, (self.close_code, self.close_reason)  # its content no longer matters

@@ -1181,6 +1181,180 @@ def test_unmask_matches_the_rfc_definition(size):
         assert result == expected and type(result) is bytes
 
 
+@pytest.mark.parametrize("size, start, phase", [(1, 0, 0), (7, 3, 1), (401, 5, 2), (4099, 0, 3), (70000, 17, 5)])
+def test_unmasking_in_place_from_any_point_of_a_frame(size, start, phase):
+    payload, mask = os.urandom(size), os.urandom(4)
+    expected = bytes(b ^ mask[(phase + i) % 4] for i, b in enumerate(payload))
+    for unmask_into in (flask_websockets._unmask_into_python, flask_websockets._unmask_into):
+        data = bytearray(b"h" * start + payload)
+        unmask_into(data, start, mask, phase)
+        assert data == b"h" * start + expected
+
+
+# ---------------------------------------------------------------------------
+# The protocol core, driven with bytes
+# ---------------------------------------------------------------------------
+
+
+def events(proto, *chunks):
+    """Feed ``chunks`` one by one; return every event, as it came."""
+    out = []
+    for chunk in chunks:
+        proto.receive_data(chunk)
+        while (event := proto.next_event()) is not None:
+            out.append(event)
+    return out
+
+
+def one_byte_at_a_time(data):
+    return [data[i : i + 1] for i in range(len(data))]
+
+
+CONVERSATION = b"".join(
+    [
+        client_frame(TEXT, "h\u00e9".encode()[:2], fin=False),
+        client_frame(PING, b"p"),
+        client_frame(0, "h\u00e9".encode()[2:] + b"llo"),
+        client_frame(BINARY, b"\x00" * 300),
+        client_frame(BINARY, b"\x01", fin=False),
+        client_frame(0, b"", fin=False),
+        client_frame(0, b"\x02"),
+        client_frame(CLOSE, close_payload(1001, "bye")),
+    ]
+)
+CONVERSATION_EVENTS = [
+    (PING, b"p"),
+    (TEXT, "h\u00e9llo"),
+    (BINARY, b"\x00" * 300),
+    (BINARY, b"\x01\x02"),
+    (CLOSE, (1001, "bye")),
+]
+
+
+@pytest.mark.parametrize("chunking", ["whole", "byte by byte", "uneven"])
+def test_the_protocol_core_gives_the_same_events_however_the_bytes_arrive(chunking):
+    proto = _Protocol()
+    chunks = {
+        "whole": [CONVERSATION],
+        "byte by byte": one_byte_at_a_time(CONVERSATION),
+        "uneven": [CONVERSATION[i : i + 7] for i in range(0, len(CONVERSATION), 7)],
+    }[chunking]
+    assert events(proto, *chunks) == CONVERSATION_EVENTS
+    assert proto.state is _State.CLOSED and (proto.close_code, proto.close_reason) == (1001, "bye")
+    # It answered the ping and the close frame, the latter with the client's code.
+    assert parse_server_frames(proto.data_to_send()) == [("pong", b"p"), ("close", 1001, "")]
+    proto.receive_data(text("after the close"))
+    assert proto.next_event() is None, "nothing comes after the closing handshake"
+
+
+def test_a_payload_arriving_in_tiny_pieces_is_never_copied_over_again():
+    """Reassembly is linear: the parse buffer holds a partial header at most."""
+    proto = _Protocol()
+    frame = binary(bytes(range(256)) * 256)
+    largest_buffer = 0
+    out = []
+    for piece in one_byte_at_a_time(frame):
+        proto.receive_data(piece)
+        while (event := proto.next_event()) is not None:
+            out.append(event)
+        largest_buffer = max(largest_buffer, len(proto._buf) - proto._pos)
+    assert out == [(BINARY, bytes(range(256)) * 256)]
+    assert largest_buffer <= 14
+
+
+def test_invalid_utf8_fails_within_the_bad_sequence_not_at_the_end_of_the_frame():
+    proto = _Protocol()
+    frame = client_frame(TEXT, "ok \u00e9 ".encode() + b"\xed\xa0\x80" + b"x" * 100)  # a surrogate: invalid
+    bad_sequence = 2 + 4 + len("ok \u00e9 ".encode())  # after the header (7-bit length, then the mask)
+    seen = []
+    for i, piece in enumerate(one_byte_at_a_time(frame)):
+        seen += events(proto, piece)
+        if seen:
+            break
+    assert seen == [(flask_websockets._FAILED, (1007, "invalid UTF-8 in a text message"))]
+    assert bad_sequence <= i < bad_sequence + 3, "failed within the bad sequence, 100 bytes before the frame's end"
+    assert parse_server_frames(proto.data_to_send()) == [("close", 1007, "invalid UTF-8 in a text message")]
+
+
+def test_a_message_is_held_in_one_buffer_that_grows_as_bytes_arrive():
+    proto = _Protocol(max_size=1 << 20)
+    header = bytes([0x82, 0xFF]) + (1 << 20).to_bytes(8, "big") + b"mask"  # announces 1 MiB
+    assert events(proto, header, b"\x00" * 1000) == []
+    assert len(proto._message) == 1000, "nothing is allocated for bytes that have not arrived"
+
+
+def test_no_limit_never_allocates_for_an_announced_length():
+    proto = _Protocol(max_size=None)
+    assert events(proto, bytes([0x82, 0xFF]) + (1 << 62).to_bytes(8, "big") + b"mask", b"abc") == []
+    assert len(proto._message) == 3
+
+
+def test_small_fragments_count_as_64_bytes_against_the_limit():
+    proto = _Protocol(max_size=1 << 20)
+    frames = [client_frame(BINARY, b"", fin=False)] + [client_frame(0, b"", fin=False)] * 20_000
+    failure = (flask_websockets._FAILED, (1009, "message over 1048576 bytes"))
+    assert events(proto, *frames) == [failure]
+    assert proto.state is _State.CLOSING
+    # The 16,385th empty fragment was one too many: 16,384 x 64 bytes is the limit.
+    proto = _Protocol(max_size=1 << 20)
+    assert events(proto, *frames[:16_385]) == []
+    assert events(proto, frames[16_385]) == [failure]
+
+
+def test_after_its_close_frame_the_server_skips_whatever_arrives_until_the_clients():
+    proto = _Protocol(max_size=100)
+    proto.send_close(1009, "too big")
+    assert proto.state is _State.CLOSING
+    garbage = [
+        client_frame(BINARY, b"x" * 200_000),  # over the limit
+        client_frame(TEXT, b"\xff", masked=False),  # unmasked, invalid UTF-8
+        client_frame(3, b"x", rsv=0x70),  # reserved bits and opcode
+        client_frame(PING, b"not answered"),
+    ]
+    assert events(proto, *garbage) == []
+    assert events(proto, close(1009)) == [(CLOSE, (1009, "too big"))]
+    assert proto.state is _State.CLOSED
+    assert parse_server_frames(proto.data_to_send()) == [("close", 1009, "too big")], "no pong, no second close"
+
+
+def test_chromium_s_2_mib_in_17_fragments_is_refused_and_closes_cleanly():
+    proto = _Protocol()  # 1 MiB
+    fragments = [client_frame(BINARY if i == 0 else 0, b"x" * 131072, fin=i == 16) for i in range(17)]
+    out = events(proto, *[chunk for f in fragments for chunk in (f[:5000], f[5000:])], close(1009))
+    assert out == [(flask_websockets._FAILED, (1009, "message over 1048576 bytes")), (CLOSE, (1009, "message over 1048576 bytes"))]
+    assert proto.state is _State.CLOSED
+
+
+def test_a_lost_connection_is_1006_and_a_close_after_ours_keeps_our_code():
+    proto = _Protocol()
+    events(proto, text("half a frame")[:5])
+    proto.receive_eof()
+    assert proto.next_event() is None
+    assert (proto.state, proto.close_code) == (_State.CLOSED, 1006)
+    proto = _Protocol()
+    proto.send_close(4000, "mine")
+    proto.receive_eof()
+    assert proto.next_event() is None
+    assert (proto.state, proto.close_code, proto.close_reason) == (_State.CLOSED, 4000, "mine")
+
+
+def test_the_client_side_masks_its_frames_and_refuses_masked_ones():
+    client = _Protocol(client=True)
+    frame = client.message("hi")
+    assert frame[1] & 0x80, "client frames are masked"
+    server = _Protocol()
+    assert events(server, frame) == [(TEXT, "hi")]
+    assert events(client, server.frame(TEXT, b"back")) == [(TEXT, "back")]
+    assert events(client, client_frame(TEXT, b"masked")) == [
+        (flask_websockets._FAILED, (1002, "server frames must not be masked"))
+    ]
+
+
+def test_a_long_close_reason_is_cut_between_characters():
+    payload = flask_websockets._close_payload(1000, "\u00e9" * 100)  # 200 bytes of UTF-8
+    assert len(payload) == 2 + 122 and payload[2:].decode("utf-8") == "\u00e9" * 61
+
+
 # ---------------------------------------------------------------------------
 # Limits and keepalive
 # ---------------------------------------------------------------------------

@@ -1,14 +1,25 @@
-"""What one websocket connection costs the server in Python, without the network.
+"""What a websocket connection and its messages cost the server in Python, without the network.
 
-    python benchmarks/connection_cost.py            # microseconds per connection
-    python benchmarks/connection_cost.py --profile  # and where they go (cProfile)
+    python benchmarks/connection_cost.py                 # microseconds per connection and per message
+    python benchmarks/connection_cost.py --profile       # and where they go (cProfile)
+    python benchmarks/connection_cost.py --module /tmp/old-checkout   # another checkout's module
+    valgrind --tool=callgrind python benchmarks/connection_cost.py --only echo_64k -n 300
 
-Each connection is a handshake request through the Flask app, one 32-byte text
-message echoed, and the client's close frame, over an in-memory socket. It is
-compared with the same request to a bare Flask view, and with pushing and
-popping Flask's request context alone: the floor for any design that gives
-handlers ``request``, ``session`` and ``g``. This is what limits the
-connection rate (scenario ``rate`` in benchmarks/README.md).
+One process, one core, a socket pair instead of TCP: the figures move far less
+between runs than the network benchmark's (benchmarks/run.sh), and under
+callgrind they are instruction counts, the same on every run. Measured:
+
+- connection: a handshake request through the Flask app, one 32-byte text
+  message echoed, and the client's close frame, answered;
+- bare_flask_request, request_context_only: the same request to a bare Flask
+  view, and Flask's request context pushed and popped alone, the floor for any
+  design that gives handlers ``request``, ``session`` and ``g``;
+- echo_32, echo_64k: one message echoed on an open connection, 32-byte text
+  and 64 KiB binary, the client's side (precomputed frames) included.
+
+Both sides run in greenlets of one gevent loop, the client sending a frame and
+reading its echo in turn. What the client costs is the same for any version of
+the module, so differences are the server's.
 """
 import argparse
 import cProfile
@@ -16,64 +27,45 @@ import io
 import os
 import pstats
 import sys
-import timeit
+import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--profile", action="store_true")
+parser.add_argument("--only", help="one measurement, by name (for callgrind)")
+parser.add_argument("-n", type=int, default=0, help="iterations (default: enough for about a second)")
+parser.add_argument("--pure-python", action="store_true", help="do not use wsaccel even if installed")
+parser.add_argument("--module", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ARGS = parser.parse_args()
+sys.path.insert(0, ARGS.module)
+if ARGS.pure_python:
+    sys.modules["wsaccel.xormask"] = None  # type: ignore[assignment]
 
+import gevent  # noqa: E402
+import gevent.socket  # noqa: E402
 from flask import Flask  # noqa: E402
 
+import flask_websockets  # noqa: E402
 from flask_websockets import WebSockets  # noqa: E402
 
 MASK = b"\x01\x02\x03\x04"
 
 
 def client_frame(opcode, payload):
+    """A masked frame, built once: the client's cost stays out of the figures."""
     masked = bytes(b ^ MASK[i % 4] for i, b in enumerate(payload))
-    return bytes([0x80 | opcode, 0x80 | len(payload)]) + MASK + masked
+    n = len(payload)
+    length = bytes([0x80 | n]) if n < 126 else b"\xfe" + n.to_bytes(2, "big") if n < 65536 else b"\xff" + n.to_bytes(8, "big")
+    return bytes([0x80 | opcode]) + length + MASK + masked
 
 
-CLIENT_BYTES = client_frame(0x1, b"x" * 32) + client_frame(0x8, (1000).to_bytes(2, "big"))
+def server_frame_size(n):
+    return 2 + n if n < 126 else 4 + n if n < 65536 else 10 + n
 
 
-class MemorySocket:
-    """The upgraded socket: the client's bytes are already there."""
-
-    def __init__(self):
-        self.inbox = CLIENT_BYTES
-        self.sent = []
-
-    def recv(self, n):
-        data, self.inbox = self.inbox[:n], self.inbox[n:]
-        return data
-
-    def send(self, data):
-        self.sent.append(bytes(data))
-        return len(data)
-
-    def sendall(self, data):
-        pass
-
-    def shutdown(self, how):
-        pass
-
-    def gettimeout(self):
-        return None
-
-    def settimeout(self, timeout):
-        pass
+CLOSE = client_frame(0x8, (1000).to_bytes(2, "big"))
 
 
-class Upgraded:
-    """environ["wsgi.websocket"] as gevent-websocket's handler leaves it."""
-
-    def __init__(self):
-        self.closed = False
-        self.handler = self
-        self.socket = MemorySocket()
-        self.rfile = io.BufferedReader(io.BytesIO(b""))
-
-
-def environ():
+def environ(accept):
     return {
         "REQUEST_METHOD": "GET",
         "PATH_INFO": "/ws",
@@ -94,7 +86,7 @@ def environ():
         "wsgi.multithread": False,
         "wsgi.multiprocess": False,
         "wsgi.run_once": False,
-        "wsgi.websocket": Upgraded(),
+        "flask_websockets.accept": accept,  # as flask_websockets.WebSocketHandler hands the socket over
     }
 
 
@@ -108,35 +100,104 @@ bare_app = Flask("bare")
 bare_app.add_url_rule("/ws", "ws", lambda: "", websocket=True)
 
 
-def flask_websockets_connection():
-    list(echo_app(environ(), ignore))
+def read_exactly(sock, n, buffer):
+    view = memoryview(buffer)[:n]
+    while view:
+        got = sock.recv_into(view)
+        assert got, "the server closed the connection"
+        view = view[got:]
 
 
-def bare_flask_request():
-    list(bare_app(environ(), ignore))
+class Connection:
+    """An open connection to echo_app: the server in a greenlet, the client is us."""
+
+    def __init__(self):
+        self.client, server = gevent.socket.socketpair()
+        self.buffer = bytearray(1 << 17)
+
+        def serve():
+            try:
+                list(echo_app(environ(lambda subprotocol: (server, io.BytesIO())), ignore))
+            finally:
+                server.close()
+
+        self.server = gevent.spawn(serve)
+
+    def echo(self, frame, reply_size):
+        self.client.sendall(frame)
+        read_exactly(self.client, reply_size, self.buffer)
+
+    def close(self):
+        self.client.sendall(CLOSE)
+        read_exactly(self.client, 4, self.buffer)  # the close frame's answer
+        self.server.join()
+        self.client.close()
 
 
-def request_context_only():
-    with bare_app.request_context(environ()):
-        pass
+TEXT_32 = client_frame(0x1, b"x" * 32)
+BINARY_64K = client_frame(0x2, bytes(range(256)) * 256)
+
+
+def connection(n):
+    for _ in range(n):
+        conn = Connection()
+        conn.echo(TEXT_32, server_frame_size(32))
+        conn.close()
+
+
+def bare_flask_request(n):
+    for _ in range(n):
+        list(bare_app(environ(None), ignore))
+
+
+def request_context_only(n):
+    for _ in range(n):
+        with bare_app.request_context(environ(None)):
+            pass
+
+
+def echo_messages(frame, reply_size):
+    def measure(n):
+        conn = Connection()
+        try:
+            for _ in range(n):
+                conn.echo(frame, reply_size)
+        finally:
+            conn.close()
+
+    return measure
+
+
+CASES = {
+    "connection": (connection, 2000, "connection"),
+    "bare_flask_request": (bare_flask_request, 5000, "connection"),
+    "request_context_only": (request_context_only, 10000, "connection"),
+    "echo_32": (echo_messages(TEXT_32, server_frame_size(32)), 20000, "message"),
+    "echo_64k": (echo_messages(BINARY_64K, server_frame_size(65536)), 2000, "message"),
+}
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", action="store_true")
-    parser.add_argument("-n", type=int, default=3000)
-    args = parser.parse_args()
-    check = environ()
-    list(echo_app(check, ignore))
-    sent = check["wsgi.websocket"].socket.sent
-    assert sent == [b"\x81\x20" + b"x" * 32, b"\x88\x02\x03\xe8"], sent  # the echo, the close reply
-    for case in (flask_websockets_connection, bare_flask_request, request_context_only):
-        best = min(timeit.repeat(case, number=args.n, repeat=5)) / args.n
-        print(f"{case.__name__:30} {best * 1e6:6.1f} us per connection")
-    if args.profile:
+    conn = Connection()  # check the echo before measuring it
+    conn.echo(BINARY_64K, server_frame_size(65536))
+    assert bytes(conn.buffer[10 : 10 + 65536]) == bytes(range(256)) * 256
+    conn.close()
+    accelerated = flask_websockets._unmask is not flask_websockets._unmask_python
+    print(f"flask_websockets from {os.path.abspath(flask_websockets.__file__)}, {'wsaccel' if accelerated else 'pure Python'}")
+    for name, (case, default_n, unit) in CASES.items():
+        if ARGS.only and name != ARGS.only:
+            continue
+        n = ARGS.n or default_n
+        best = float("inf")
+        for _ in range(1 if ARGS.only else 5):
+            start = time.process_time()
+            case(n)
+            best = min(best, (time.process_time() - start) / n)
+        print(f"{name:22} {best * 1e6:8.1f} us per {unit}", flush=True)
+    if ARGS.profile:
         profile = cProfile.Profile()
-        profile.runcall(lambda: [flask_websockets_connection() for _ in range(args.n)])
-        pstats.Stats(profile).sort_stats("tottime").print_stats(20)
+        profile.runcall(CASES[ARGS.only or "echo_32"][0], ARGS.n or 3000)
+        pstats.Stats(profile).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":
