@@ -758,9 +758,9 @@ class Connection:
 
     __slots__ = (
         "request", "session", "_state", "environ", "path", "origin", "subprotocol", "_proto", "_sock",
-        "_settings", "_clock", "_hub", "_loop", "_thread", "_timeout", "_reader", "_reading", "_heard",
+        "_settings", "_clock", "_now", "_hub", "_loop", "_thread", "_timeout", "_reader", "_reading", "_heard_at",
         "_inbox", "_inbox_size", "_waiter", "_out", "_out_size", "_writer", "_progress_at", "_room",
-        "_keepalive_timer", "_close_timer", "_send_timer", "_tls_pending", "_held",
+        "_keepalive_timer", "_close_timer", "_send_timer", "_tls_pending", "_held", "_pinged_at",
     )  # fmt: skip
 
     def __init__(
@@ -785,6 +785,7 @@ class Connection:
         self._proto = _Protocol(max_size=self._settings.max_message_size)
         self._sock = sock  # the upgraded TCP (or TLS) socket
         self._clock = clock  # timers: None for the event loop's, or a fake clock in tests
+        self._now: Callable[[], float] = time.monotonic if clock is None else clock.now
         self._inbox: list[Message] = []  # messages received, waiting for the handlers
         self._inbox_size = 0
         self._waiter: Any = None  # the greenlet waiting in _wait()
@@ -795,7 +796,8 @@ class Connection:
         # The close frame that answers the client's close frame or its protocol
         # error, held until the handlers are done with the messages before it.
         self._held: bytes | None = None
-        self._reading = self._heard = False
+        self._reading = False
+        self._heard_at = self._pinged_at = 0.0  # when bytes last came; when the last ping went
         self._keepalive_timer: Any = None
         self._close_timer: Any = None
         self._send_timer: Any = None
@@ -910,6 +912,7 @@ class Connection:
         self._sock.settimeout(0.0)
         self._tls_pending = getattr(self._sock, "pending", None)
         self._reader = self._loop.io(self._sock.fileno(), 1)
+        self._heard_at = self._now()
         if pending:
             self._proto.receive_data(pending)
         self._pump()  # parses what came with the handshake, and starts the reader
@@ -925,7 +928,7 @@ class Connection:
         except OSError:
             data = b""
         if data:
-            self._heard = True
+            self._heard_at = self._now()
             self._proto.receive_data(data)
         else:
             self._proto.receive_eof()
@@ -1262,34 +1265,39 @@ class Connection:
 
     # -- internals: keepalive and timers --------------------------------------
     #
-    # One timer per connection, and nobody waiting. A connection silent for a
-    # ping interval gets a ping; if nothing at all arrives within the ping
-    # timeout after it, the peer is gone. While reading is paused because
-    # handlers lag behind, the silence is ours, not the peer's.
+    # One timer per connection, and nobody waiting. When nothing has come from
+    # the client for a ping interval, it gets a ping; if nothing at all comes
+    # within the ping timeout after that, it is gone. While reading is paused
+    # because the handlers lag behind, the silence is ours, not the client's.
 
     def _check_alive(self, pinged: bool) -> None:  # a timer
         self._keepalive_timer = None
         if self._proto.state is not _OPEN:
             return
-        if pinged and not self._heard and self._reading:
+        interval, timeout = self._settings.ping_interval, self._settings.ping_timeout
+        assert interval is not None
+        now = self._now()
+        if not self._reading:
+            self._heard_at = now
+        if pinged and self._heard_at < self._pinged_at:
             self._on_readable()  # a loop held up by a slow handler may not have read yet
             if self._proto.state is not _OPEN:
                 return
-        interval, timeout = self._settings.ping_interval, self._settings.ping_timeout
-        assert interval is not None
-        if self._heard or not self._reading:  # alive, or not read: look again an interval from now
-            self._heard = False
+            if self._heard_at < self._pinged_at:  # no answer to the ping
+                logger.info("closing %r: no answer to a ping within %s s", self, timeout)
+                self._close(1011, "keepalive ping timeout")
+                self._drop()  # a dead peer: the close frame goes out if it can, no waiting
+                return
+        silent = now - self._heard_at
+        if silent < interval:
+            self._keepalive_timer = self._call_later(interval - silent, self._check_alive, False)
+            return
+        self._write(_PING)  # silent for a whole interval
+        self._pinged_at = now
+        if timeout is None:
             self._keepalive_timer = self._call_later(interval, self._check_alive, False)
-        elif not pinged:  # silent for a whole interval: ping it
-            self._write(_PING)
-            if timeout is None:
-                self._keepalive_timer = self._call_later(interval, self._check_alive, False)
-            else:
-                self._keepalive_timer = self._call_later(timeout, self._check_alive, True)
-        else:  # no answer to the ping
-            logger.info("closing %r: no answer to a ping within %s s", self, timeout)
-            self._close(1011, "keepalive ping timeout")
-            self._drop()  # a dead peer: the close frame goes out if it can, no waiting
+        else:
+            self._keepalive_timer = self._call_later(timeout, self._check_alive, True)
 
     def _call_later(self, seconds: float, function: Callable[..., Any], *args: Any) -> Any:
         if self._clock is not None:
@@ -1297,9 +1305,6 @@ class Connection:
         timer = self._loop.timer(seconds)  # a callback in the event loop, not a greenlet
         timer.start(function, *args)
         return timer
-
-    def _now(self) -> float:
-        return self._clock.now() if self._clock is not None else time.monotonic()
 
     def _stop_timers(self) -> None:
         for name in ("_keepalive_timer", "_close_timer", "_send_timer"):

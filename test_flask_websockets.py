@@ -1460,7 +1460,7 @@ def test_idle_peer_that_answers_pings_is_kept():
             fake.feed(client_frame(PONG, b"keepalive"))
             answered += 1
             gevent.idle()
-    assert answered == 22  # a ping 25 s after each answer (25 s after 20 s + 5 s steps)
+    assert answered == 40  # a ping 25 s after each answer
     assert not fake.greenlet.dead
     fake.send("still here")
     fake.wait_for(answered + 1)
@@ -1502,6 +1502,272 @@ def test_ping_without_a_timeout_keeps_pinging_a_silent_peer():
     fake.disconnect()
     fake.read_until_eof()
     fake.end()
+
+
+# ---------------------------------------------------------------------------
+# The engine: reading while handlers run, bounded memory, failure-safe cleanup
+# ---------------------------------------------------------------------------
+
+
+def long_task_app(interval=25, timeout=20):
+    """An app whose LONG handler runs until the test sets ``done``."""
+    app, clock, events = keepalive_app(interval, timeout)
+    sockets = app.extensions["websockets"]
+    done = gevent.event.Event()
+
+    @sockets.on_message("^LONG")
+    def long_task(message):
+        done.wait()
+        return "finished"
+
+    return app, sockets, clock, events, done
+
+
+def answer_pings(fake, clock, until, step=5):
+    """Play a live client: move time on in steps, answering each ping the server sends."""
+    answered = 0
+    while clock.time < until:
+        clock.advance(step)
+        if fake.poll().count(("ping", b"keepalive")) > answered:
+            fake.feed(client_frame(PONG, b"keepalive"))
+            answered += 1
+            gevent.idle()
+    return answered
+
+
+def test_a_long_handler_keeps_a_live_client_and_its_reply_arrives():
+    app, sockets, clock, events, done = long_task_app()
+    fake = connect(app)
+    fake.send("LONG")
+    gevent.idle()
+    assert answer_pings(fake, clock, until=250) >= 5, "pinged all along: ten ping intervals"
+    fake.feed(client_frame(PING, b"are you there?"))  # the client's own keepalive
+    gevent.idle()
+    assert fake.poll()[-1] == ("pong", b"are you there?"), "answered while the handler runs"
+    done.set()
+    fake.wait_for(len(fake.frames) + 2)
+    assert fake.messages == ["finished", "LONG"]
+    fake.feed(close())
+    fake.read_until_eof()
+    fake.end()
+    assert events == [(1000, "")]
+
+
+def test_a_client_that_goes_silent_during_a_long_handler_is_dropped_in_time():
+    app, sockets, clock, events, done = long_task_app()
+    fake = connect(app)
+    fake.send("LONG")
+    gevent.idle()
+    clock.advance(25)
+    assert fake.poll() == [("ping", b"keepalive")]
+    clock.advance(20)  # no pong: interval + timeout after the client's last word
+    fake.read_until_eof()
+    assert fake.frames == [("ping", b"keepalive"), ("close", 1011, "keepalive ping timeout")]
+    assert events == [], "on_close runs once the handler is done"
+    done.set()
+    fake.end()  # the handler's reply was dropped quietly
+    assert events == [(1011, "keepalive ping timeout")]
+
+
+def test_messages_wait_for_a_long_handler_in_order_and_reading_pauses_at_16():
+    app, sockets, clock, events, done = long_task_app()
+    fake = connect(app)
+    fake.send("LONG")
+    fake.feed(*(text(f"m{i}") for i in range(30)), client_frame(PING, b"behind them"))
+    gevent.idle()
+    [conn] = sockets.connections
+    assert len(conn._inbox) == 15 and not conn._reading, "16 with LONG: TCP pushes back on the client"
+    clock.advance(100)  # the silence is the server's: no ping, no close
+    assert fake.poll() == []
+    done.set()
+    fake.wait_for(2 + 30 + 1)
+    assert fake.messages == ["finished", "LONG"] + [f"m{i}" for i in range(30)]
+    assert ("pong", b"behind them") in fake.frames, "a pong goes out as soon as its ping is read"
+    fake.disconnect()
+    fake.read_until_eof()
+    fake.end()
+
+
+def test_an_announced_payload_that_never_arrives_holds_nothing_and_times_out():
+    app, clock, events = keepalive_app()
+    fake = connect(app)
+    fake.feed(bytes([0x82, 0xFE]) + (60000).to_bytes(2, "big") + b"mask" + b"x" * 10)  # 10 of 60,000 bytes
+    gevent.idle()
+    [conn] = app.extensions["websockets"].connections
+    assert len(conn._proto._message) == 10
+    clock.advance(45)
+    fake.read_until_eof()
+    assert fake.end().frames == [("ping", b"keepalive"), ("close", 1011, "keepalive ping timeout")]
+
+
+def test_close_returns_at_once_and_later_messages_are_not_handled():
+    app, sockets = make_app()
+    steps = []
+
+    @sockets.on_message
+    def handler(message):
+        steps.append(message)
+        if message == "quit":
+            ws.close(4000, "bye")
+            steps.append("close returned")
+
+    fake = connect(app)
+    fake.send("quit")
+    fake.send("after quit")
+    assert fake.wait_for(1) == [("close", 4000, "bye")]
+    assert steps == ["quit", "close returned"]
+    fake.feed(close(4000))
+    fake.read_until_eof()
+    fake.end()
+    assert steps == ["quit", "close returned"]
+
+
+def test_replies_to_messages_before_the_clients_close_go_out_before_the_answer():
+    app, sockets = make_app()
+    sockets.on_message(lambda message: gevent.sleep(0.001) or message.upper())
+    seen = []
+    sockets.on_close(lambda: seen.append((ws.closed, ws.close_code)))
+
+    @sockets.on_message
+    def state(message):
+        seen.append((ws.closed, ws.close_code))  # as it was when the message came: open
+
+    fake = run(app, text("a"), text("b"), close(1000, "done"))
+    assert fake.frames == [("text", "A"), ("text", "B"), ("close", 1000, "")]
+    assert seen == [(False, None), (False, None), (True, 1000)]
+    fake = run(app, text("a"), client_frame(3, b"?"))  # a protocol error after a message
+    assert fake.frames == [("text", "A"), ("close", 1002, "reserved opcode 3")]
+
+
+@pytest.mark.parametrize("failing", ["_end", "handover"])
+def test_on_close_runs_once_even_when_cleanup_fails(failing, monkeypatch, caplog):
+    app, sockets = make_app()
+    events = []
+    sockets.on_message(lambda message: message)
+    sockets.on_close(lambda: events.append(("close", ws.close_code)))
+    app.teardown_request(lambda exc: events.append(("teardown", has_socket_context())))
+
+    def broken(*args):
+        raise RuntimeError("cleanup failed")
+
+    if failing == "_end":
+        monkeypatch.setattr(Connection, "_end", broken)
+    else:
+        monkeypatch.setattr(flask_websockets._OurHandlerHandover, "end", broken)
+    fake = connect(app)
+    fake.send("hi")
+    fake.wait_for(1)
+    fake.feed(close())
+    fake.read_until_eof()
+    assert fake.end().status == 500, "the error is Flask's, as in any view: logged, and a 500 nobody reads"
+    assert "cleanup failed" in caplog.text
+    assert events == [("close", 1000), ("teardown", False)], "on_close once; ws unbound afterwards"
+    assert sockets.connections == []
+
+
+def test_memoryview_of_wide_items_is_sent_as_its_bytes():
+    import array
+
+    app, sockets = make_app()
+    numbers = array.array("I", [1, 2, 3])
+    sockets.on_message(lambda message: memoryview(numbers))
+    assert run(app, text("x")).messages == [numbers.tobytes()]
+
+
+def test_a_gevent_timeout_in_a_handler_goes_to_its_error_handler():
+    app, sockets = make_app()
+
+    @sockets.on_message
+    def slow(message):
+        with gevent.Timeout(0.001):
+            gevent.sleep(1)
+
+    sockets.errorhandler(gevent.Timeout)(lambda error: "timed out")
+    with sockets.test_client() as client:
+        client.send("x")
+        assert client.receive() == "timed out"
+
+
+def test_unhandled_handler_errors_are_sent_to_got_request_exception(caplog):
+    app, sockets = make_app()
+    sockets.on_message(lambda message: {}[message])
+    sockets.errorhandler(ValueError)(lambda error: "handled")
+    seen = []
+
+    def receiver(sender, exception, **extra):
+        seen.append((sender, type(exception)))
+
+    with got_request_exception.connected_to(receiver, app):
+        with sockets.test_client() as client:
+            client.send("missing")
+            client.send("x")
+    assert seen == [(app, KeyError), (app, KeyError)], "as for views: error trackers see them"
+
+
+def test_close_and_ping_timeouts_may_be_none():
+    app, clock, events = keepalive_app(interval=10, timeout=None)
+    app.config["WEBSOCKETS_CLOSE_TIMEOUT"] = None
+    sockets = app.extensions["websockets"]
+    sockets.on_message("^quit")(lambda message: ws.close(1000))
+    fake = connect(app)
+    fake.send("quit")
+    fake.wait_for(1)
+    clock.advance(10_000)  # no close timeout: the server waits for the client
+    assert not fake.greenlet.dead
+    fake.feed(close())
+    fake.read_until_eof()
+    fake.end()
+    assert events == [(1000, "")]
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("WEBSOCKETS_MAX_MESSAGE_SIZE", 0),
+        ("WEBSOCKETS_MAX_MESSAGE_SIZE", 1.5),
+        ("WEBSOCKETS_MAX_MESSAGE_SIZE", True),
+        ("WEBSOCKETS_PING_INTERVAL", -1),
+        ("WEBSOCKETS_PING_TIMEOUT", "20"),
+        ("WEBSOCKETS_CLOSE_TIMEOUT", float("nan")),
+        ("WEBSOCKETS_ALLOWED_ORIGINS", "https://example.com"),  # a str, not a list of them
+        ("WEBSOCKETS_ALLOWED_ORIGINS", ["example.com"]),  # no scheme
+        ("WEBSOCKETS_MAX_SEND_BUFFER", None),
+        ("WEBSOCKETS_SEND_TIMEOUT", 0),
+    ],
+)
+def test_bad_settings_are_refused_at_init_app_and_when_a_connection_opens(key, value):
+    app = Flask(__name__)
+    app.config[key] = value
+    with pytest.raises(ValueError, match=key):
+        WebSockets(app)
+    app = Flask(__name__)
+    sockets = WebSockets(app)
+    sockets.on_message(lambda message: message)
+    assert run(app, text("fine")).messages == ["fine"]
+    app.config[key] = value  # changed after init_app
+    app.testing = True
+    with pytest.raises(ValueError, match=key):
+        run(app, text("x"))
+
+
+@pytest.mark.parametrize(
+    "url, origin, accepted",
+    [
+        ("http://example.com/", "http://example.com", True),
+        ("http://example.com/", "http://example.com:80", True),  # the default port, spelt out
+        ("https://example.com/", "https://example.com:443", True),
+        ("http://example.com:8080/", "http://example.com:8080", True),
+        ("https://example.com/", "http://example.com", False),  # an http page, a wss:// socket
+        ("http://example.com/", "https://example.com", False),
+        ("http://example.com/", "http://example.com:8080", False),
+        ("http://example.com/", "http://evil.example", False),
+    ],
+)
+def test_same_origin_compares_scheme_host_and_port(url, origin, accepted):
+    app, sockets = make_app()
+    sockets.on_message(lambda message: message)
+    fake = run(app, text("hi"), base_url=url, headers={"Origin": origin})
+    assert (fake.status, fake.messages) == ((101, ["hi"]) if accepted else (403, []))
 
 
 # ---------------------------------------------------------------------------
