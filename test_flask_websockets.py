@@ -2372,6 +2372,148 @@ def raw_handshake(url):
     return sock
 
 
+ECHO_SERVER = """\
+from flask import Flask
+import flask_websockets
+app = Flask(__name__)
+flask_websockets.WebSockets(app).on_message(lambda message: message)
+flask_websockets.serve(app, port=0, log=None)
+"""
+
+
+@contextlib.contextmanager
+def echo_server_process(tmp_path):
+    """An echo server in a process of its own, whose memory the test can read: yield (url, pid)."""
+    (tmp_path / "echo_server.py").write_text(ECHO_SERVER)
+    with process([sys.executable, "echo_server.py"], tmp_path, stdout=subprocess.PIPE) as proc:
+        port = re.search(r":(\d+)/", proc.stdout.readline()).group(1)
+        yield f"ws://127.0.0.1:{port}", proc.pid
+
+
+def rss_kib(pid):
+    return int(re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1))
+
+
+def echo_round_trip(url, message="barrier"):
+    """Also a barrier: once it returns, the server has read what came before it."""
+    c = client(url)
+    c.send(message)
+    assert c.recv() == message
+    c.close()
+
+
+def read_close_then_eof(sock):
+    """The server's close frame, then a clean end of the TCP stream (not a reset)."""
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    [frame] = parse_server_frames(data)
+    return frame
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's memory from /proc")
+def test_real_memory_stays_bounded_whatever_the_client_sends(tmp_path):
+    with echo_server_process(tmp_path) as (url, pid):
+        for _ in range(20):
+            echo_round_trip(url)
+        before = rss_kib(pid)
+        # 200 connections, each announcing a 1 MB message and sending nothing more.
+        announced = [raw_handshake(url) for _ in range(200)]
+        for sock in announced:
+            sock.sendall(bytes([0x82, 0xFF]) + (1_000_000).to_bytes(8, "big") + b"mask")
+        echo_round_trip(url)
+        assert rss_kib(pid) - before < 20 * 1024, "200 announced megabytes committed nothing"
+        for sock in announced:
+            sock.close()
+        # Empty continuation frames, then 1-byte fragments: each costs 64 bytes of the limit.
+        for fragment in (b"", b"x"):
+            flood = raw_handshake(url)
+            before = rss_kib(pid)
+            flood.sendall(client_frame(BINARY, fragment, fin=False) + client_frame(0, fragment, fin=False) * 20_000)
+            assert read_close_then_eof(flood) == ("close", 1009, "message over 1048576 bytes")
+            assert rss_kib(pid) - before < 5 * 1024
+        echo_round_trip(url, "still serving")
+
+
+def test_real_a_client_flooding_echoes_starves_nobody(tmp_path):
+    """One client pipelines echoes as fast as it can: others still get theirs, and new ones connect."""
+    with echo_server_process(tmp_path) as (url, pid):
+        flood = raw_handshake(url)
+        flood.settimeout(None)
+        burst = client_frame(TEXT, b"x" * 100) * 200
+        stop, flowing = threading.Event(), threading.Event()
+
+        def send_forever():
+            with contextlib.suppress(OSError):
+                while not stop.is_set():
+                    flood.sendall(burst)
+
+        def read_forever():
+            with contextlib.suppress(OSError):
+                while flood.recv(65536) and not stop.is_set():
+                    flowing.set()
+
+        threads = [threading.Thread(target=send_forever), threading.Thread(target=read_forever)]
+        for thread in threads:
+            thread.start()
+        try:
+            assert flowing.wait(5)
+            slowest = 0.0
+            for i in range(10):
+                start = time.monotonic()
+                echo_round_trip(url, f"my turn {i}")  # a new connection, and an echo on it
+                slowest = max(slowest, time.monotonic() - start)
+            # Before the engine, the flood held the server: a new client waited more than 10 s.
+            assert slowest < 2.0, f"a fresh connection and its echo took {slowest:.2f} s"
+        finally:
+            stop.set()
+            flood.shutdown(socket.SHUT_RDWR)
+            for thread in threads:
+                thread.join(5)
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_real_2_mib_in_17_fragments_closes_cleanly_with_1009(server):
+    """As Chromium sends a 2 MiB message: the server skips the rest, reads the client's close, closes TCP."""
+    app, sockets, events = demo_app()
+    with serving(app, server) as url:
+        for _ in range(5):
+            sock = raw_handshake(url)
+            for i in range(17):
+                sock.sendall(client_frame(BINARY if i == 0 else 0, b"x" * 131072, fin=i == 16))
+            sock.sendall(close(1009))  # the client answers the close frame it got meanwhile
+            assert read_close_then_eof(sock) == ("close", 1009, "message over 1048576 bytes")
+        wait_until(lambda: events == [1009] * 5)
+
+
+@pytest.mark.parametrize("server", ["flask_websockets", "werkzeug"])
+@pytest.mark.parametrize("method, extra, status", [
+    ("GET", {"Content-Length": "5"}, 400),
+    ("GET", {"Transfer-Encoding": "chunked"}, 400),
+    ("HEAD", {}, 405),
+])  # fmt: skip
+def test_real_a_handshake_that_is_not_a_bodiless_get_is_refused_before_any_101(server, method, extra, status, capfd):
+    app, sockets, events = demo_app()
+    with serving(app, server) as url:
+        conn = http.client.HTTPConnection(*url[len("ws://") :].split(":"), timeout=5)
+        OPENED.append(conn)
+        conn.putrequest(method, "/", skip_accept_encoding=True)
+        for name, value in {**HANDSHAKE, **extra}.items():
+            conn.putheader(name, value)
+        conn.endheaders(b"hello" if "Content-Length" in extra else b"5\r\nhello\r\n0\r\n\r\n" if extra else None)
+        response = conn.getresponse()
+        assert response.status == status
+        if status == 405:
+            assert response.getheader("Allow") == "GET"
+        body = response.read()
+        assert b"Internal Server Error" not in body
+    assert events == [], "no connection opened"
+    assert "Traceback" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("server", SERVERS)
 def test_real_keepalive_drops_a_silent_peer_and_keeps_a_live_one(server):
     app, sockets, events = demo_app()

@@ -1,0 +1,356 @@
+"""The connection engine under hostile and slow clients, against a real server in its own process.
+
+    python benchmarks/engine.py fairness       # 20 s: one client floods, another streams 64 KiB, a third measures
+    python benchmarks/engine.py long-handler   # 60 s: a handler that runs 60 s, ping interval and timeout 1 s
+    python benchmarks/engine.py memory         # about 70 s: announced megabytes, fragment floods
+    python benchmarks/engine.py all --module /tmp/old-checkout   # another checkout's flask_websockets
+
+fairness: one client pipelines 100-byte echoes as fast as it can, another
+streams 64 KiB messages and reads their echoes, both from processes of their
+own. Meanwhile a third client measures echo round trips (every 10 ms) and a
+fourth opens a new connection every 200 ms: p50/p99/max of both.
+
+long-handler: a handler runs 60 s (gevent.sleep) with WEBSOCKETS_PING_INTERVAL
+and WEBSOCKETS_PING_TIMEOUT at 1 s. A live client answers pings and must get the
+reply; a client that stops reading and answering 5 s into the handler must be
+closed (1011) about 2 s later.
+
+memory: the server's RSS (from /proc) while 200 connections each announce a
+1 MB message and send nothing more; while clients stream empty continuation
+frames for 60 s (reconnecting each time the server closes them with 1009); and
+1-byte fragments.
+
+The clients are raw sockets with their own minimal framing, so that the same
+script measures any version of the module. Results print as one line each.
+"""
+import argparse
+import multiprocessing
+import select
+import os
+import re
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+HANDSHAKE = (
+    "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+).encode()
+
+
+# -- the server --------------------------------------------------------------
+
+
+def serve(args):
+    sys.path.insert(0, args.module)
+    from gevent import monkey
+
+    monkey.patch_all()
+    import gevent
+    from flask import Flask
+
+    import flask_websockets
+
+    app = Flask(__name__)
+    app.config.update(
+        WEBSOCKETS_PING_INTERVAL=args.ping_interval,
+        WEBSOCKETS_PING_TIMEOUT=args.ping_interval,
+        WEBSOCKETS_MAX_MESSAGE_SIZE=args.max_size or None,
+    )
+    sockets = flask_websockets.WebSockets(app, match_one=True)
+
+    @sockets.on_message("^LONG ")
+    def long_task(message):
+        gevent.sleep(float(message.split()[1]))
+        return "done"
+
+    @sockets.on_message
+    def echo(message):
+        return message
+
+    print(f"server {flask_websockets.__file__}", file=sys.stderr, flush=True)
+    flask_websockets.serve(app, port=0, log=None)
+
+
+class Server:
+    """``engine.py serve`` in a subprocess, pinned to core 0 where taskset exists."""
+
+    def __init__(self, args, ping_interval=25.0, max_size=1 << 20):
+        command = [sys.executable, os.path.abspath(__file__), "serve", "--module", args.module]
+        command += ["--ping-interval", str(ping_interval), "--max-size", str(max_size)]
+        if args.pin:
+            command = ["taskset", "-c", "0"] + command
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        self.port = int(re.search(r":(\d+)/", self.proc.stdout.readline()).group(1))
+
+    def rss_mib(self):
+        with open(f"/proc/{self.proc.pid}/status") as status:
+            return int(re.search(r"VmRSS:\s+(\d+) kB", status.read()).group(1)) / 1024
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.proc.stdout.close()
+
+
+# -- a minimal client ----------------------------------------------------------
+
+MASK = b"\x11\x22\x33\x44"
+
+
+def frame(opcode, payload, fin=True):
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    head += bytes([0x80 | n]) if n < 126 else struct.pack("!BH", 0xFE, n) if n < 65536 else struct.pack("!BQ", 0xFF, n)
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes((MASK * (n // 4 + 1))[:n], "big")).to_bytes(n, "big")
+    return head + MASK + masked
+
+
+def connect(port, timeout=30.0):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.sendall(HANDSHAKE)
+    response = b""
+    while b"\r\n\r\n" not in response:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed during the handshake")
+        response += chunk
+    assert response.startswith(b"HTTP/1.1 101"), response[:40]
+    return sock, response.split(b"\r\n\r\n", 1)[1]
+
+
+class Reader:
+    """Reads server frames: (opcode, payload); answers pings unless told not to."""
+
+    def __init__(self, sock, buffered=b"", answer_pings=True):
+        self.sock, self.buf, self.answer_pings = sock, buffered, answer_pings
+
+    def _take(self, n):
+        while len(self.buf) < n:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise EOFError
+            self.buf += chunk
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def next(self):
+        while True:
+            b0, b1 = self._take(2)
+            n = b1 & 0x7F
+            if n == 126:
+                n = struct.unpack("!H", self._take(2))[0]
+            elif n == 127:
+                n = struct.unpack("!Q", self._take(8))[0]
+            opcode, payload = b0 & 0x0F, self._take(n)
+            if opcode == 0x9 and self.answer_pings:
+                self.sock.sendall(frame(0xA, payload))
+                continue
+            return opcode, payload
+
+
+# -- fairness ------------------------------------------------------------------
+
+
+def pipeline(port, seconds):
+    """Load: pipelined 100-byte echoes, as fast as the server takes them."""
+    sock, _ = connect(port)
+    burst = frame(0x1, b"x" * 100) * 200
+    import threading
+
+    def drain():
+        try:
+            while sock.recv(1 << 16):
+                pass
+        except OSError:
+            pass
+
+    threading.Thread(target=drain, daemon=True).start()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        sock.sendall(burst)
+    sock.close()
+
+
+def stream(port, seconds):
+    """Load: 64 KiB binary messages, each echo read before the next is sent."""
+    sock, buffered = connect(port)
+    reader, message, count = Reader(sock, buffered), frame(0x2, os.urandom(65536)), 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        sock.sendall(message)
+        reader.next()
+        count += 1
+    sock.close()
+
+
+def percentiles(samples):
+    samples = sorted(samples)
+    p = lambda q: samples[min(len(samples) - 1, int(q * len(samples)))] * 1000  # noqa: E731
+    return f"p50 {p(0.5):.1f} ms, p99 {p(0.99):.1f} ms, max {samples[-1] * 1000:.1f} ms ({len(samples)} samples)"
+
+
+def fairness(args):
+    server = Server(args)
+    try:
+        loads = [
+            multiprocessing.Process(target=pipeline, args=(server.port, args.seconds + 1)),
+            multiprocessing.Process(target=stream, args=(server.port, args.seconds + 1)),
+        ]
+        for load in loads:
+            load.start()
+        time.sleep(1)  # the loads are under way
+        sock, buffered = connect(server.port)
+        reader = Reader(sock, buffered)
+        echoes, handshakes = [], []
+        end = time.monotonic() + args.seconds
+        next_connect = time.monotonic()
+        while time.monotonic() < end:
+            start = time.monotonic()
+            sock.sendall(frame(0x1, b"my turn"))
+            assert reader.next() == (0x1, b"my turn")
+            echoes.append(time.monotonic() - start)
+            if time.monotonic() >= next_connect:
+                start = time.monotonic()
+                fresh, _ = connect(server.port)
+                handshakes.append(time.monotonic() - start)
+                fresh.close()
+                next_connect = start + 0.2
+            time.sleep(0.01)
+        sock.close()
+        for load in loads:
+            load.join(10)
+        print(f"fairness: third client's echo round trip {percentiles(echoes)}")
+        print(f"fairness: a new connection's handshake {percentiles(handshakes)}")
+    finally:
+        server.stop()
+
+
+# -- long handler --------------------------------------------------------------
+
+
+def long_handler(args):
+    server = Server(args, ping_interval=1.0)
+    try:
+        import threading
+
+        live, buffered = connect(server.port, timeout=args.seconds + 30)
+        start = time.monotonic()
+        live.sendall(frame(0x1, f"LONG {args.seconds}".encode()))
+        replies = []
+        live_reader = threading.Thread(target=lambda: replies.append((Reader(live, buffered).next(), time.monotonic())))
+        live_reader.start()  # it answers pings while it waits for the reply
+        silent, silent_buffered = connect(server.port, timeout=args.seconds + 30)
+        silent.sendall(frame(0x1, f"LONG {args.seconds}".encode()))
+        # The silent client answers pings for 5 s, then neither reads nor answers.
+        silent_reader = Reader(silent, silent_buffered)
+        silent.settimeout(0.2)
+        while time.monotonic() - start < 5:
+            try:
+                silent_reader.next()
+            except socket.timeout:
+                pass
+        went_silent = time.monotonic()
+        silent.settimeout(args.seconds + 30)
+        closed_after = None
+
+        def wait_for_close():
+            nonlocal closed_after
+            reader = Reader(silent, silent_reader.buf, answer_pings=False)
+            try:
+                while True:
+                    opcode, payload = reader.next()
+                    if opcode == 0x8:
+                        closed_after = (time.monotonic() - went_silent, struct.unpack("!H", payload[:2])[0])
+                        return
+            except (EOFError, OSError):
+                closed_after = closed_after or (time.monotonic() - went_silent, None)
+
+        watcher = threading.Thread(target=wait_for_close)
+        watcher.start()
+        live_reader.join(args.seconds + 30)
+        (_, reply), took = replies[0][0], replies[0][1] - start
+        watcher.join(5)
+        print(f"long-handler: a {args.seconds} s handler, ping interval 1 s: the live client got {reply!r} "
+              f"after {took:.1f} s; the silent one was closed {closed_after[0]:.2f} s after it went silent "
+              f"(code {closed_after[1]})")  # fmt: skip
+    finally:
+        server.stop()
+
+
+# -- memory --------------------------------------------------------------------
+
+
+def memory(args):
+    server = Server(args)
+    try:
+        def barrier():
+            sock, buffered = connect(server.port)
+            sock.sendall(frame(0x1, b"barrier"))
+            Reader(sock, buffered).next()
+            sock.close()
+
+        for _ in range(20):
+            barrier()
+        baseline = server.rss_mib()
+        announced = []
+        for _ in range(200):
+            sock, _ = connect(server.port)
+            sock.sendall(bytes([0x82, 0xFF]) + (1_000_000).to_bytes(8, "big") + MASK)
+            announced.append(sock)
+        barrier()
+        time.sleep(0.5)
+        grown = server.rss_mib() - baseline
+        for sock in announced:
+            sock.close()
+        print(f"memory: 200 connections announcing 1 MB each: RSS +{grown:.1f} MiB (baseline {baseline:.1f} MiB)")
+        for name, payload in (("empty continuation frames", b""), ("1-byte fragments", b"x")):
+            barrier()
+            before, peak, frames, closes = server.rss_mib(), 0.0, 0, 0
+            chunk = frame(0x0, payload, fin=False) * 1000
+            end = time.monotonic() + (args.seconds if payload == b"" else 5)
+            while time.monotonic() < end:
+                sock, _ = connect(server.port)
+                sock.sendall(frame(0x2, payload, fin=False))
+                try:
+                    while time.monotonic() < end:
+                        sock.sendall(chunk)
+                        frames += 1000
+                        peak = max(peak, server.rss_mib())
+                        if select.select([sock], [], [], 0)[0]:  # the server's close frame: 1009
+                            sock.sendall(frame(0x8, b"\x03\xf1"))
+                            closes += 1
+                            break
+                except OSError:
+                    pass
+                sock.close()
+            print(f"memory: {name} for {args.seconds if payload == b'' else 5} s, {frames:,} frames sent: "
+                  f"RSS peak +{peak - before:.1f} MiB; the server closed {closes} flooding connections with 1009")  # fmt: skip
+    finally:
+        server.stop()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scenario", choices=["fairness", "long-handler", "memory", "all", "serve"])
+    parser.add_argument("--module", default=os.path.join(HERE, ".."), help="the checkout whose module to serve")
+    parser.add_argument("--seconds", type=int, default=None)
+    parser.add_argument("--ping-interval", type=float, default=25.0, help=argparse.SUPPRESS)
+    parser.add_argument("--max-size", type=int, default=1 << 20, help=argparse.SUPPRESS)
+    parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin the server to core 0")
+    args = parser.parse_args()
+    if args.scenario == "serve":
+        return serve(args)
+    args.pin = args.pin and os.path.exists("/usr/bin/taskset")
+    for scenario, seconds in (("fairness", 20), ("long-handler", 60), ("memory", 60)):
+        if args.scenario in (scenario, "all"):
+            run_args = argparse.Namespace(**{**vars(args), "seconds": args.seconds or seconds})
+            {"fairness": fairness, "long-handler": long_handler, "memory": memory}[scenario](run_args)
+
+
+if __name__ == "__main__":
+    main()
