@@ -54,7 +54,10 @@ def client_frame(opcode, payload):
     """A masked frame, built once: the client's cost stays out of the figures."""
     masked = bytes(b ^ MASK[i % 4] for i, b in enumerate(payload))
     n = len(payload)
-    length = bytes([0x80 | n]) if n < 126 else b"\xfe" + n.to_bytes(2, "big") if n < 65536 else b"\xff" + n.to_bytes(8, "big")
+    if n < 126:
+        length = bytes([0x80 | n])
+    else:
+        length = b"\xfe" + n.to_bytes(2, "big") if n < 65536 else b"\xff" + n.to_bytes(8, "big")
     return bytes([0x80 | opcode]) + length + MASK + masked
 
 
@@ -183,7 +186,8 @@ def main():
     assert bytes(conn.buffer[10 : 10 + 65536]) == bytes(range(256)) * 256
     conn.close()
     accelerated = flask_websockets._unmask is not flask_websockets._unmask_python
-    print(f"flask_websockets from {os.path.abspath(flask_websockets.__file__)}, {'wsaccel' if accelerated else 'pure Python'}")
+    where = os.path.abspath(flask_websockets.__file__)
+    print(f"flask_websockets from {where}, {'wsaccel' if accelerated else 'pure Python'}")
     for name, (case, default_n, unit) in CASES.items():
         if ARGS.only and name != ARGS.only:
             continue

@@ -29,7 +29,6 @@ import select
 import os
 import re
 import socket
-import statistics
 import struct
 import subprocess
 import sys
@@ -242,7 +241,9 @@ def long_handler(args):
         start = time.monotonic()
         live.sendall(frame(0x1, f"LONG {args.seconds}".encode()))
         replies = []
-        live_reader = threading.Thread(target=lambda: replies.append((Reader(live, buffered).next(), time.monotonic())))
+        live_reader = threading.Thread(
+            target=lambda: replies.append((Reader(live, buffered).next(), time.monotonic()))
+        )
         live_reader.start()  # it answers pings while it waits for the reply
         silent, silent_buffered = connect(server.port, timeout=args.seconds + 30)
         silent.sendall(frame(0x1, f"LONG {args.seconds}".encode()))
@@ -328,8 +329,9 @@ def memory(args):
                 except OSError:
                     pass
                 sock.close()
-            print(f"memory: {name} for {args.seconds if payload == b'' else 5} s, {frames:,} frames sent: "
-                  f"RSS peak +{peak - before:.1f} MiB; the server closed {closes} flooding connections with 1009")  # fmt: skip
+            seconds = args.seconds if payload == b"" else 5
+            print(f"memory: {name} for {seconds} s, {frames:,} frames sent: RSS peak +{peak - before:.1f} MiB;"
+                  f" the server closed {closes} flooding connections with 1009")  # fmt: skip
     finally:
         server.stop()
 
