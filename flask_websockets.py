@@ -396,8 +396,11 @@ class WebSockets:
                     if conn.session.get("user") == user:
                         conn.close(4000, "kicked")
                 return ""
+
+        A connection leaves the list as soon as it is closed (``closed``),
+        before its closing handshake is over and its ``on_close`` has run.
         """
-        return list(self._connections)
+        return [conn for conn in list(self._connections) if not conn.closed]
 
     def broadcast(self, message: Reply, to: Callable[[Connection], bool] | None = None) -> int:
         """Send ``message`` to every open connection; return how many got it.

@@ -29,6 +29,7 @@ import threading
 import time
 import types
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -1391,7 +1392,7 @@ def test_huge_frame_header_is_refused_before_its_payload_is_read():
     assert fake.wait_for(1) == [("close", 1009, "message over 1048576 bytes")]
     fake.feed(b"\x00" * 300_000)  # the payload starts to arrive: skipped as it comes, never kept
     gevent.idle()
-    [conn] = app.extensions["websockets"].connections
+    [conn] = app.extensions["websockets"]._connections  # closing: not in .connections any more
     assert conn._proto._message is None and len(conn._proto._buf) <= 65536
     fake.disconnect()
     fake.read_until_eof()
@@ -1768,6 +1769,156 @@ def test_same_origin_compares_scheme_host_and_port(url, origin, accepted):
     sockets.on_message(lambda message: message)
     fake = run(app, text("hi"), base_url=url, headers={"Origin": origin})
     assert (fake.status, fake.messages) == ((101, ["hi"]) if accepted else (403, []))
+
+
+# ---------------------------------------------------------------------------
+# Slow clients: bounded send buffers, a broadcast that never blocks
+# ---------------------------------------------------------------------------
+
+
+def slow_client_app(max_send_buffer=1 << 20, send_timeout=10):
+    app, sockets = make_app()
+    sockets._clock = clock = FakeClock()
+    app.config.update(WEBSOCKETS_MAX_SEND_BUFFER=max_send_buffer, WEBSOCKETS_SEND_TIMEOUT=send_timeout)
+    events = []
+    sockets.on_close(lambda: events.append((request.args.get("name"), ws.close_code, ws.close_reason)))
+    return app, sockets, clock, events
+
+
+def small_socket_buffers(fake):
+    """Make the socket pair hold little, so that a client that does not read fills it at once."""
+    fake.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+
+def test_a_client_that_never_reads_is_closed_by_broadcast_and_the_others_get_everything():
+    app, sockets, clock, events = slow_client_app()
+    good, slow = connect(app, query_string={"name": "good"}), connect(app, query_string={"name": "slow"})
+    small_socket_buffers(slow)
+    gevent.idle()
+    slow_conn = next(c for c in sockets.connections if c.request.args["name"] == "slow")
+    payload = b"x" * 65536
+    sent = []
+    got = []
+
+    def read_good():
+        while len(got) < 100:
+            good.read()
+            got[:] = good.messages
+
+    reader = gevent.spawn(read_good)
+    for i in range(100):
+        start = time.monotonic()
+        sent.append(sockets.broadcast(payload[:-2] + i.to_bytes(2, "big")))
+        assert time.monotonic() - start < 1, "broadcast never waits for a client"
+        gevent.idle()
+    reader.join(5)
+    assert got == [payload[:-2] + i.to_bytes(2, "big") for i in range(100)], "all of them, in order"
+    assert sent[0] == 2 and sent[-1] == 1, "the slow client was dropped on the way"
+    assert [c.request.args["name"] for c in sockets.connections] == ["good"]
+    assert (slow_conn.closed, slow_conn.close_code, slow_conn.close_reason) == (True, 1008, "client too slow")
+    clock.advance(5)  # the close timeout: it never read its close frame either
+    slow.greenlet.join(2)
+    assert events == [("slow", 1008, "client too slow")], "on_close ran once"
+    good.disconnect()
+    good.read_until_eof()
+    good.end()
+    slow.end()
+
+
+def test_a_handlers_send_waits_for_room_then_fails_after_the_send_timeout():
+    app, sockets, clock, events = slow_client_app(max_send_buffer=100_000)
+    outcome = []
+
+    @sockets.on_message
+    def flood(message):
+        try:
+            for i in range(100):
+                ws.send(b"x" * 50_000)
+                outcome.append(i)
+        except ConnectionClosed:
+            outcome.append(("closed", ws.close_code, ws.close_reason))
+
+    fake = connect(app)
+    small_socket_buffers(fake)
+    fake.send("go")
+    gevent.idle()
+    [conn] = sockets.connections
+    stuck = len(outcome)
+    assert 0 < stuck < 10 and 0 < conn.buffered_amount <= 150_000, "waiting for room, not queueing forever"
+    clock.advance(9.9)
+    assert len(outcome) == stuck, "still waiting: the client may read yet"
+    clock.advance(0.1)  # 10 s without the socket taking a byte
+    assert outcome[-1] == ("closed", 1008, "client too slow")
+    fake.read_until_eof()  # dropped at once: it took nothing for the send timeout
+    fake.end()
+    assert events == [(None, 1008, "client too slow")]
+
+
+def test_a_slow_but_reading_client_gets_everything_in_order():
+    app, sockets, clock, events = slow_client_app(max_send_buffer=100_000)
+
+    @sockets.on_message
+    def mixed(message):
+        for i in range(20):
+            ws.send(f"send {i}")
+            sockets.broadcast(f"broadcast {i}")  # never over the buffer: it drains as sends wait
+            ws.send(b"y" * 20_000)
+        return "done"
+
+    fake = connect(app)
+    small_socket_buffers(fake)
+    fake.send("go")
+    [conn] = sockets.connections
+    gevent.idle()
+    assert conn.buffered_amount > 0
+    while "done" not in fake.messages:
+        gevent.sleep(0)  # a slow reader: one read per turn of the loop
+        fake.read(timeout=1)
+    expected = [m for i in range(20) for m in (f"send {i}", f"broadcast {i}", b"y" * 20_000)] + ["done"]
+    assert fake.messages == expected
+    assert conn.buffered_amount == 0
+    fake.disconnect()
+    fake.read_until_eof()
+    fake.end()
+
+
+def test_close_from_a_view_returns_at_once_even_when_the_client_reads_nothing():
+    app, sockets, clock, events = slow_client_app()
+
+    @app.post("/kick")
+    def kick():
+        for conn in sockets.connections:
+            conn.close(4000, "kicked")
+        return "kicked"
+
+    fake = connect(app)
+    small_socket_buffers(fake)
+    gevent.idle()
+    for _ in range(10):
+        sockets.broadcast(b"z" * 65536)
+    assert app.test_client().post("/kick").data == b"kicked"
+    assert sockets.connections == []
+    clock.advance(5)  # its close frame is stuck behind 640 KiB: dropped at the close timeout
+    fake.read_until_eof()
+    fake.end()
+    assert events == [(None, 4000, "kicked")]
+
+
+@pytest.mark.parametrize("server", ["flask_websockets", "werkzeug"])
+def test_send_and_broadcast_from_another_thread(server):
+    """A native thread (here the test's own: the server runs in another) hands its sends over."""
+    app, sockets, events = demo_app()
+    with serving(app, server) as url:
+        c = client(url)
+        wait_until(lambda: len(sockets.connections) == 1)
+        [conn] = sockets.connections
+        conn.send("from a thread")
+        assert sockets.broadcast(b"broadcast from a thread") == 1
+        assert [c.recv(), c.recv()] == ["from a thread", b"broadcast from a thread"]
+        conn.close(4002, "from a thread")
+        assert recv_close(c) == (4002, "from a thread")
+        with pytest.raises(ConnectionClosed):
+            conn.send("too late")
 
 
 # ---------------------------------------------------------------------------
@@ -2359,14 +2510,23 @@ def test_real_oversized_message_closes_with_1009_and_server_keeps_serving(server
         wait_until(lambda: sorted(events) == [1000, 1009])
 
 
-def raw_handshake(url):
-    """A bare TCP client that completes the handshake, then neither reads nor writes."""
-    host, port = url[len("ws://") :].split(":")
-    sock = socket.create_connection((host, int(port)), timeout=5)
+def raw_handshake(url, receive_buffer=None):
+    """A bare TCP client that completes the handshake, then neither reads nor writes.
+
+    ``receive_buffer`` shrinks its socket's receive buffer, and so its TCP
+    window: a client that does not read then holds little in the network.
+    """
+    parts = urllib.parse.urlsplit(url)
+    sock = socket.socket()
     OPENED.append(sock)
+    if receive_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.settimeout(5)
+    sock.connect((parts.hostname, parts.port))
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     sock.sendall(
-        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        f"GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n".encode()
+        + b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
     assert sock.recv(4096).startswith(b"HTTP/1.1 101")
     return sock
@@ -2924,6 +3084,41 @@ def test_readme_chat(tmp_path):
         bob.close()
         assert ann.recv() == "bob left (1000)"
         ann.close()
+
+
+def test_readme_chat_goes_on_while_a_client_reads_nothing(tmp_path):
+    """Before bounded send buffers, every chatter blocked in broadcast() and was dropped by keepalive."""
+    with serve_snippet("chat", tmp_path) as (port, log):
+        url = f"ws://127.0.0.1:{port}/"
+        raw_handshake(url + "?name=slow", receive_buffer=4096)  # joins, then never reads
+        chatters = [client(f"{url}?name={name}") for name in ("ann", "bob", "cid")]
+        heard = {name: [] for name in ("ann", "bob", "cid")}
+        text = "x" * 12_000  # 3 x 200 of them: 7.2 MB for the slow client: TCP holds ~3 MB, the server 1 MiB
+
+        def listen(name, conn):
+            while len([m for m in heard[name] if text in m]) < 600:
+                heard[name].append(conn.recv())
+
+        def talk(name, conn):
+            for i in range(200):
+                conn.send(f"{i} {text}")
+                time.sleep(0.002)  # people type: readers keep up, the slow one falls behind
+
+        threads = [threading.Thread(target=f, args=(n, c)) for f in (listen, talk) for n, c in zip(heard, chatters)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        for name in heard:
+            said = [m.split(" ", 2)[:2] for m in heard[name] if text in m]
+            for speaker in heard:  # everyone heard everything, each speaker in order
+                assert [int(i) for who, i in said if who == f"{speaker}:"] == list(range(200))
+        chatters[0].settimeout(10)  # the slow one's on_close comes after the close timeout (5 s)
+        while not any(m.startswith("slow left") for m in heard["ann"]):
+            heard["ann"].append(chatters[0].recv())
+        assert [m for m in heard["ann"] if " left " in m] == ["slow left (1008)"], "only the slow one went"
+        for conn in chatters:
+            conn.close()
 
 
 def test_readme_errors(tmp_path):

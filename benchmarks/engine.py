@@ -3,6 +3,7 @@
     python benchmarks/engine.py fairness       # 20 s: one client floods, another streams 64 KiB, a third measures
     python benchmarks/engine.py long-handler   # 60 s: a handler that runs 60 s, ping interval and timeout 1 s
     python benchmarks/engine.py memory         # about 70 s: announced megabytes, fragment floods
+    python benchmarks/engine.py broadcast      # 2,000 broadcasts of 64 KiB, 50 readers and one that never reads
     python benchmarks/engine.py all --module /tmp/old-checkout   # another checkout's flask_websockets
 
 fairness: one client pipelines 100-byte echoes as fast as it can, another
@@ -20,10 +21,18 @@ memory: the server's RSS (from /proc) while 200 connections each announce a
 frames for 60 s (reconnecting each time the server closes them with 1009); and
 1-byte fragments.
 
+broadcast: 50 clients read everything, one never reads (it sends a pong now
+and then, which keepalive counts as life). The server broadcasts 2,000 messages
+of 64 KiB, 2 ms apart, each numbered: the duration of each broadcast() call
+(p50/p99/max), what the 50 received (all, in order?), when and how the slow
+one was closed, and the server's peak RSS over its baseline. A version that
+blocks on the slow client is reported as hung after --seconds.
+
 The clients are raw sockets with their own minimal framing, so that the same
 script measures any version of the module. Results print as one line each.
 """
 import argparse
+import json
 import multiprocessing
 import select
 import os
@@ -49,6 +58,9 @@ def serve(args):
     from gevent import monkey
 
     monkey.patch_all()
+    import json
+
+    import flask
     import gevent
     from flask import Flask
 
@@ -61,6 +73,25 @@ def serve(args):
         WEBSOCKETS_MAX_MESSAGE_SIZE=args.max_size or None,
     )
     sockets = flask_websockets.WebSockets(app, match_one=True)
+    closed = []
+
+    @sockets.on_close
+    def record_close():
+        closed.append((time.monotonic(), flask.request.args.get("role"), flask_websockets.ws.close_code))
+
+    @sockets.on_message("^BROADCAST ")
+    def broadcast(message):
+        count, size, pause = message.split()[1:]
+        durations, reached, start = [], [], time.monotonic()
+        for i in range(int(count)):
+            payload = i.to_bytes(8, "big") + b"x" * (int(size) - 8)
+            before = time.monotonic()
+            reached.append(sockets.broadcast(payload, to=lambda c: c.request.args.get("role") != "control"))
+            durations.append(time.monotonic() - before)
+            gevent.sleep(float(pause))
+        return json.dumps(
+            {"durations": durations, "reached": reached, "closed": [(t - start, role, code) for t, role, code in closed]}
+        )
 
     @sockets.on_message("^LONG ")
     def long_task(message):
@@ -109,9 +140,9 @@ def frame(opcode, payload, fin=True):
     return head + MASK + masked
 
 
-def connect(port, timeout=30.0):
+def connect(port, timeout=30.0, query=""):
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    sock.sendall(HANDSHAKE)
+    sock.sendall(HANDSHAKE.replace(b"GET / ", f"GET /{query} ".encode()))
     response = b""
     while b"\r\n\r\n" not in response:
         chunk = sock.recv(4096)
@@ -336,9 +367,110 @@ def memory(args):
         server.stop()
 
 
+# -- broadcast -----------------------------------------------------------------
+
+
+def read_broadcasts(port, connections, count, ready, results):
+    """A reader process: ``connections`` clients that read every message, checking the numbering."""
+    import selectors
+
+    selector = selectors.DefaultSelector()
+    for _ in range(connections):
+        sock, buffered = connect(port, query="?role=reader")
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ, {"buf": bytearray(buffered), "next": 0, "ok": True})
+    ready.put(connections)
+    open_count = connections
+    while open_count:
+        for key, _ in selector.select(timeout=60):
+            state = key.data
+            try:
+                chunk = key.fileobj.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                selector.unregister(key.fileobj)
+                open_count -= 1
+                continue
+            buf = state["buf"]
+            buf += chunk
+            while len(buf) >= 2:
+                n, head = buf[1] & 0x7F, 2
+                if n == 126:
+                    n, head = struct.unpack_from("!H", buf, 2)[0], 4
+                elif n == 127:
+                    n, head = struct.unpack_from("!Q", buf, 2)[0], 10
+                if len(buf) < head + n:
+                    break
+                if buf[0] & 0x0F == 0x2:
+                    state["ok"] &= int.from_bytes(buf[head : head + 8], "big") == state["next"]
+                    state["next"] += 1
+                del buf[: head + n]
+            if state["next"] == count:
+                results.put((state["next"], state["ok"]))
+                selector.unregister(key.fileobj)
+                key.fileobj.close()
+                open_count -= 1
+        else:
+            if not selector.get_map():
+                break
+
+
+def broadcast(args):
+    server = Server(args)
+    count, readers_per_process, processes = 2000, 10, 5
+    try:
+        ready, results = multiprocessing.Queue(), multiprocessing.Queue()
+        workers = [
+            multiprocessing.Process(target=read_broadcasts, args=(server.port, readers_per_process, count, ready, results))
+            for _ in range(processes)
+        ]
+        for worker in workers:
+            worker.start()
+        for _ in workers:
+            ready.get(timeout=30)
+        slow, _ = connect(server.port, query="?role=slow")  # it never reads
+        control, buffered = connect(server.port, timeout=args.seconds, query="?role=control")
+        baseline = peak = server.rss_mib()
+        control.sendall(frame(0x1, f"BROADCAST {count} 65536 0.002".encode()))
+        control.settimeout(0.1)
+        reader, start = Reader(control, buffered), time.monotonic()
+        report = None
+        while report is None and time.monotonic() - start < args.seconds:
+            peak = max(peak, server.rss_mib())
+            try:
+                report = json.loads(reader.next()[1])
+            except socket.timeout:
+                pass
+            if int(time.monotonic() - start) % 2 == 0:
+                try:
+                    slow.sendall(frame(0xA, b"still here"))  # keepalive counts a pong as life
+                except OSError:
+                    pass
+        if report is None:
+            print(f"broadcast: hung: no report after {args.seconds} s (peak RSS +{peak - baseline:.0f} MiB)")
+            return
+        received = [results.get(timeout=30) for _ in range(processes * readers_per_process)]
+        complete = sum(1 for got, in_order in received if got == count and in_order)
+        slow_closes = [c for c in report["closed"] if c[1] == "slow"]
+        reached = report["reached"]
+        at = next((i for i, n in enumerate(reached) if n < len(received) + 1), None)
+        print(f"broadcast: {count} broadcasts of 64 KiB to 50 readers and 1 client that never reads: broadcast() "
+              f"{percentiles(report['durations'])}; {complete} of 50 readers got all {count}, in order; the slow "
+              f"client was closed with {slow_closes[0][2] if slow_closes else None} at broadcast #{at}, "
+              f"{slow_closes[0][0] if slow_closes else float('nan'):.2f} s in (its on_close ran "
+              f"{len(slow_closes)} time(s)); server RSS peak +{peak - baseline:.0f} MiB over its baseline")  # fmt: skip
+        slow.close()
+        control.close()
+    finally:
+        for worker in workers:
+            worker.terminate()
+        server.stop()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenario", choices=["fairness", "long-handler", "memory", "all", "serve"])
+    parser.add_argument("scenario", choices=["fairness", "long-handler", "memory", "broadcast", "all", "serve"])
     parser.add_argument("--module", default=os.path.join(HERE, ".."), help="the checkout whose module to serve")
     parser.add_argument("--seconds", type=int, default=None)
     parser.add_argument("--ping-interval", type=float, default=25.0, help=argparse.SUPPRESS)
@@ -348,10 +480,11 @@ def main():
     if args.scenario == "serve":
         return serve(args)
     args.pin = args.pin and os.path.exists("/usr/bin/taskset")
-    for scenario, seconds in (("fairness", 20), ("long-handler", 60), ("memory", 60)):
-        if args.scenario in (scenario, "all"):
-            run_args = argparse.Namespace(**{**vars(args), "seconds": args.seconds or seconds})
-            {"fairness": fairness, "long-handler": long_handler, "memory": memory}[scenario](run_args)
+    scenarios = {"fairness": (fairness, 20), "long-handler": (long_handler, 60), "memory": (memory, 60)}
+    scenarios["broadcast"] = (broadcast, 120)
+    for name, (scenario, seconds) in scenarios.items():
+        if args.scenario in (name, "all"):
+            scenario(argparse.Namespace(**{**vars(args), "seconds": args.seconds or seconds}))
 
 
 if __name__ == "__main__":
