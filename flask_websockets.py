@@ -763,7 +763,7 @@ class Connection:
         "request", "session", "_state", "environ", "path", "origin", "subprotocol", "_proto", "_sock",
         "_settings", "_clock", "_now", "_hub", "_loop", "_thread", "_timeout", "_reader", "_reading", "_heard_at",
         "_inbox", "_inbox_size", "_waiter", "_out", "_out_size", "_writer", "_progress_at", "_room",
-        "_keepalive_timer", "_close_timer", "_send_timer", "_tls_pending", "_held", "_pinged_at",
+        "_keepalive_timer", "_close_timer", "_send_timer", "_tls_pending", "_held", "_pinged_at", "_resumer",
     )  # fmt: skip
 
     def __init__(
@@ -807,6 +807,7 @@ class Connection:
         self._hub: Any = None  # the event loop's greenlet, of the thread that serves the connection
         self._loop: Any = None
         self._reader: Any = None  # the event loop's read watcher
+        self._resumer: Any = None  # a zero-delay timer, made when reading first pauses
         self._tls_pending: Any = None  # a TLS socket's pending(): bytes decrypted but not read
         self._thread: int | None = None
         self._timeout: float | None = None  # the socket's own, given back at the end
@@ -981,6 +982,18 @@ class Connection:
             self._reading = False
             self._reader.stop()
 
+    def _resume_soon(self) -> None:
+        """Read on after the other connections had their turn.
+
+        A zero-delay timer runs with the I/O events of the loop's next turn;
+        a callback would run before them, so a flooding client could take
+        several turns in a row.
+        """
+        if self._resumer is None:
+            self._resumer = self._loop.timer(0.0)
+        if not self._resumer.active:
+            self._resumer.start(self._resume_reading)
+
     def _resume_reading(self) -> None:  # in the event loop
         if self._proto.state is not _CLOSED and not self._reading and self._held is None:
             self._pump()
@@ -993,8 +1006,7 @@ class Connection:
                 message = inbox.pop(0)
                 self._inbox_size -= len(message)
                 if not inbox and not self._reading and self._proto.state is _OPEN:
-                    # Reading stopped at the inbox's bound: go on, after the others had a turn.
-                    self._loop.run_callback(self._resume_reading)
+                    self._resume_soon()  # reading stopped at the inbox's bound
                 yield message
             elif self._held is not None:
                 self._release_held()
@@ -1011,7 +1023,7 @@ class Connection:
         if self._proto.state is _CLOSING:
             self._arm_close_timer()
             if not self._reading:
-                self._loop.run_callback(self._resume_reading)  # to read the client's close frame
+                self._resume_soon()  # to read the client's close frame
         elif self._out is None:
             self._stop_timers()
 
@@ -1198,7 +1210,7 @@ class Connection:
         self._write(self._proto.data_to_send())
         self._arm_close_timer()
         if not self._reading and self._proto.state is not _CLOSED:
-            self._loop.run_callback(self._resume_reading)  # to read the client's close frame
+            self._resume_soon()  # to read the client's close frame
         self._wake_senders()
 
     def _arm_close_timer(self) -> None:
@@ -1255,10 +1267,10 @@ class Connection:
         finally:
             self._stop_reading()
             self._stop_timers()
-            for watcher in (self._reader, self._writer):
+            for watcher in (self._reader, self._writer, self._resumer):
                 if watcher is not None:
                     watcher.close()
-            self._hub = self._reader = self._writer = None
+            self._hub = self._reader = self._writer = self._resumer = None
             self._out, self._out_size = None, 0
             self._wake_senders()
             try:

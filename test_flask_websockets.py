@@ -3140,6 +3140,23 @@ def test_readme_limits(tmp_path):
         assert recv_close(c) == (1009, "message over 65536 bytes")
 
 
+def test_readme_slow_clients(tmp_path):
+    with serve_snippet("slow-clients", tmp_path) as (port, log):
+        c = client(f"ws://127.0.0.1:{port}/")
+        c.send("HISTORY")
+        events = [c.recv() for _ in range(1001)]
+        assert [e.split(":")[0] for e in events] == [f"event {n}" for n in range(1000)] + ["done"]
+        lagging = raw_handshake(f"ws://127.0.0.1:{port}/", receive_buffer=4096)  # reads nothing
+        lagging.sendall(text("HISTORY"))
+        answers = []
+        while b"sent to 1" not in answers:  # until the server has filled what TCP holds for it
+            answers.append(urlopen(f"http://127.0.0.1:{port}/news", data=b"text=hello").read())
+            assert len(answers) < 100
+        assert answers[-1] == b"sent to 1", "the client that lags behind is skipped"
+        assert [c.recv() for _ in answers] == ["hello"] * len(answers), "the other one got each"
+        c.close()
+
+
 def run_snippet_as_a_program(name, tmp_path, port_in_snippet, **replacements):
     """Write the snippet to app.py, on a free port; return `python app.py` (to run with `with`) and the port."""
     source = readme_snippets()[name]

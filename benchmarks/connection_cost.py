@@ -15,7 +15,10 @@ callgrind they are instruction counts, the same on every run. Measured:
   view, and Flask's request context pushed and popped alone, the floor for any
   design that gives handlers ``request``, ``session`` and ``g``;
 - echo_32, echo_64k: one message echoed on an open connection, 32-byte text
-  and 64 KiB binary, the client's side (precomputed frames) included.
+  and 64 KiB binary, the client's side (precomputed frames) included;
+- idle_memory: the bytes Python allocates (tracemalloc) for each of 1,000 open,
+  idle connections, after one echo each: the server's side, the request
+  context included, the greenlets' stacks not.
 
 Both sides run in greenlets of one gevent loop, the client sending a frame and
 reading its echo in turn. What the client costs is the same for any version of
@@ -171,6 +174,27 @@ def echo_messages(frame, reply_size):
     return measure
 
 
+def idle_memory():
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    conns = []
+    for _ in range(1000):
+        conn = Connection()
+        conn.echo(TEXT_32, server_frame_size(32))
+        conns.append(conn)
+    gc.collect()
+    per_connection = (tracemalloc.get_traced_memory()[0] - before) / len(conns)
+    client_side = sum(len(conn.buffer) for conn in conns) / len(conns)  # the test client's own buffer
+    tracemalloc.stop()
+    for conn in conns:
+        conn.close()
+    return per_connection - client_side
+
+
 CASES = {
     "connection": (connection, 2000, "connection"),
     "bare_flask_request": (bare_flask_request, 5000, "connection"),
@@ -198,6 +222,8 @@ def main():
             case(n)
             best = min(best, (time.process_time() - start) / n)
         print(f"{name:22} {best * 1e6:8.1f} us per {unit}", flush=True)
+    if not ARGS.only or ARGS.only == "idle_memory":
+        print(f"{'idle_memory':22} {idle_memory():8.0f} bytes allocated per idle connection (tracemalloc)")
     if ARGS.profile:
         profile = cProfile.Profile()
         profile.runcall(CASES[ARGS.only or "echo_32"][0], ARGS.n or 3000)
