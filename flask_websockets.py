@@ -513,6 +513,7 @@ class WebSockets:
                 lambda: conn._end(wait),
                 lambda: self._connections.discard(conn),
                 lambda: [self._call(conn, hook) for hook in self._close_hooks],
+                lambda: wait and conn._linger(),  # before the server closes the socket
                 handover.end,
                 lambda: _cv_socket.reset(token),
             )
@@ -956,11 +957,14 @@ class Connection:
             elif kind == _OP_CLOSE or kind == _FAILED:
                 if kind == _FAILED:
                     logger.info("closing %r with %d: %s", self, *data)
-                if inbox:  # replies to the messages before it go first
-                    self._held = proto.data_to_send()
-                else:
-                    self._write(proto.data_to_send())
-                break
+                if inbox and self._held is None:  # replies to the messages before it go first
+                    self._held = b""
+        output = proto.data_to_send()  # close frames: now, or once the handlers are done
+        if output:
+            if self._held is not None:
+                self._held += output
+            else:
+                self._write(output)
         state = proto.state
         if state is _CLOSED:
             self._stop_reading()
@@ -1219,9 +1223,14 @@ class Connection:
 
     def _on_close_timeout(self) -> None:  # a timer
         self._close_timer = None
-        if self._proto.state is not _CLOSED:
-            logger.info("dropping %r: no close frame from the client", self)
-            self._drop()
+        if self._proto.state is _CLOSED:
+            return
+        if self._held is None and self._proto.close_now():  # an oversized message that does not end
+            self._write(self._proto.data_to_send())
+            self._arm_close_timer()  # now for the client's close frame
+            return
+        logger.info("dropping %r: no close frame from the client", self)
+        self._drop()
 
     def _drop(self) -> None:
         """Drop the TCP connection: the peer is gone, or took too long."""
@@ -1277,6 +1286,28 @@ class Connection:
                 self._sock.settimeout(self._timeout)  # the server may still use it
             except OSError:
                 pass
+
+    def _linger(self) -> None:
+        """Close our side of TCP, then read until the client closes its own; after ``_end``.
+
+        A client may still be sending when the closing handshake ends (a browser
+        in the middle of a large message). Closing a socket with unread data
+        makes the kernel reset the connection, and the client would see an
+        unclean close: so the server reads on, and discards, up to the close
+        timeout.
+        """
+        deadline = time.monotonic() + (self._settings.close_timeout or 5.0)
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._sock.settimeout(left)
+                if not self._sock.recv(65536):
+                    return
+        except OSError:  # reset, or timed out
+            pass
 
     # -- internals: keepalive and timers --------------------------------------
     #
@@ -1608,8 +1639,8 @@ class WebSocketTestClient:
         self._finish()
 
     def _finish(self) -> None:
+        self._sock.close()  # the endpoint reads until the client's side is closed
         self._server.join(timeout=5)
-        self._sock.close()
         self._raise_server_error()
 
     def _raise_server_error(self) -> None:
@@ -2005,11 +2036,17 @@ class _Protocol:
     announced length), unmasked and, for text, checked for UTF-8 on the way:
     invalid text fails at the first bad byte. ``max_size`` bounds it, counting
     each frame after the first as at least ``_MIN_FRAME_COST`` bytes.
+
+    A message over ``max_size`` fails at once (1009), but its close frame
+    waits until the client has sent the rest of that message, which is
+    skipped: a browser cut short in the middle of a message would see an
+    unclean close. :meth:`close_now` sends it without waiting any longer.
     """
 
     __slots__ = (
         "client", "max_size", "state", "close_code", "close_reason", "_buf", "_pos", "_eof", "_output",
         "_mask_bit", "_left", "_fin", "_mask", "_phase", "_skip", "_opcode", "_message", "_size", "_decoder",
+        "_deferred",
     )  # fmt: skip
 
     def __init__(self, client: bool = False, max_size: int | None = 1 << 20) -> None:
@@ -2034,6 +2071,7 @@ class _Protocol:
         self._message: bytearray | None = None
         self._size = 0  # its cost against max_size
         self._decoder: Any = None  # an incremental UTF-8 decoder, for text
+        self._deferred: bytes | None = None  # a 1009 close frame, until the oversized message ends
 
     # -- input ---------------------------------------------------------------
 
@@ -2055,6 +2093,7 @@ class _Protocol:
             self.close_code = 1006
         self.state = _CLOSED
         self._buf, self._pos, self._message, self._decoder, self._output = b"", 0, None, None, []
+        self._deferred = None
 
     def next_event(self) -> tuple[int, Any] | None:
         """The next event, or ``None`` until more data arrives (or for good, once CLOSED)."""
@@ -2125,7 +2164,7 @@ class _Protocol:
         cost = length if opcode else max(length, _MIN_FRAME_COST)
         if self.max_size is not None and self._size + cost > self.max_size:
             self._pos = end
-            return self._fail(1009, f"message over {self.max_size} bytes", skip=length)
+            return self._fail(1009, f"message over {self.max_size} bytes", skip=length, fin=b0 & 0x80, defer=True)
         self._pos = end
         if opcode:  # the first frame of a message
             self._opcode, self._message, self._size = opcode, bytearray(), 0
@@ -2165,7 +2204,10 @@ class _Protocol:
             return self._end_of_input()
         self._pos = pos + take
         self._left -= take
-        if not self._skip:
+        if self._skip:
+            if not self._left:
+                self._skipped_frame()
+        else:
             message = self._message
             assert message is not None
             start = len(message)
@@ -2182,6 +2224,11 @@ class _Protocol:
         if self._left:
             return None
         return self._end_of_frame()
+
+    def _skipped_frame(self) -> None:
+        if self._fin and self._deferred is not None:  # the end of the oversized message
+            self._output.append(self._deferred)
+            self._deferred = None
 
     def _end_of_frame(self) -> tuple[int, Any] | None:
         if self._skip or not self._fin:
@@ -2220,25 +2267,43 @@ class _Protocol:
             self.state = _CLOSED
             return _OP_CLOSE, (self.close_code, self.close_reason)  # its content no longer matters
         self._pos = end
+        self._fin = b0 & 0x80 if b0 & 0x0F < _OP_CLOSE else 0  # a control frame ends no message
         self._left, self._skip = length, True
+        if not length:
+            self._skipped_frame()
         return None
 
-    def _fail(self, code: int, reason: str, skip: int | None = 0) -> tuple[int, Any]:
+    def _fail(self, code: int, reason: str, skip: int | None = 0, fin: int = 0, defer: bool = False) -> tuple[int, Any]:
         """Fail the connection: queue a close frame with ``code``, discard what follows.
 
         ``skip`` is what is left of the offending frame's payload, or ``None``
-        when that frame was the peer's close frame, its last.
+        when that frame was the peer's close frame, its last. With ``defer``
+        the close frame waits for the end of the message (``fin``: this frame
+        is its last).
         """
         if self.state is _OPEN:
             self.close_code, self.close_reason = code, reason
-            self._output.append(self._close_frame(code, reason))
+            if defer:
+                self._deferred = self._close_frame(code, reason)
+            else:
+                self._output.append(self._close_frame(code, reason))
         self._opcode, self._message, self._decoder = 0, None, None
         if skip is None:
             self.state = _CLOSED
         else:
             self.state = _CLOSING
-            self._left, self._skip = skip, True
+            self._fin, self._left, self._skip = fin, skip, True
+            if not skip:
+                self._skipped_frame()
         return _FAILED, (code, reason)
+
+    def close_now(self) -> bool:
+        """Send the close frame that waits for the end of an oversized message; whether one waited."""
+        if self._deferred is None:
+            return False
+        self._output.append(self._deferred)
+        self._deferred = None
+        return True
 
     # -- output --------------------------------------------------------------
 

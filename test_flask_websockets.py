@@ -184,7 +184,8 @@ class RawClient:
         return self.frames
 
     def end(self, timeout=5.0):
-        """Wait for the view to return; raise what it raised."""
+        """Hang up, wait for the view to return; raise what it raised."""
+        self.disconnect()  # the server reads until the client's side is closed too
         self.greenlet.join(timeout)
         assert self.greenlet.dead, "the view is still serving the connection"
         self.sock.close()
@@ -1302,6 +1303,19 @@ def test_small_fragments_count_as_64_bytes_against_the_limit():
     assert events(proto, frames[16_385]) == [failure]
 
 
+def test_an_oversized_message_fails_at_once_but_its_close_frame_waits_for_its_end():
+    proto = _Protocol(max_size=1000)
+    failure = (flask_websockets._FAILED, (1009, "message over 1000 bytes"))
+    assert events(proto, client_frame(BINARY, b"x" * 800, fin=False), client_frame(0, b"x" * 800)[:300]) == [failure]
+    assert proto.state is _State.CLOSING and proto.data_to_send() == b"", "the client is still sending"
+    assert events(proto, client_frame(0, b"x" * 800)[300:]) == []  # the rest of its last frame, skipped
+    assert parse_server_frames(proto.data_to_send()) == [("close", 1009, "message over 1000 bytes")]
+    proto = _Protocol(max_size=1000)
+    assert events(proto, client_frame(BINARY, b"x" * 5000)[:100]) == [failure]
+    assert proto.close_now() and parse_server_frames(proto.data_to_send())[0][:2] == ("close", 1009)
+    assert not proto.close_now(), "only once"
+
+
 def test_after_its_close_frame_the_server_skips_whatever_arrives_until_the_clients():
     proto = _Protocol(max_size=100)
     proto.send_close(1009, "too big")
@@ -1387,16 +1401,38 @@ def test_message_at_the_limit_passes_one_byte_over_closes_with_1009():
 
 def test_huge_frame_header_is_refused_before_its_payload_is_read():
     app = limited_app(1 << 20)
+    sockets = app.extensions["websockets"]
+    sockets._clock = clock = FakeClock()
+    closed = []
+    sockets.on_close(lambda: closed.append(ws.close_code))
     fake = connect(app)
     fake.feed(bytes([0x82, 0xFF]) + (1 << 62).to_bytes(8, "big") + b"mask")  # announces 4 EiB
-    assert fake.wait_for(1) == [("close", 1009, "message over 1048576 bytes")]
+    gevent.idle()
+    assert sockets.connections == [], "refused at once: no handler sees any of it"
     fake.feed(b"\x00" * 300_000)  # the payload starts to arrive: skipped as it comes, never kept
     gevent.idle()
-    [conn] = app.extensions["websockets"]._connections  # closing: not in .connections any more
+    [conn] = sockets._connections
     assert conn._proto._message is None and len(conn._proto._buf) <= 65536
-    fake.disconnect()
+    assert fake.poll() == [], "the close frame waits for the end of the message..."
+    clock.advance(5)
+    assert fake.poll() == [("close", 1009, "message over 1048576 bytes")], "...up to the close timeout"
+    clock.advance(5)  # no answer either: dropped
     fake.read_until_eof()
     fake.end()
+    assert closed == [1009]
+
+
+def test_the_1009_goes_out_once_the_client_has_sent_the_whole_oversized_message():
+    """A browser that gets the close frame in the middle of its message reports an unclean close."""
+    fake = connect(limited_app(100))
+    fake.feed(client_frame(BINARY, b"x" * 80, fin=False), client_frame(0, b"x" * 80, fin=False))  # 160 > 100
+    gevent.idle()
+    assert fake.poll() == []
+    fake.feed(client_frame(0, b"x" * 80, fin=False), client_frame(PING, b"skipped"), client_frame(0, b"end"))
+    assert fake.wait_for(1) == [("close", 1009, "message over 100 bytes")]
+    fake.feed(close(1009))
+    fake.read_until_eof()
+    assert fake.end().frames == [("close", 1009, "message over 100 bytes")]
 
 
 def test_limit_counts_all_fragments_of_a_message():
@@ -2593,6 +2629,8 @@ def test_real_memory_stays_bounded_whatever_the_client_sends(tmp_path):
             flood = raw_handshake(url)
             before = rss_kib(pid)
             flood.sendall(client_frame(BINARY, fragment, fin=False) + client_frame(0, fragment, fin=False) * 20_000)
+            flood.sendall(client_frame(0, fragment))  # the end of the message: now the server answers
+            flood.sendall(close(1009))
             assert read_close_then_eof(flood) == ("close", 1009, "message over 1048576 bytes")
             assert rss_kib(pid) - before < 5 * 1024
         echo_round_trip(url, "still serving")
@@ -3566,3 +3604,21 @@ def test_browser_drives_the_example_page(scheme, chromium, certificate, tmp_path
         expect(page.locator("#state")).to_have_text("closed (code 1000, closed by the server)")
         page.screenshot(path=str(ARTIFACTS / f"example-{scheme}-closed.png"), full_page=True)
         assert '"GET / HTTP/1.1" 101' in log(), "the access log has the websocket connections"
+
+
+@pytest.mark.browser
+def test_browser_a_2_mib_message_closes_cleanly_with_1009(chromium, tmp_path):
+    """Chromium sends 2 MiB as 128 KB fragments; the server's 1009 must reach it cleanly, every time."""
+    browser, expect = chromium
+    with subprocess_server(["example.py", "--port", "0"], tmp_path) as (port, log):
+        page = open_example(browser, expect, f"http://127.0.0.1:{port}/")
+        for attempt in range(10):
+            closed = page.evaluate(
+                """() => new Promise((resolve) => {
+                    const ws = new WebSocket(document.getElementById("url").textContent);
+                    ws.onopen = () => ws.send(new Uint8Array(2 * 1024 * 1024));
+                    ws.onclose = (event) => resolve([event.code, event.reason, event.wasClean]);
+                })"""
+            )
+            assert closed == [1009, "message over 1048576 bytes", True], f"attempt {attempt}"
+
