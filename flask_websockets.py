@@ -513,7 +513,7 @@ class WebSockets:
                 lambda: conn._end(wait),
                 lambda: self._connections.discard(conn),
                 lambda: [self._call(conn, hook) for hook in self._close_hooks],
-                lambda: wait and conn._linger(),  # before the server closes the socket
+                lambda: conn._linger() if wait else None,  # before the server closes the socket
                 handover.end,
                 lambda: _cv_socket.reset(token),
             )

@@ -1269,7 +1269,7 @@ def test_invalid_utf8_fails_within_the_bad_sequence_not_at_the_end_of_the_frame(
     frame = client_frame(TEXT, "ok \u00e9 ".encode() + b"\xed\xa0\x80" + b"x" * 100)  # a surrogate: invalid
     bad_sequence = 2 + 4 + len("ok \u00e9 ".encode())  # after the header (7-bit length, then the mask)
     seen = []
-    for i, piece in enumerate(one_byte_at_a_time(frame)):
+    for i, piece in enumerate(one_byte_at_a_time(frame)):  # noqa: B007 - i is read after the loop
         seen += events(proto, piece)
         if seen:
             break
@@ -1336,7 +1336,8 @@ def test_chromium_s_2_mib_in_17_fragments_is_refused_and_closes_cleanly():
     proto = _Protocol()  # 1 MiB
     fragments = [client_frame(BINARY if i == 0 else 0, b"x" * 131072, fin=i == 16) for i in range(17)]
     out = events(proto, *[chunk for f in fragments for chunk in (f[:5000], f[5000:])], close(1009))
-    assert out == [(flask_websockets._FAILED, (1009, "message over 1048576 bytes")), (CLOSE, (1009, "message over 1048576 bytes"))]
+    reason = "message over 1048576 bytes"
+    assert out == [(flask_websockets._FAILED, (1009, reason)), (CLOSE, (1009, reason))]
     assert proto.state is _State.CLOSED
 
 

@@ -89,9 +89,8 @@ def serve(args):
             reached.append(sockets.broadcast(payload, to=lambda c: c.request.args.get("role") != "control"))
             durations.append(time.monotonic() - before)
             gevent.sleep(float(pause))
-        return json.dumps(
-            {"durations": durations, "reached": reached, "closed": [(t - start, role, code) for t, role, code in closed]}
-        )
+        closes = [(t - start, role, code) for t, role, code in closed]
+        return json.dumps({"durations": durations, "reached": reached, "closed": closes})
 
     @sockets.on_message("^LONG ")
     def long_task(message):
@@ -440,10 +439,8 @@ def broadcast(args):
     count, readers_per_process, processes = 2000, 10, 5
     try:
         ready, results = multiprocessing.Queue(), multiprocessing.Queue()
-        workers = [
-            multiprocessing.Process(target=read_broadcasts, args=(server.port, readers_per_process, count, ready, results))
-            for _ in range(processes)
-        ]
+        reader_args = (server.port, readers_per_process, count, ready, results)
+        workers = [multiprocessing.Process(target=read_broadcasts, args=reader_args) for _ in range(processes)]
         for worker in workers:
             worker.start()
         for _ in workers:
