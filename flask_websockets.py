@@ -45,6 +45,7 @@ import io
 import logging
 import os
 import re
+import signal
 import socket
 import ssl
 import struct
@@ -63,6 +64,7 @@ from flask import Blueprint, Flask, Response, abort, current_app, got_request_ex
 from gevent.pywsgi import WSGIHandler
 from geventwebsocket.handler import WebSocketHandler as _GeventWebSocketHandler
 from werkzeug.local import LocalProxy
+from werkzeug.routing import WebsocketMismatch
 from werkzeug.wrappers import Response as _WerkzeugResponse
 
 __version__ = "2.0.0.dev0"
@@ -254,6 +256,8 @@ class WebSockets:
         app.extensions.setdefault("websockets", self)
         if _close_unserved_upgrade not in app.after_request_funcs.get(None, []):
             app.after_request(_close_unserved_upgrade)
+        # A plain GET of the endpoint: an explanation (an app's own handler, registered later, wins).
+        app.register_error_handler(WebsocketMismatch, _explain_websocket_endpoint)
         self._apps.append(app)
 
     # -- registering handlers ------------------------------------------------
@@ -499,6 +503,7 @@ class WebSockets:
         )
         token = _cv_socket.set(conn)
         self._connections.add(conn)
+        _open_connections.add(conn)
         wait = True
         try:
             conn._start(pending)
@@ -513,6 +518,7 @@ class WebSockets:
                 lambda: conn._end(wait),
                 lambda: self._connections.discard(conn),
                 lambda: [self._call(conn, hook) for hook in self._close_hooks],
+                lambda: _open_connections.discard(conn),
                 lambda: conn._linger() if wait else None,  # before the server closes the socket
                 handover.end,
                 lambda: _cv_socket.reset(token),
@@ -673,6 +679,17 @@ def _not_served_response() -> Response:
     # over its connection (the Flask test client, gunicorn's sync workers).
     logger.warning("websocket handshake for %s refused: the server cannot serve websockets", request.path)
     return current_app.response_class(_NOT_SERVED, status=501, mimetype="text/plain")
+
+
+def _explain_websocket_endpoint(error: Exception) -> Response:
+    """A plain HTTP request to a websocket endpoint: say what it is, with 426 Upgrade Required."""
+    url = request.url.replace("http", "ws", 1)
+    text = (
+        f"This is a websocket endpoint: {url}\n\n"
+        "It speaks the WebSocket protocol, not plain HTTP. Connect with a websocket\n"
+        f'client, such as a page\'s JavaScript: new WebSocket("{url}")\n'
+    )
+    return current_app.response_class(text, 426, {"Upgrade": "websocket"}, mimetype="text/plain")
 
 
 def _close_unserved_upgrade(response: Response) -> Response:
@@ -1382,7 +1399,7 @@ class WebSocketHandler(_GeventWebSocketHandler):
     """gevent-websocket's handler, letting the app answer each handshake.
 
     The recommended ``handler_class`` for gevent's ``WSGIServer``, and what
-    :func:`serve` uses::
+    :func:`serve` and :data:`GunicornWorker` use::
 
         from gevent.pywsgi import WSGIServer
         WSGIServer(("127.0.0.1", 5000), app, handler_class=flask_websockets.WebSocketHandler).serve_forever()
@@ -1394,11 +1411,49 @@ class WebSocketHandler(_GeventWebSocketHandler):
     answer 401; the client then never gets a 101. The 101 carries the chosen
     subprotocol. Every websocket connection gets one access-log line with
     status 101 and its duration, and no logger's handlers are touched.
+
+    It also bounds what a client may cost before the app sees its request:
+    a connection that has not sent a whole request line and headers within
+    ``handshake_timeout`` seconds is closed (an idle keep-alive connection
+    too), and a request line and headers over ``max_handshake_size`` bytes get
+    400. Set them on a subclass, or on this class (in a gunicorn config file,
+    say): ``WebSocketHandler.handshake_timeout = 20``.
     """
 
+    #: Seconds a connection may take to send its request line and headers; ``None``: no limit.
+    handshake_timeout: float | None = 10.0
+    #: Bytes of request line and headers a request may have.
+    max_handshake_size: int = 64 * 1024
+
     _upgraded = False
+    _deadline: Any = None
+
+    def handle_one_request(self) -> Any:
+        if self.handshake_timeout:
+            self._deadline = gevent.Timeout.start_new(self.handshake_timeout, _SlowRequest(self.handshake_timeout))
+        try:
+            return super().handle_one_request()
+        except _SlowRequest:  # no request line yet: nothing to answer
+            logger.info("closing a connection from %s: no request in %s s", self.client_address, self.handshake_timeout)
+            return None
+        finally:
+            self._cancel_deadline()
+
+    def read_request(self, raw_requestline: str) -> Any:
+        reader: Any = self.rfile  # type: ignore[has-type]
+        self.rfile = _HeadReader(reader, self.max_handshake_size - len(raw_requestline))
+        try:
+            return super().read_request(raw_requestline)
+        finally:
+            self.rfile = reader
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.close()
+            self._deadline = None
 
     def run_application(self) -> None:
+        self._cancel_deadline()  # the request is in: the app takes the time it needs
         if self.environ.get("HTTP_UPGRADE", "").lower() == "websocket":
             self.environ["flask_websockets.accept"] = self._accept
         WSGIHandler.run_application(self)  # pywsgi's: gevent-websocket's would send the 101 now
@@ -1412,6 +1467,7 @@ class WebSocketHandler(_GeventWebSocketHandler):
         self._orig_status, self.status, self.code = "101 Switching Protocols", b"101 Switching Protocols", 101
         self.response_headers = headers
         self.headers_sent = self.close_connection = True
+        self.__dict__.pop("headers", None)  # the app has them in its environ: keep no second copy
         return self.socket, self.rfile
 
     def start_response(self, status: str, headers: list, exc_info: Any = None) -> Callable[[bytes], None]:
@@ -1422,6 +1478,15 @@ class WebSocketHandler(_GeventWebSocketHandler):
     def process_result(self) -> None:
         if not self._upgraded:
             super().process_result()
+
+    def handle_error(self, kind: type, error: BaseException, tb: Any) -> None:
+        if not self._upgraded:
+            super().handle_error(kind, error, tb)
+            return
+        # pywsgi would write a 500 page, after the websocket's close frame.
+        if not isinstance(error, gevent.GreenletExit):  # killed: the server is stopping
+            logger.error("error after a websocket connection", exc_info=(kind, error, tb))
+        self.close_connection = True
 
     def log_request(self) -> None:
         # gevent-websocket leaves 101s out of the access log: log them like any
@@ -1434,6 +1499,31 @@ class WebSocketHandler(_GeventWebSocketHandler):
         return logging.getLogger("geventwebsocket.handler")
 
 
+class _SlowRequest(ValueError):
+    """A client that took too long to send its request (pywsgi answers a ValueError with 400)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no whole request within {seconds} s")
+
+
+class _HeadReader:
+    """The server's reader while it reads a request's headers: at most ``left`` more bytes."""
+
+    def __init__(self, reader: Any, left: int) -> None:
+        self._reader, self._left = reader, left
+
+    def readline(self, size: int | None = -1) -> bytes:
+        limit = self._left + 1 if size is None or size < 0 else min(size, self._left + 1)
+        line: bytes = self._reader.readline(limit)
+        self._left -= len(line)
+        if self._left < 0:
+            raise ValueError("request line and headers too long")  # pywsgi answers 400
+        return line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader, name)
+
+
 def serve(
     app: Any,
     host: str = "127.0.0.1",
@@ -1443,9 +1533,13 @@ def serve(
     certfile: str | None = None,
     keyfile: str | None = None,
     reload: bool = False,
+    handshake_timeout: float | None = 10.0,
+    max_connections: int | None = None,
+    max_handshake_size: int = 64 * 1024,
+    shutdown_timeout: float = 3.0,
     **server_kwargs: Any,
 ) -> None:
-    """Serve ``app`` with gevent and :class:`WebSocketHandler` until Ctrl-C.
+    """Serve ``app`` with gevent and :class:`WebSocketHandler` until Ctrl-C or SIGTERM.
 
     It prints the URL, passes ``ssl_context`` or ``certfile`` and ``keyfile``
     on for https and wss, and ``server_kwargs`` to gevent's ``WSGIServer``
@@ -1455,41 +1549,91 @@ def serve(
         if __name__ == "__main__":
             flask_websockets.serve(app, port=8000, reload=True)
 
+    ``handshake_timeout`` and ``max_handshake_size`` bound what a client may
+    take before the app sees its request (see :class:`WebSocketHandler`).
+    With ``max_connections``, connections over that number wait in the listen
+    backlog until one ends.
+
+    On SIGINT (Ctrl-C) or SIGTERM it stops accepting, closes every websocket
+    with 1001 ("server shutting down") and waits for their clients' close
+    frames, for up to ``shutdown_timeout`` seconds (or their close timeout,
+    if shorter). Connections still open then are dropped; nothing follows
+    their close frame, and every ``on_close`` runs once. Then it returns.
+
     Like any gevent program, call ``gevent.monkey.patch_all()`` first thing
     if handlers use blocking libraries (``time.sleep``, database drivers).
     """
     tls = {k: v for k, v in dict(ssl_context=ssl_context, certfile=certfile, keyfile=keyfile).items() if v}
+    limits: dict[str, Any] = dict(
+        handshake_timeout=handshake_timeout, max_connections=max_connections, max_handshake_size=max_handshake_size
+    )
+    limits["shutdown_timeout"] = shutdown_timeout
     if reload:
         # Werkzeug has no public API to reload a server other than its own.
         from werkzeug._reloader import run_with_reloader
 
-        run_with_reloader(lambda: serve(app, host, port, **tls, **server_kwargs))
+        run_with_reloader(lambda: serve(app, host, port, **tls, **limits, **server_kwargs))
         return
     from gevent.pool import Pool
     from gevent.pywsgi import WSGIServer
 
-    # In a pool, connections still open when the server stops are closed with 1001.
-    server_kwargs.setdefault("spawn", Pool())
-    server = WSGIServer((host, port), app, handler_class=WebSocketHandler, **tls, **server_kwargs)
+    handler = type(
+        "WebSocketHandler",
+        (WebSocketHandler,),
+        {"handshake_timeout": handshake_timeout, "max_handshake_size": max_handshake_size},
+    )
+    server_kwargs.setdefault("spawn", Pool(max_connections))
+    server = WSGIServer((host, port), app, handler_class=handler, **tls, **server_kwargs)
     server.start()  # bind first, so that port 0 prints the port it got
     scheme = "https" if tls else "http"
     print(f" * Serving on {scheme}://{host}:{server.server_port}/ (press Ctrl-C to quit)", flush=True)
+    # The event loop catches the signals: no KeyboardInterrupt in whatever greenlet happens to run.
+    stopping = gevent.event.Event()
+    handlers = [gevent.signal_handler(signum, stopping.set) for signum in (signal.SIGINT, signal.SIGTERM)]
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        stopping.wait()
     finally:
-        server.stop(timeout=1)
+        for signal_handler in handlers:
+            signal_handler.cancel()
+        server.close()  # no new connections
+        _shut_down_websockets(shutdown_timeout)
+        server.stop(timeout=0.5)  # what is left: idle keep-alive requests, clients that did not answer
+
+
+def _shut_down_websockets(timeout: float) -> None:
+    """Close every websocket of this process with 1001; wait up to ``timeout`` for them to end.
+
+    They end when their clients answer (or at their close timeouts), after
+    their ``on_close``: the server may then stop without cutting a closing
+    handshake short.
+    """
+    for conn in list(_open_connections):
+        try:
+            conn.close(1001, "server shutting down")
+        except Exception:  # one connection must not keep the others open
+            logger.exception("closing %r", conn)
+    deadline = time.monotonic() + timeout
+    while _open_connections and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+
+
+#: The connections this process serves, whatever their endpoint: for shutting down.
+_open_connections: set[Connection] = set()
 
 
 def __getattr__(name: str) -> Any:
     """``GunicornWorker``: gunicorn's gevent worker with :class:`WebSocketHandler`.
 
-    ``gunicorn -k flask_websockets.GunicornWorker -w 4 app:app``. Gunicorn is
-    imported only when the worker is asked for: it is not a dependency.
+    ``gunicorn -k flask_websockets.GunicornWorker -w 4 app:app``. When the
+    worker is told to stop, gracefully (SIGTERM, what a reload or a deploy
+    sends) or quickly (SIGINT, SIGQUIT), it closes its websockets with 1001
+    and waits for their closing handshakes, instead of dropping them at the
+    graceful timeout. Gunicorn is imported only when the worker is asked for:
+    it is not a dependency.
     """
     if name != "GunicornWorker":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from gunicorn.workers.base import Worker
     from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
 
     class GunicornHandler(WebSocketHandler, PyWSGIHandler):
@@ -1497,6 +1641,20 @@ def __getattr__(name: str) -> Any:
 
     class GunicornWorker(GeventPyWSGIWorker):
         wsgi_handler = GunicornHandler
+
+        # Gunicorn's signal handlers run in whichever greenlet the signal
+        # interrupts: they only hand the work to a greenlet of its own.
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)  # the worker stops once its connections end, or at the graceful timeout
+            gevent.spawn(_shut_down_websockets, 0.0)
+
+        def handle_quit(self, sig: int, frame: Any) -> None:
+            gevent.spawn(self._quit, sig, frame)
+
+        def _quit(self, sig: int, frame: Any) -> None:
+            self.alive = False
+            _shut_down_websockets(3.0)
+            Worker.handle_quit(self, sig, frame)  # exits
 
     globals()["GunicornWorker"] = GunicornWorker
     return GunicornWorker
@@ -1973,10 +2131,16 @@ class _Upgraded(Response):
 
 
 class _Dropped(_Upgraded):
-    """For Werkzeug's server, which would write a response after the websocket."""
+    """For Werkzeug's server, which writes the response's status line after the view.
+
+    Its socket is shut down by then: Werkzeug logs the request with status
+    101, fails to write the line, and drops the request quietly. Raising
+    instead would show Werkzeug's debugger a 500 (``flask run --debug``).
+    """
 
     def __call__(self, environ: dict, start_response: Callable[..., Any]) -> list[bytes]:  # type: ignore[override]
-        raise ConnectionError("the websocket is over")  # Werkzeug drops the request quietly
+        start_response("101 Switching Protocols", [])
+        return []
 
 
 # ---------------------------------------------------------------------------

@@ -3424,6 +3424,166 @@ def test_serve_prints_its_url_and_stops_cleanly_on_ctrl_c(tmp_path):
         assert "Traceback" not in proc.stderr.read()
 
 
+def raw_websocket(port, path="/"):
+    sock = raw_handshake(f"ws://127.0.0.1:{port}{path}")
+    sock.settimeout(10)
+    return sock
+
+
+def answer_the_close(sock):
+    """Play a well-behaved client: read until the server's close frame, answer it, read to the end.
+
+    Returns every frame the server sent; fails if anything came after its
+    close frame, or if the connection was reset rather than closed.
+    """
+    data, answered = b"", False
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            sock.close()  # as clients do once the server has closed
+            break
+        data += chunk
+        if not answered and any(f[0] == "close" for f in parse_server_frames(data)):
+            sock.sendall(close(1001))
+            answered = True
+    return parse_server_frames(data)
+
+
+def stop_with_open_websockets(proc, port, signum, within):
+    """Three clients each get a reply; the signal comes right after the last one."""
+    clients = [raw_websocket(port) for _ in range(3)]
+    for i, sock in enumerate(clients):
+        sock.sendall(text(f"hi {i}"))
+    replies = [parse_server_frames(sock.recv(4096)) for sock in clients]
+    proc.send_signal(signum)  # the racy moment: handlers have just replied
+    start = time.monotonic()
+    ends = [answer_the_close(sock) for sock in clients]
+    assert proc.wait(within) == 0
+    assert time.monotonic() - start < within
+    for reply, end in zip(replies, ends):
+        assert len(reply) == 1 and reply[0][0] == "text"
+        assert end == [("close", 1001, "server shutting down")], "one close frame, then the end: nothing else"
+    for sock in clients:
+        sock.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_serve_stops_with_1001_on_sigint_and_sigterm_every_time(signum, tmp_path):
+    (tmp_path / "app.py").write_text(VERSIONED_APP.replace("PORT", "0").replace("RELOAD", "False"))
+    for round in range(10):
+        with process([sys.executable, "app.py"], tmp_path, stdout=subprocess.PIPE) as proc:
+            port = int(re.search(r":(\d+)/", proc.stdout.readline()).group(1))
+            stop_with_open_websockets(proc, port, signum, within=3)
+            assert "Traceback" not in proc.stderr.read(), f"round {round}"
+
+
+GUNICORN_APP = """\
+from flask import Flask
+from flask_websockets import WebSockets
+app = Flask(__name__)
+WebSockets(app).on_message(lambda message: f"echo {message}")
+"""
+
+
+def gunicorn_command(port, *options):
+    args = [sys.executable, "-m", "gunicorn", "-k", "flask_websockets.GunicornWorker", "-b", f"127.0.0.1:{port}"]
+    usage = subprocess.run([sys.executable, "-m", "gunicorn", "--help"], capture_output=True, text=True).stdout
+    if "--no-control-socket" in usage:  # gunicorn 24+: not its one shared ~/.gunicorn/gunicorn.ctl
+        args.append("--no-control-socket")
+    return args + list(options)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_gunicorn_workers_stop_with_1001_on_sigterm_and_sigint(signum, tmp_path):
+    """A deploy's SIGTERM (graceful) or a SIGINT (quick): close frames at once, not a drop after 30 s."""
+    (tmp_path / "gapp.py").write_text(GUNICORN_APP)
+    for round in range(10):
+        port = free_port()
+        args = gunicorn_command(port, "-w", "1", "--graceful-timeout", "30", "gapp:app")
+        with process(args, tmp_path) as proc:
+            connect_when_up(f"ws://127.0.0.1:{port}/", proc).close()
+            stop_with_open_websockets(proc, port, signum, within=5)
+            assert "Traceback" not in proc.stderr.read(), f"round {round}"
+
+
+SLOW_HEADERS_APP = """\
+from flask import Flask
+import flask_websockets
+app = Flask(__name__)
+flask_websockets.WebSockets(app).on_message(lambda message: message)
+flask_websockets.serve(app, port=0, log=None, handshake_timeout=1.0, max_connections=MAX)
+"""
+
+
+def test_slow_header_clients_are_closed_at_the_handshake_deadline_and_others_are_served(tmp_path):
+    (tmp_path / "app.py").write_text(SLOW_HEADERS_APP.replace("MAX", "None"))
+    with process([sys.executable, "app.py"], tmp_path, stdout=subprocess.PIPE) as proc:
+        port = int(re.search(r":(\d+)/", proc.stdout.readline()).group(1))
+        slow = []
+        for _ in range(200):  # half a request line, then a byte now and then
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            OPENED.append(sock)
+            sock.sendall(b"GET / HT")
+            slow.append(sock)
+        start = time.monotonic()
+        echo_round_trip(f"ws://127.0.0.1:{port}", "served meanwhile")
+        for sock in slow:
+            with contextlib.suppress(OSError):
+                sock.sendall(b"T")
+        for sock in slow:  # each closed at its deadline, 1 s after it connected: no request line, no answer
+            assert sock.recv(4096) == b""
+        assert time.monotonic() - start < 5
+        echo_round_trip(f"ws://127.0.0.1:{port}", "still serving")
+
+
+def test_max_connections_holds_the_others_in_the_backlog(tmp_path):
+    (tmp_path / "app.py").write_text(SLOW_HEADERS_APP.replace("MAX", "2"))
+    with process([sys.executable, "app.py"], tmp_path, stdout=subprocess.PIPE) as proc:
+        port = int(re.search(r":(\d+)/", proc.stdout.readline()).group(1))
+        first, second = client(f"ws://127.0.0.1:{port}/"), client(f"ws://127.0.0.1:{port}/")
+        third = socket.create_connection(("127.0.0.1", port), timeout=10)  # TCP says yes: the backlog
+        OPENED.append(third)
+        third.sendall(HANDSHAKE_REQUEST)
+        third.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            third.recv(4096)  # not accepted while two are open
+        first.close()
+        third.settimeout(10)
+        assert third.recv(4096).startswith(b"HTTP/1.1 101"), "accepted as soon as one ended"
+        second.send("still here")
+        assert second.recv() == "still here"
+
+
+HANDSHAKE_REQUEST = (
+    b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("headers, status", [(60 * 1024, b"101"), (70 * 1024, b"400"), (6 * 1024 * 1024, b"400")])
+def test_handshakes_over_64_kib_of_headers_get_400(headers, status):
+    app, sockets, events = demo_app()
+    with serving(app) as url:
+        sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10)
+        OPENED.append(sock)
+        lines = b"".join(b"X-Padding-%d: %s\r\n" % (i, b"x" * 1000) for i in range(headers // 1024))
+        with contextlib.suppress(OSError):  # refused before it has sent them all
+            sock.sendall(HANDSHAKE_REQUEST[:-2] + lines + b"\r\n")
+        assert sock.recv(4096).split(b" ")[1] == status
+
+
+def test_a_plain_get_of_the_endpoint_explains_what_it_is():
+    app = Flask(__name__)
+    WebSockets(app, path="/ws")
+    response = app.test_client().get("/ws")
+    assert response.status_code == 426 and response.headers["Upgrade"] == "websocket"
+    assert 'new WebSocket("ws://localhost/ws")' in response.get_data(as_text=True)
+    app = Flask(__name__)
+    WebSockets(app)
+    app.add_url_rule("/", "index", lambda: "the page")  # an HTTP view at the same path still wins
+    assert app.test_client().get("/").data == b"the page"
+
+
 @pytest.mark.parametrize("how", ["serve(reload=True)", "flask run --debug"])
 def test_code_changes_reload(how, tmp_path):
     port = free_port()
@@ -3440,17 +3600,35 @@ def test_code_changes_reload(how, tmp_path):
         wait_for_version(url, proc, "v2")
 
 
-def test_app_run_debug_serves_websockets(tmp_path):
+@pytest.mark.parametrize("how", ["app.run(debug=True)", "flask run --debug"])
+def test_the_development_server_serves_websockets_and_logs_them_with_101(how, tmp_path):
     port = free_port()
     serving_line = "flask_websockets.serve(app, port=PORT, reload=RELOAD)"
     source = VERSIONED_APP.replace(serving_line, f"app.run(port={port}, debug=True)")
     (tmp_path / "app.py").write_text(source)
-    with process([sys.executable, "app.py"], tmp_path) as proc:
+    args = [sys.executable, "app.py"]
+    if how == "flask run --debug":
+        args = [sys.executable, "-m", "flask", "--app", "app", "run", "--debug", "--port", str(port)]
+    with process(args, tmp_path) as proc:
         c = connect_when_up(f"ws://127.0.0.1:{port}/", proc)
         c.send_binary(b"\x00\x01")
         c.send("hi")
         assert [c.recv(), c.recv()] == ["v1: b'\\x00\\x01'", "v1: hi"]
         c.close()
+        lines = []
+        reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")))
+        reader.start()
+        wait_until(lambda: any(" 101 " in line for line in lines))  # once the connection's view is over
+        with pytest.raises(urllib.error.HTTPError) as error:  # a browser tab on the websocket URL
+            urlopen(f"http://127.0.0.1:{port}/")
+        assert error.value.code == 426
+        error.value.close()
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+        reader.join(5)
+    log = re.sub("\x1b\\[[0-9;]*m", "", "".join(lines))  # Werkzeug's colours
+    # Werkzeug's debugger would turn an error after the websocket into a 500 line and a traceback.
+    assert '"GET / HTTP/1.1" 101 -' in log and " 500 " not in log and "Traceback" not in log
 
 
 def test_gunicorn_with_two_workers(tmp_path):
@@ -3623,3 +3801,15 @@ def test_browser_a_2_mib_message_closes_cleanly_with_1009(chromium, tmp_path):
             )
             assert closed == [1009, "message over 1048576 bytes", True], f"attempt {attempt}"
 
+
+
+@pytest.mark.browser
+def test_browser_sees_1001_when_the_server_is_stopped_with_ctrl_c(chromium, tmp_path):
+    browser, expect = chromium
+    with process([sys.executable, str(HERE / "example.py"), "--port", "0"], tmp_path, stdout=subprocess.PIPE) as proc:
+        port = int(re.search(r":(\d+)/", proc.stdout.readline()).group(1))
+        page = open_example(browser, expect, f"http://127.0.0.1:{port}/")
+        proc.send_signal(signal.SIGINT)
+        expect(page.locator("#state")).to_have_text("closed (code 1001, server shutting down)")
+        assert proc.wait(5) == 0
+        assert "Traceback" not in proc.stderr.read()
