@@ -1634,26 +1634,39 @@ def __getattr__(name: str) -> Any:
     if name != "GunicornWorker":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from gunicorn.workers.base import Worker
-    from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
+    from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler, PyWSGIServer
 
     class GunicornHandler(WebSocketHandler, PyWSGIHandler):
         """Our handshake, gunicorn's access log and environ."""
 
+    class GunicornServer(PyWSGIServer):
+        started: list[Any] = []  # this worker process's servers, to stop accepting at once
+
+        def start(self) -> None:
+            super().start()
+            self.started.append(self)
+
     class GunicornWorker(GeventPyWSGIWorker):
+        server_class = GunicornServer
         wsgi_handler = GunicornHandler
 
         # Gunicorn's signal handlers run in whichever greenlet the signal
         # interrupts: they only hand the work to a greenlet of its own.
         def handle_exit(self, sig: int, frame: Any) -> None:
             super().handle_exit(sig, frame)  # the worker stops once its connections end, or at the graceful timeout
-            gevent.spawn(_shut_down_websockets, 0.0)
+            gevent.spawn(self._stop_serving, 0.0)
 
         def handle_quit(self, sig: int, frame: Any) -> None:
             gevent.spawn(self._quit, sig, frame)
 
+        def _stop_serving(self, timeout: float) -> None:
+            for server in GunicornServer.started:  # now, not at the worker's next check: clients
+                server.close()  # that reconnect on 1001 must reach the new workers
+            _shut_down_websockets(timeout)
+
         def _quit(self, sig: int, frame: Any) -> None:
             self.alive = False
-            _shut_down_websockets(3.0)
+            self._stop_serving(3.0)
             Worker.handle_quit(self, sig, frame)  # exits
 
     globals()["GunicornWorker"] = GunicornWorker

@@ -2993,12 +2993,12 @@ flask_websockets.serve(runpy.run_path(sys.argv[1], run_name="snippet")["app"], p
 
 
 @contextlib.contextmanager
-def subprocess_server(args, tmp_path):
+def subprocess_server(args, tmp_path, cwd=HERE):
     """Run a server process that prints its port (or a URL) on its first line."""
     out = (tmp_path / "server.log").open("w+")
     proc = subprocess.Popen(
         [sys.executable, *args],
-        cwd=HERE,
+        cwd=cwd,
         env=SUBPROCESS_ENV,
         stdout=subprocess.PIPE,
         stderr=out,
@@ -3022,7 +3022,7 @@ def serve_snippet(name, tmp_path):
     path.write_text(readme_snippets()[name])
     runner = tmp_path / "serve_snippet.py"
     runner.write_text(SERVE_SNIPPET)
-    return subprocess_server([str(runner), str(path)], tmp_path)
+    return subprocess_server([str(runner), str(path)], tmp_path, cwd=tmp_path)
 
 
 def test_every_readme_snippet_is_tested():
@@ -3194,6 +3194,82 @@ def test_readme_slow_clients(tmp_path):
         assert answers[-1] == b"sent to 1", "the client that lags behind is skipped"
         assert [c.recv() for _ in answers] == ["hello"] * len(answers), "the other one got each"
         c.close()
+
+
+def readme_block(name, language):
+    """A README block of another language, by its ``.. snippet:`` name."""
+    readme = (HERE / "README.rst").read_text(encoding="utf-8")
+    body = re.search(rf"^\.\. snippet: {name}\n\n\.\. code-block:: {language}\n\n((?:    .*\n|\n)+)", readme, re.M)
+    return "".join(line[4:] + "\n" for line in body.group(1).splitlines())
+
+
+@contextlib.contextmanager
+def nginx(server_block, tmp_path):
+    """A real nginx, in the foreground, with ``server_block`` in its http block; yield its port."""
+    binary = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
+    if binary is None:
+        missing("nginx: apt-get install nginx", kind="nginx")
+    port = free_port()
+    prefix = tmp_path / "nginx"
+    prefix.mkdir()
+    kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    temp = " ".join(f"{kind}_temp_path {prefix}/{kind};" for kind in kinds)
+    server_block = server_block.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    (prefix / "nginx.conf").write_text(
+        f"daemon off; master_process off; pid {prefix}/nginx.pid; error_log {prefix}/error.log;\n"
+        f"events {{}}\nhttp {{\n access_log {prefix}/access.log; {temp}\n{server_block}\n}}\n"
+    )
+    proc = subprocess.Popen([binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf")], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "nginx did not start"
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stderr.close()
+
+
+def test_readme_deploy(tmp_path):
+    """The README's nginx server block, a real nginx, in front of the README's app."""
+    program, app_port = run_snippet_as_a_program("deploy", tmp_path, 8000)
+    server_block = readme_block("nginx", "nginx").replace("127.0.0.1:8000", f"127.0.0.1:{app_port}")
+    with program as app_proc:
+        connect_when_up(f"ws://127.0.0.1:{app_port}/", app_proc, origin=f"http://127.0.0.1:{app_port}").close()
+        with nginx(server_block, tmp_path) as port:
+            page = f"http://127.0.0.1:{port}"
+            c = client(f"ws://127.0.0.1:{port}/", origin=page)  # a page served through nginx
+            c.send("hi")
+            assert c.recv() == f"ws://127.0.0.1:{port}/ from 127.0.0.1"
+            c.close()
+            assert refused_status(f"ws://127.0.0.1:{port}/", origin="http://evil.example") == 403
+
+
+def test_readme_db_per_message(tmp_path):
+    with serve_snippet("db-per-message", tmp_path) as (port, log):
+        clients = [client(f"ws://127.0.0.1:{port}/") for _ in range(3)]
+        for i, c in enumerate(clients):
+            c.send(f"NOTE note {i}")
+            assert c.recv() == f"{i + 1} notes"
+        for c in clients:
+            c.close()
+
+
+def test_readme_token_auth(tmp_path):
+    with serve_snippet("token-auth", tmp_path) as (port, log):
+        c = client(f"ws://127.0.0.1:{port}/", subprotocols=["bearer", "s3cr3t-t0ken"])
+        assert c.subprotocol == "bearer"
+        c.send("hi")
+        assert c.recv() == "backup-robot"
+        c.close()
+        assert refused_status(f"ws://127.0.0.1:{port}/", subprotocols=["bearer", "wrong"]) == 401
+        assert refused_status(f"ws://127.0.0.1:{port}/") == 401
+        assert "s3cr3t-t0ken" not in log(), "the token stays out of the access log"
 
 
 def run_snippet_as_a_program(name, tmp_path, port_in_snippet, **replacements):
@@ -3584,6 +3660,27 @@ def test_a_plain_get_of_the_endpoint_explains_what_it_is():
     assert app.test_client().get("/").data == b"the page"
 
 
+def test_a_gunicorn_reload_closes_the_old_workers_websockets_with_1001(tmp_path):
+    (tmp_path / "gapp.py").write_text(GUNICORN_APP.replace('f"echo {message}"', 'f"{os.getpid()}"') + "import os\n")
+    port = free_port()
+    args = gunicorn_command(port, "-w", "1", "--graceful-timeout", "30", "gapp:app")
+    with process(args, tmp_path) as proc:
+        old = [connect_when_up(f"ws://127.0.0.1:{port}/", proc) for _ in range(2)]
+        for c in old:
+            c.send("pid?")
+        old_pid = {c.recv() for c in old}
+        proc.send_signal(signal.SIGHUP)  # a deploy: new workers, the old ones told to stop
+        start = time.monotonic()
+        assert [recv_close(c) for c in old] == [(1001, "server shutting down")] * 2
+        assert time.monotonic() - start < 5
+        for c in old:
+            c.shutdown()  # the closing handshake is over: close TCP, and reconnect, as clients do on 1001
+        new = connect_when_up(f"ws://127.0.0.1:{port}/", proc)
+        new.send("pid?")
+        assert {new.recv()} != old_pid, "a new worker serves the clients that reconnect"
+        new.close()
+
+
 @pytest.mark.parametrize("how", ["serve(reload=True)", "flask run --debug"])
 def test_code_changes_reload(how, tmp_path):
     port = free_port()
@@ -3702,10 +3799,14 @@ CHROMIUM = "/usr/bin/chromium"  # Debian's: apt-get install chromium
 ARTIFACTS = HERE / "test-artifacts"
 
 
-def missing(what):
-    """Skip a browser test for lack of ``what``; in CI, where they must run, fail it."""
-    message = f"browser tests need {what}"
-    if os.environ.get("FLASK_WEBSOCKETS_BROWSER_TESTS") == "required":
+def missing(what, kind="browser"):
+    """Skip a test for lack of ``what``; where it must run, fail it.
+
+    ``FLASK_WEBSOCKETS_REQUIRE`` lists the kinds that must run, as CI does:
+    ``browser`` (chromium and playwright), ``nginx``.
+    """
+    message = f"{kind} tests need {what}"
+    if kind in os.environ.get("FLASK_WEBSOCKETS_REQUIRE", "").split(","):
         pytest.fail(message)
     pytest.skip(message)
 
