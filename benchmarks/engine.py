@@ -4,6 +4,7 @@
     python benchmarks/engine.py long-handler   # 60 s: a handler that runs 60 s, ping interval and timeout 1 s
     python benchmarks/engine.py memory         # about 70 s: announced megabytes, fragment floods
     python benchmarks/engine.py broadcast      # 2,000 broadcasts of 64 KiB, 50 readers and one that never reads
+    python benchmarks/engine.py slow-headers   # 1,000 clients that send half a request line, a byte now and then
     python benchmarks/engine.py all --module /tmp/old-checkout   # another checkout's flask_websockets
 
 fairness: one client pipelines 100-byte echoes as fast as it can, another
@@ -27,6 +28,11 @@ of 64 KiB, 2 ms apart, each numbered: the duration of each broadcast() call
 (p50/p99/max), what the 50 received (all, in order?), when and how the slow
 one was closed, and the server's peak RSS over its baseline. A version that
 blocks on the slow client is reported as hung after --seconds.
+
+slow-headers: 1,000 sockets send "GET / HT" and then a byte every 2 s, to a
+server with the default handshake_timeout (10 s); meanwhile a client opens a
+websocket and echoes every 200 ms: when the 1,000 were closed, and the good
+client's handshake and echo times.
 
 The clients are raw sockets with their own minimal framing, so that the same
 script measures any version of the module. Results print as one line each.
@@ -102,7 +108,8 @@ def serve(args):
         return message
 
     print(f"server {flask_websockets.__file__}", file=sys.stderr, flush=True)
-    flask_websockets.serve(app, port=0, log=None)
+    limits = {"max_connections": args.max_connections} if args.max_connections else {}
+    flask_websockets.serve(app, port=0, log=None, **limits)
 
 
 class Server:
@@ -111,6 +118,8 @@ class Server:
     def __init__(self, args, ping_interval=25.0, max_size=1 << 20):
         command = [sys.executable, os.path.abspath(__file__), "serve", "--module", args.module]
         command += ["--ping-interval", str(ping_interval), "--max-size", str(max_size)]
+        if getattr(args, "max_connections", None):
+            command += ["--max-connections", str(args.max_connections)]
         if args.pin:
             command = ["taskset", "-c", "0"] + command
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
@@ -484,13 +493,74 @@ def broadcast(args):
         server.stop()
 
 
+# -- slow headers --------------------------------------------------------------
+
+
+def slow_headers(args):
+    import threading
+
+    server = Server(args)
+    try:
+        slow = []
+        for _ in range(1000):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+            sock.sendall(b"GET / HT")
+            slow.append(sock)
+        start = time.monotonic()
+        closed_at = []
+
+        def trickle_and_watch():
+            pending = list(slow)
+            while pending and time.monotonic() - start < 30:
+                for sock in pending:
+                    try:
+                        sock.sendall(b"T")
+                    except OSError:
+                        pass
+                readable = select.select(pending, [], [], 2.0)[0]
+                for sock in readable:
+                    try:
+                        data = sock.recv(4096)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        closed_at.append(time.monotonic() - start)
+                        pending.remove(sock)
+                        sock.close()
+
+        watcher = threading.Thread(target=trickle_and_watch)
+        watcher.start()
+        handshakes, echoes = [], []
+        while watcher.is_alive():
+            t0 = time.monotonic()
+            sock, buffered = connect(server.port)
+            handshakes.append(time.monotonic() - t0)
+            t0 = time.monotonic()
+            sock.sendall(frame(0x1, b"still here"))
+            Reader(sock, buffered).next()
+            echoes.append(time.monotonic() - t0)
+            sock.close()
+            time.sleep(0.2)
+        last = f"the last {max(closed_at):.1f} s after they had all connected" if closed_at else "in 30 s"
+        print(f"slow-headers: {len(closed_at)} of 1000 slow-header sockets closed, {last} (handshake_timeout"
+              f" 10 s, each counted from its own connection); meanwhile a good client's handshake"
+              f" {percentiles(handshakes)}, echo {percentiles(echoes)}")  # fmt: skip
+        for sock in slow:
+            sock.close()
+    finally:
+        server.stop()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenario", choices=["fairness", "long-handler", "memory", "broadcast", "all", "serve"])
+    parser.add_argument(
+        "scenario", choices=["fairness", "long-handler", "memory", "broadcast", "slow-headers", "all", "serve"]
+    )
     parser.add_argument("--module", default=os.path.join(HERE, ".."), help="the checkout whose module to serve")
     parser.add_argument("--seconds", type=int, default=None)
     parser.add_argument("--ping-interval", type=float, default=25.0, help=argparse.SUPPRESS)
     parser.add_argument("--max-size", type=int, default=1 << 20, help=argparse.SUPPRESS)
+    parser.add_argument("--max-connections", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin the server to core 0")
     args = parser.parse_args()
     if args.scenario == "serve":
@@ -498,6 +568,7 @@ def main():
     args.pin = args.pin and os.path.exists("/usr/bin/taskset")
     scenarios = {"fairness": (fairness, 20), "long-handler": (long_handler, 60), "memory": (memory, 60)}
     scenarios["broadcast"] = (broadcast, 120)
+    scenarios["slow-headers"] = (slow_headers, 30)
     for name, (scenario, seconds) in scenarios.items():
         if args.scenario in (name, "all"):
             scenario(argparse.Namespace(**{**vars(args), "seconds": args.seconds or seconds}))
