@@ -52,6 +52,7 @@ import struct
 import sys
 import time
 import urllib.parse
+import uuid
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from typing import Any, Callable, NamedTuple, TypeVar, Union
@@ -76,6 +77,7 @@ __all__ = [
     "serve",
     "WebSocketTestClient",
     "HandshakeRefused",
+    "Publisher",
     "ws",
     "has_socket_context",
 ]
@@ -164,6 +166,9 @@ _CONFIG_DEFAULTS: dict[str, Any] = {
     "WEBSOCKETS_MAX_SEND_BUFFER": 1 << 20,
     # Seconds a client may take nothing at all before it is closed as too slow.
     "WEBSOCKETS_SEND_TIMEOUT": 10.0,
+    # A Redis URL (redis://, rediss://, unix://): broadcasts reach the
+    # connections of every process that serves the endpoint with the same one.
+    "WEBSOCKETS_MESSAGE_QUEUE": None,
 }
 
 
@@ -203,6 +208,12 @@ class WebSockets:
     sent back in the handshake, and available as ``ws.subprotocol``::
 
         sockets = WebSockets(app, subprotocols=["chat.v2", "chat.v1"])
+
+    ``message_queue`` (or ``WEBSOCKETS_MESSAGE_QUEUE``) is a Redis URL: then
+    :meth:`broadcast` reaches the connections of every process and host that
+    serve this endpoint with the same queue (see :class:`Publisher`)::
+
+        sockets = WebSockets(app, message_queue="redis://localhost:6379/0")
     """
 
     def __init__(
@@ -212,11 +223,13 @@ class WebSockets:
         path: str = "/",
         subprotocols: Iterable[str] = (),
         endpoint: str = "websocket",
+        message_queue: str | None = None,
     ) -> None:
         self.match_one = match_one
         self.path = path
         self.subprotocols = list(subprotocols)
         self.endpoint = endpoint
+        self.message_queue = message_queue
         self._apps: list[Flask] = []
         self._error_handlers: dict[type[BaseException], Callable[[Any], Reply]] = {}
         self._connect_hooks: list[Hook] = []
@@ -226,6 +239,9 @@ class WebSockets:
         self._open_hooks: list[Hook] = []
         self._close_hooks: list[Hook] = []
         self._connections: set[Connection] = set()
+        self._rooms: dict[str, set[Connection]] = {}  # the members of each room, in this process
+        self._queue: _MessageQueue | None = None  # started with the first connection, if configured
+        self._queue_checked = False
         if app is not None:
             self.init_app(app)
 
@@ -406,31 +422,69 @@ class WebSockets:
         """
         return [conn for conn in list(self._connections) if not conn.closed]
 
-    def broadcast(self, message: Reply, to: Callable[[Connection], bool] | None = None) -> int:
-        """Send ``message`` to every open connection; return how many got it.
+    def broadcast(
+        self,
+        message: Reply,
+        room: str | None = None,
+        to: Callable[[Connection], bool] | None = None,
+        skip: Connection | None = None,
+        local: bool = False,
+    ) -> int:
+        """Send ``message`` to every open connection, or a room's; return how many here got it.
 
-        ``to`` picks the connections: a function that takes a
-        :class:`Connection` and returns whether it gets the message. It works
-        from handlers, HTTP views, background greenlets and other threads, and
-        takes the same types as a handler's reply. The frame is built once.
+        ``room`` picks the members of a room (see :meth:`Connection.join`), and
+        ``skip`` leaves one connection out: the sender, for a chat. ``to`` picks
+        the connections of this process with a function that takes a
+        :class:`Connection`. It works from handlers, HTTP views, background
+        greenlets and other threads, and takes the same types as a handler's
+        reply. The frame is built once::
 
-        It never waits for a client: each connection takes the message into
-        its send buffer and returns. A client whose buffer would pass
-        ``WEBSOCKETS_MAX_SEND_BUFFER`` does not get it and is closed as too
-        slow (1008, "client too slow"). A connection that is closed is skipped
-        and forgotten::
+            @sockets.on_message
+            def say(message):
+                sockets.broadcast(message, room=ws.state["room"], skip=ws._get_current_object())
 
             @app.post("/notify/<int:user_id>")
             def notify(user_id):
                 n = sockets.broadcast(request.form["text"], to=lambda c: c.session.get("user_id") == user_id)
                 return f"sent to {n} of the user's tabs"
+
+        It never waits for a client: each connection takes the message into
+        its send buffer and returns. A client whose buffer would pass
+        ``WEBSOCKETS_MAX_SEND_BUFFER`` does not get it and is closed as too
+        slow (1008, "client too slow"). A connection that is closed is skipped
+        and forgotten.
+
+        With a message queue, the message also goes to every other process
+        that serves this endpoint, never waiting for Redis either, and the
+        count is this process's. A function in ``to`` cannot travel there:
+        with a queue, ``to`` raises ``ValueError`` unless ``local=True`` says
+        that this process's connections are enough. ``local=True`` keeps any
+        broadcast in this process.
         """
-        frame = _encode(message, "broadcast()")
-        if frame is None:
+        content = _message(message, "broadcast()")
+        if content is None:
             return 0
+        queue = None if local else self._message_queue()
+        if queue is not None and to is not None:
+            raise ValueError(
+                "broadcast(to=...) picks connections with a function, which other processes cannot run:"
+                " with a message queue, broadcast to a room, or pass local=True for this process's connections"
+            )
+        sent = self._deliver(_frame(*content), room, to, skip)
+        if queue is not None:
+            queue.publish(room, *content)
+        return sent
+
+    def _deliver(
+        self,
+        frame: bytes,
+        room: str | None,
+        to: Callable[[Connection], bool] | None = None,
+        skip: Connection | None = None,
+    ) -> int:
         sent = 0
-        for conn in list(self._connections):
-            if to is not None and not to(conn):
+        for conn in list(self._connections if room is None else self._rooms.get(room, ())):
+            if conn is skip or (to is not None and not to(conn)):
                 continue
             try:
                 if conn._send_frame(frame, wait=False):
@@ -438,6 +492,53 @@ class WebSockets:
             except ConnectionClosed:
                 self._connections.discard(conn)
         return sent
+
+    def _message_queue(self) -> _MessageQueue | None:
+        """This process's queue for the endpoint: made at first use, again after a fork."""
+        if self._queue is not None and self._queue.pid == os.getpid():
+            return self._queue
+        if self._queue_checked and self._queue is None:
+            return None
+        app = current_app._get_current_object() if current_app else (self._apps[0] if self._apps else None)  # type: ignore[attr-defined]
+        url = self.message_queue or (app and _settings(app).message_queue)
+        self._queue_checked = True
+        self._queue = _MessageQueue(url, self.endpoint, self._deliver_remote, self._rooms) if url else None
+        return self._queue
+
+    def _deliver_remote(self, batch: list[tuple[str | None, int, bytes]]) -> list[Connection]:
+        """Messages from other processes, in order: to this process's connections, each in one write."""
+        writes: dict[Connection, list[bytes]] = {}
+        for room, opcode, payload in batch:
+            frame = _frame(opcode, payload)
+            for conn in list(self._connections if room is None else self._rooms.get(room, ())):
+                writes.setdefault(conn, []).append(frame)
+        for conn, frames in writes.items():
+            try:
+                conn._send_frame(b"".join(frames), wait=False)
+            except ConnectionClosed:
+                self._connections.discard(conn)
+        return list(writes)
+
+    def _join(self, conn: Connection, room: str) -> None:
+        members = self._rooms.get(room)
+        if members is None:
+            members = self._rooms[room] = set()
+            if self._queue is not None:
+                self._queue.watch(room)
+        members.add(conn)
+
+    def _leave_all(self, conn: Connection) -> None:
+        for room in conn.rooms:
+            self._leave(conn, room)
+
+    def _leave(self, conn: Connection, room: str) -> None:
+        members = self._rooms.get(room)
+        if members is not None:
+            members.discard(conn)
+            if not members:
+                del self._rooms[room]
+                if self._queue is not None:
+                    self._queue.unwatch(room)
 
     # -- testing --------------------------------------------------------------
 
@@ -501,9 +602,11 @@ class WebSockets:
             session=dict(session),
             clock=self._clock,
         )
+        conn._sockets = self
         token = _cv_socket.set(conn)
         self._connections.add(conn)
         _open_connections.add(conn)
+        self._message_queue()  # so that broadcasts from other processes reach this one
         wait = True
         try:
             conn._start(pending)
@@ -518,6 +621,7 @@ class WebSockets:
                 lambda: conn._end(wait),
                 lambda: self._connections.discard(conn),
                 lambda: [self._call(conn, hook) for hook in self._close_hooks],
+                lambda: self._leave_all(conn),  # after on_close, which may ask which rooms
                 lambda: _open_connections.discard(conn),
                 lambda: conn._linger() if wait else None,  # before the server closes the socket
                 handover.end,
@@ -775,6 +879,7 @@ class Connection:
         close_reason: the reason that came with ``close_code``.
         buffered_amount: bytes accepted by ``send`` but not yet taken by the
             network, like the browser's ``WebSocket.bufferedAmount``.
+        rooms: the rooms it is in, as a frozenset (see :meth:`join`).
     """
 
     __slots__ = (
@@ -782,6 +887,7 @@ class Connection:
         "_settings", "_clock", "_now", "_hub", "_loop", "_thread", "_timeout", "_reader", "_reading", "_heard_at",
         "_inbox", "_inbox_size", "_waiter", "_out", "_out_size", "_writer", "_progress_at", "_room",
         "_keepalive_timer", "_close_timer", "_send_timer", "_tls_pending", "_held", "_pinged_at", "_resumer",
+        "_sockets", "_rooms",
     )  # fmt: skip
 
     def __init__(
@@ -798,6 +904,8 @@ class Connection:
         self.request = request
         self.session = {} if session is None else session
         self._state: dict | None = None  # made on first use: most connections never need one
+        self._sockets: WebSockets | None = None  # its endpoint, which keeps the rooms' members
+        self._rooms: set[str] | None = None
         self.environ = environ
         self.path: str = environ.get("PATH_INFO") or "/"
         self.origin: str | None = environ.get("HTTP_ORIGIN")
@@ -868,6 +976,38 @@ class Connection:
     @property
     def buffered_amount(self) -> int:
         return self._out_size
+
+    @property
+    def rooms(self) -> frozenset[str]:
+        return frozenset(self._rooms or ())
+
+    def join(self, room: str) -> None:
+        """Enter a room: ``sockets.broadcast(message, room=room)`` reaches it.
+
+        A room is a name, made when its first member joins. A connection may be
+        in any number of rooms, and leaves them all when it ends. With a message
+        queue, a room spans every process that serves the endpoint::
+
+            @sockets.on_message("^JOIN (.+)")
+            def join(message):
+                ws.join(message[5:])
+                sockets.broadcast(f"{session['user']} is here", room=message[5:])
+        """
+        if not isinstance(room, str) or not room:
+            raise TypeError(f"a room is a non-empty str, not {room!r}")
+        if self._sockets is None:
+            raise RuntimeError(f"{self!r} is not served by an endpoint")
+        if self._rooms is None:
+            self._rooms = set()
+        self._rooms.add(room)
+        self._sockets._join(self, room)
+
+    def leave(self, room: str) -> None:
+        """Leave a room; leaving a room it is not in does nothing."""
+        if self._rooms and room in self._rooms:
+            self._rooms.discard(room)
+            if self._sockets is not None:
+                self._sockets._leave(self, room)
 
     def send(self, message: Reply) -> None:
         """Send a message, converted as a handler's return value is.
@@ -1674,6 +1814,265 @@ def __getattr__(name: str) -> Any:
 
 
 # ---------------------------------------------------------------------------
+# Scaling out: the message queue
+# ---------------------------------------------------------------------------
+#
+# An endpoint's broadcasts travel through Redis Streams: one stream for the
+# whole endpoint and one per room (``_stream``). Each process reads the
+# endpoint's stream and those of the rooms it has members in, so it gets only
+# what it can deliver. A stream keeps its last entries: a process that lost
+# Redis for a while reads on from the last entry it saw, and gets what was
+# published meanwhile, once and in order. All Redis I/O runs in two real
+# threads per process, never in gevent's loop, with or without
+# monkey-patching: ``broadcast`` only hands the message over.
+
+#: Entries each stream keeps: 10 s of 1,000 broadcasts a second, at least.
+_STREAM_LENGTH = 10_000
+#: A room's stream is deleted a day after its last message.
+_ROOM_TTL = 24 * 3600
+
+
+class Publisher:
+    """Broadcast to an endpoint's connections from outside a server.
+
+    From a Celery task, a cron script or a shell: no gevent, no Flask app, only
+    redis-py (``pip install "Flask-Websockets[redis]"``) and the servers'
+    message queue. ``endpoint`` is the name of the endpoint to reach, as in
+    ``url_for``::
+
+        from flask_websockets import Publisher
+
+        news = Publisher("redis://localhost:6379/0")     # endpoint="websocket"
+        news.broadcast("the servers restart at 2:00")
+        news.broadcast(b"\\x89PNG...", room="kitchen")
+
+    ``broadcast`` takes what a handler may return, returns once Redis has the
+    message, and raises redis-py's ``ConnectionError`` when Redis cannot be
+    reached: retrying is the caller's call. Every process that serves the
+    endpoint delivers the messages of one publisher in the order it sent them.
+    """
+
+    def __init__(self, url: str, endpoint: str = "websocket") -> None:
+        self.endpoint = endpoint
+        self._redis = _redis_client(url)
+        self._origin = uuid.uuid4().hex.encode()
+        self._sequence = 0
+
+    def broadcast(self, message: Reply, room: str | None = None) -> None:
+        content = _message(message, "Publisher.broadcast()")
+        if content is not None:
+            self._sequence += 1
+            _publish(self._redis, self.endpoint, room, _entry(self._origin, self._sequence, *content))
+
+    def close(self) -> None:
+        """Close the connection to Redis."""
+        self._redis.close()
+
+
+def _stream(endpoint: str, room: str | None) -> str:
+    return f"flask_websockets:{endpoint}:" + ("all" if room is None else f"room:{room}")
+
+
+def _entry(origin: bytes, sequence: int, opcode: int, payload: bytes) -> dict[bytes, bytes]:
+    """A stream entry, format 1: no pickle, text and binary as they are."""
+    kind = b"text" if opcode == _OP_TEXT else b"binary"
+    return {b"v": b"1", b"o": origin, b"n": str(sequence).encode(), b"t": kind, b"d": payload}
+
+
+def _publish(redis: Any, endpoint: str, room: str | None, entry: dict[bytes, bytes]) -> None:
+    key = _stream(endpoint, room)
+    redis.xadd(key, entry, maxlen=_STREAM_LENGTH, approximate=True)
+    if room is not None:
+        redis.expire(key, _ROOM_TTL)
+
+
+def _redis_client(url: str) -> Any:
+    try:
+        import redis
+    except ImportError:
+        raise ImportError('a message queue needs redis-py: python -m pip install "Flask-Websockets[redis]"') from None
+    # A timeout over the reader's 200 ms blocks: a connection gone silent is noticed.
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+
+
+class _MessageQueue:
+    """One process's link to an endpoint's streams: a writer thread and a reader thread."""
+
+    def __init__(
+        self,
+        url: str,
+        endpoint: str,
+        deliver: Callable[[list[tuple[str | None, int, bytes]]], list[Connection]],
+        rooms: dict[str, Any],
+    ) -> None:
+        self.pid = os.getpid()  # threads do not survive a fork: a child makes its own queue
+        self._url, self._endpoint, self._deliver = url, endpoint, deliver
+        self._where = urllib.parse.urlsplit(url)._replace(netloc=urllib.parse.urlsplit(url).hostname or "").geturl()
+        self._origin = uuid.uuid4().hex.encode()
+        self._sequence = 0
+        self._outbox: collections.deque = collections.deque()  # (room, entry), for the writer
+        self._work = _thread_lock()  # released when the outbox has something
+        self._work.acquire()
+        # Rooms with members here, and since when (our clock): the reader reads their streams.
+        self._watched = {room: time.time() for room in rooms}
+        self._since = time.time()
+        self._failing: set[str] = set()  # the threads that cannot reach Redis: one warning per outage
+        # Deliver in the loop of the thread that made the queue, if it runs one (under gevent's
+        # servers: every connection's); else from the reader thread (Werkzeug: each its own).
+        self._loop = gevent.get_hub().loop if gevent.getcurrent().parent is not None else None
+        self._delivered = _thread_lock()  # released by the loop once a batch is delivered
+        self._delivered.acquire()
+        _start_thread(self._write_forever, ())
+        _start_thread(self._read_forever, ())
+
+    def publish(self, room: str | None, opcode: int, payload: bytes) -> None:
+        """Hand a broadcast over to the writer thread; never blocks."""
+        self._sequence += 1
+        if len(self._outbox) >= _STREAM_LENGTH:  # Redis has been gone a while: drop the oldest
+            self._outbox.popleft()
+        self._outbox.append((room, _entry(self._origin, self._sequence, opcode, payload)))
+        try:
+            self._work.release()
+        except RuntimeError:  # released already
+            pass
+
+    def watch(self, room: str) -> None:
+        self._watched[room] = time.time()
+
+    def unwatch(self, room: str) -> None:
+        self._watched.pop(room, None)
+
+    def _write_forever(self) -> None:
+        redis, backoff = None, 0.1
+        while True:
+            self._work.acquire(timeout=1.0)
+            if not self._outbox:
+                continue
+            batch = [self._outbox.popleft() for _ in range(len(self._outbox))]
+            try:
+                redis = redis or _redis_client(self._url)
+                pipeline = redis.pipeline(transaction=False)
+                for room, entry in batch:
+                    _publish(pipeline, self._endpoint, room, entry)
+                pipeline.execute()
+            except Exception as error:  # noqa: BLE001 - whatever Redis does, retry later
+                self._outbox.extendleft(reversed(batch))  # in order, before what came since
+                self._outage("writer", error)
+                redis, backoff = None, min(backoff * 2, 2.0)
+                _sleep(backoff)
+                continue
+            self._recovered("writer")
+            backoff = 0.1
+
+    def _read_forever(self) -> None:
+        redis, backoff, offset = None, 0.1, 0.0
+        last: dict[str, bytes] = {}  # stream -> the last entry read
+        seen: dict[tuple[str, bytes], int] = {}  # (stream, publisher) -> its last sequence delivered
+        while True:
+            try:
+                if redis is None:
+                    redis = _redis_client(self._url)
+                    seconds, microseconds = redis.time()
+                    offset = seconds + microseconds / 1e6 - time.time()  # Redis's clock, which makes entry ids
+                streams = self._streams(last, offset)
+                response = redis.xread(streams, count=1000, block=200)
+            except Exception as error:  # noqa: BLE001
+                self._outage("reader", error)
+                redis, backoff = None, min(backoff * 2, 2.0)
+                _sleep(backoff)
+                continue
+            self._recovered("reader")
+            backoff = 0.1
+            batch = []
+            for key, entries in response or ():
+                key = key.decode()
+                room = None if key.endswith(":all") else key.split(":room:", 1)[1]
+                for entry_id, fields in entries:
+                    last[key] = entry_id
+                    publisher, sequence = fields.get(b"o"), int(fields.get(b"n", 0))
+                    if fields.get(b"v") != b"1" or publisher == self._origin:
+                        continue  # another format, or our own: delivered here at once
+                    if seen.get((key, publisher), 0) >= sequence:
+                        continue  # sent again after a failed write: delivered already
+                    seen[(key, publisher)] = sequence
+                    batch.append((room, _OP_TEXT if fields[b"t"] == b"text" else _OP_BINARY, fields[b"d"]))
+            for part in _parts(batch, 256 * 1024):
+                self._hand_over(part)
+
+    def _hand_over(self, batch: list[tuple[str | None, int, bytes]]) -> None:
+        """Deliver, at the pace the clients read: the rest waits in Redis, not in memory.
+
+        A broadcast in this process cannot wait; these can. The next part goes
+        once the connections' send buffers are less than half full, or after
+        100 ms: a client that reads slowly then falls behind alone, and is
+        closed as too slow once its buffer is full.
+        """
+        if self._loop is None:
+            self._deliver(batch)
+            return
+        self._loop.run_callback_threadsafe(self._deliver_paced, batch)
+        self._delivered.acquire(timeout=10)  # the loop is gone if it takes that long
+
+    def _deliver_paced(self, batch: list[tuple[str | None, int, bytes]]) -> None:  # in the loop
+        written = self._deliver(batch)
+        if any(conn._out_size > conn._settings.max_send_buffer // 2 for conn in written):
+            gevent.spawn(self._wait_for_buffers, written)
+        else:
+            self._delivered.release()
+
+    def _wait_for_buffers(self, written: list[Connection]) -> None:
+        deadline = time.monotonic() + 0.1
+        while time.monotonic() < deadline and any(
+            conn._out_size > conn._settings.max_send_buffer // 2 for conn in written
+        ):
+            gevent.sleep(0.005)
+        self._delivered.release()
+
+    def _streams(self, last: dict[str, bytes], offset: float) -> dict[str, Any]:
+        """The streams to read, each from its last entry, or from when it began to matter here."""
+        wanted = {_stream(self._endpoint, None): self._since}
+        wanted.update((_stream(self._endpoint, room), since) for room, since in dict(self._watched).items())
+        for key in list(last):
+            if key not in wanted:  # a room with no member here any more
+                del last[key]
+        # 50 ms early: the estimate of Redis's clock is good to a round trip.
+        return {key: last.get(key) or f"{int((since + offset) * 1000) - 50}-0" for key, since in wanted.items()}
+
+    def _outage(self, thread: str, error: Exception) -> None:
+        if not self._failing:
+            logger.warning(
+                "message queue %s unreachable (%s): broadcasts reach this process only, until it is back",
+                self._where,
+                error,
+            )
+        self._failing.add(thread)
+
+    def _recovered(self, thread: str) -> None:
+        if thread in self._failing:
+            self._failing.discard(thread)
+            if not self._failing:
+                logger.warning("message queue %s reachable again", self._where)
+
+
+def _parts(batch: list[Any], size: int) -> Iterator[list[Any]]:
+    """Cut a batch of ``(room, opcode, payload)`` into parts of about ``size`` bytes of payload."""
+    part: list[Any] = []
+    total = 0
+    for item in batch:
+        part.append(item)
+        total += len(item[2])
+        if total >= size:
+            yield part
+            part, total = [], 0
+    if part:
+        yield part
+
+
+_start_thread = gevent.monkey.get_original("_thread", "start_new_thread")
+_sleep = gevent.monkey.get_original("time", "sleep")
+
+
+# ---------------------------------------------------------------------------
 # Testing
 # ---------------------------------------------------------------------------
 
@@ -1898,6 +2297,7 @@ class _Settings(NamedTuple):
     allowed_origins: Any  # None, "*", or a frozenset of _origin_key()s
     max_send_buffer: int
     send_timeout: float | None
+    message_queue: str | None
 
     @property
     def inbox_bytes(self) -> int:
@@ -1936,8 +2336,11 @@ def _check_settings(values: dict[str, Any]) -> _Settings:
         keys = [_origin_key(origin) if isinstance(origin, str) else None for origin in origins]
         for origin, key in zip(origins, keys):
             if key is None:
-                raise ValueError(f"WEBSOCKETS_ALLOWED_ORIGINS: {origin!r} is not an origin such as 'https://example.com'")
+                raise ValueError(f"WEBSOCKETS_ALLOWED_ORIGINS: {origin!r} is not an origin like 'https://example.com'")
         origins = frozenset(keys)
+    queue = values["WEBSOCKETS_MESSAGE_QUEUE"]
+    if queue is not None and not (isinstance(queue, str) and queue.split("://")[0] in ("redis", "rediss", "unix")):
+        raise ValueError(f"WEBSOCKETS_MESSAGE_QUEUE must be a redis://, rediss:// or unix:// URL or None, not {queue!r}")
     return _Settings(
         max_message_size=positive("WEBSOCKETS_MAX_MESSAGE_SIZE", integer=True),
         ping_interval=positive("WEBSOCKETS_PING_INTERVAL"),
@@ -1946,6 +2349,7 @@ def _check_settings(values: dict[str, Any]) -> _Settings:
         allowed_origins=origins,
         max_send_buffer=positive("WEBSOCKETS_MAX_SEND_BUFFER", integer=True, optional=False),
         send_timeout=positive("WEBSOCKETS_SEND_TIMEOUT"),
+        message_queue=queue,
     )
 
 
@@ -1953,25 +2357,35 @@ _DEFAULT_SETTINGS = _check_settings(dict(_CONFIG_DEFAULTS))
 
 
 def _encode(value: Reply, who: str | Callable[..., Any]) -> bytes | None:
-    """The frame for a sent message or a handler's reply, or ``None`` for ``None``.
+    """The frame for a sent message or a handler's reply, or ``None`` for ``None``."""
+    if type(value) is str:  # the common cases, without the detour
+        return _frame(_OP_TEXT, value.encode("utf-8"))
+    if type(value) is bytes:
+        return _frame(_OP_BINARY, value)
+    message = _message(value, who)
+    return None if message is None else _frame(*message)
+
+
+def _message(value: Reply, who: str | Callable[..., Any]) -> tuple[int, bytes] | None:
+    """``(opcode, payload)`` for a sent message or a handler's reply, or ``None`` for ``None``.
 
     ``who`` is the sending function's name, or the handler, for the error message.
     """
     if value is None:
         return None
     if isinstance(value, str):
-        return _frame(_OP_TEXT, value.encode("utf-8"))
+        return _OP_TEXT, value.encode("utf-8")
     if isinstance(value, (bytes, bytearray)):
-        return _frame(_OP_BINARY, value)
+        return _OP_BINARY, bytes(value) if isinstance(value, bytearray) else value
     if isinstance(value, memoryview):
-        return _frame(_OP_BINARY, value.tobytes())  # its bytes, whatever its item size or shape
+        return _OP_BINARY, value.tobytes()  # its bytes, whatever its item size or shape
     if isinstance(value, _WerkzeugResponse):
         body = value.get_data()
         if (value.mimetype or "").startswith("text/") or value.is_json:
             # Text frames are UTF-8, whatever charset the response declares.
             charset = value.mimetype_params.get("charset", "utf-8")
-            return _frame(_OP_TEXT, body.decode(charset).encode("utf-8"))
-        return _frame(_OP_BINARY, body)
+            return _OP_TEXT, body.decode(charset).encode("utf-8")
+        return _OP_BINARY, body
     if callable(who):
         who = f"message handler {_name(who)}()"
     raise TypeError(

@@ -30,7 +30,9 @@ setup(
             "websocket-client>=1.6",
             "trustme>=1.0",  # certificates for the wss tests
             "gunicorn>=21",  # the gunicorn worker's test
+            "redis>=4.5",  # the message queue's tests, against a real redis-server
         ],
+        "redis": ["redis>=4.5"],  # the message queue (WEBSOCKETS_MESSAGE_QUEUE, Publisher)
     },
     classifiers=[
         "Framework :: Flask",

@@ -1959,6 +1959,83 @@ def test_send_and_broadcast_from_another_thread(server):
 
 
 # ---------------------------------------------------------------------------
+# Rooms
+# ---------------------------------------------------------------------------
+
+
+def rooms_app():
+    app, sockets = make_app()
+
+    @sockets.on_message("^JOIN (.+)")
+    def join(message):
+        ws.join(message[5:])
+        return f"in {sorted(ws.rooms)}"
+
+    @sockets.on_message("^LEAVE (.+)")
+    def leave(message):
+        ws.leave(message[6:])
+        return f"in {sorted(ws.rooms)}"
+
+    @sockets.on_message("^SAY ")
+    def say(message):
+        room, text = message[4:].split(" ", 1)
+        sockets.broadcast(text, room=room, skip=ws._get_current_object())
+
+    return app, sockets
+
+
+def test_rooms_join_leave_and_a_broadcast_to_a_room_skipping_the_sender():
+    app, sockets = rooms_app()
+    with sockets.test_client() as ann, sockets.test_client() as bob, sockets.test_client() as cid:
+        ann.send("JOIN kitchen")
+        assert ann.receive() == "in ['kitchen']"
+        bob.send("JOIN kitchen")
+        bob.send("JOIN hall")
+        assert [bob.receive(), bob.receive()] == ["in ['kitchen']", "in ['hall', 'kitchen']"]
+        ann.send("SAY kitchen dinner is ready")
+        assert bob.receive() == "dinner is ready"
+        with pytest.raises(TimeoutError):
+            ann.receive(timeout=0.05)  # skipped: the sender
+        with pytest.raises(TimeoutError):
+            cid.receive(timeout=0.05)  # not a member
+        assert sockets.broadcast(b"\x00", room="kitchen") == 2 and ann.receive() == bob.receive() == b"\x00"
+        assert sockets.broadcast("nobody", room="attic") == 0
+        bob.send("LEAVE kitchen")
+        assert bob.receive() == "in ['hall']"
+        assert sockets.broadcast("only ann", room="kitchen") == 1 and ann.receive() == "only ann"
+    assert sockets._rooms == {}, "a connection leaves its rooms when it ends"
+
+
+def test_on_close_still_knows_the_rooms_and_a_room_ends_with_its_last_member():
+    app, sockets = rooms_app()
+    left = []
+    sockets.on_close(lambda: left.append(sorted(ws.rooms)))
+    with sockets.test_client() as ann:
+        ann.send("JOIN kitchen")
+        ann.receive()
+        assert set(sockets._rooms) == {"kitchen"}
+    assert left == [["kitchen"]] and sockets._rooms == {}
+
+
+def test_a_room_is_a_non_empty_str():
+    app, sockets = make_app()
+    caught = []
+
+    @sockets.on_message
+    def join(message):
+        for room in ("", None, 3):
+            try:
+                ws.join(room)
+            except TypeError as error:
+                caught.append(str(error))
+
+    with sockets.test_client() as client:
+        client.send("x")
+        gevent.idle()
+    assert len(caught) == 3 and "non-empty str" in caught[0]
+
+
+# ---------------------------------------------------------------------------
 # Blueprints, several endpoints, error handlers, targeted sends
 # ---------------------------------------------------------------------------
 
@@ -3679,6 +3756,247 @@ def test_a_gunicorn_reload_closes_the_old_workers_websockets_with_1001(tmp_path)
         new.send("pid?")
         assert {new.recv()} != old_pid, "a new worker serves the clients that reconnect"
         new.close()
+
+
+# ---------------------------------------------------------------------------
+# Scaling out: several processes, a real Redis
+# ---------------------------------------------------------------------------
+
+
+class RedisServer:
+    """A redis-server of the test's own, on a free port, that the test stops and starts again."""
+
+    def __init__(self, tmp_path):
+        self.binary = shutil.which("redis-server") or next(
+            (p for p in ("/usr/bin/redis-server",) if os.path.exists(p)), None
+        )
+        if self.binary is None:
+            missing("redis-server: apt-get install redis-server", kind="redis")
+        self.port, self.dir, self.proc = free_port(), tmp_path / "redis", None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.start()
+
+    def start(self, keep_data=True):
+        if not keep_data:
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(exist_ok=True)
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
+        args += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]  # what it had survives a restart
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not self.ping():
+            assert time.monotonic() < deadline and self.proc.poll() is None, "redis-server did not start"
+            time.sleep(0.05)
+
+    def ping(self):
+        import redis
+
+        with contextlib.suppress(redis.RedisError), redis.Redis(port=self.port, socket_timeout=1) as client:
+            return client.ping()
+        return False
+
+    def command(self, *args):
+        import redis
+
+        with redis.Redis(port=self.port, socket_timeout=5) as client:
+            return client.execute_command(*args)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+QUEUE_APP = """\
+import os
+from flask import Flask, request
+from flask_websockets import WebSockets, ws, serve
+
+app = Flask(__name__)
+app.config["WEBSOCKETS_MESSAGE_QUEUE"] = "QUEUE_URL"
+sockets = WebSockets(app)
+
+@sockets.on_message("^PID$")
+def pid(message):
+    return str(os.getpid())
+
+@sockets.on_message("^JOIN (.+)")
+def join(message):
+    ws.join(message[5:])
+    return f"joined {message[5:]}"
+
+@sockets.on_message("^SAY ")
+def say(message):
+    room, text = message[4:].split(" ", 1)
+    sockets.broadcast(text, room=room, skip=ws._get_current_object())
+
+@app.post("/broadcast")
+def broadcast():
+    return str(sockets.broadcast(request.form["text"], room=request.form.get("room")))
+
+if __name__ == "__main__":
+    serve(app, port=0, log=None)
+"""
+
+
+@contextlib.contextmanager
+def queue_servers(tmp_path, url, count=2, patch=False):
+    """``count`` serve() processes of QUEUE_APP sharing the queue at ``url``: yield their ports and processes."""
+    source = QUEUE_APP.replace("QUEUE_URL", url)
+    if patch:
+        source = "from gevent import monkey\nmonkey.patch_all()\n" + source
+    (tmp_path / "qapp.py").write_text(source)
+    with contextlib.ExitStack() as stack:
+        procs = [stack.enter_context(process([sys.executable, "qapp.py"], tmp_path, stdout=subprocess.PIPE))]
+        for _ in range(count - 1):
+            procs.append(stack.enter_context(process([sys.executable, "qapp.py"], tmp_path, stdout=subprocess.PIPE)))
+        ports = [int(re.search(r":(\d+)/", proc.stdout.readline()).group(1)) for proc in procs]
+        yield ports, procs
+
+
+def post(port, **form):
+    return urlopen(f"http://127.0.0.1:{port}/broadcast", data=urllib.parse.urlencode(form).encode()).read()
+
+
+def assert_nothing_more(*clients):
+    """Exactly once: nothing else comes within a moment."""
+    for c in clients:
+        c.settimeout(0.3)
+        with pytest.raises(websocket.WebSocketTimeoutException):
+            got = c.recv()
+            pytest.fail(f"one message too many: {got!r}")
+        c.settimeout(5)
+
+
+@pytest.mark.parametrize("patch", [False, True], ids=["plain", "monkey-patched"])
+def test_broadcasts_and_rooms_reach_every_process_through_redis(patch, redis_server, tmp_path):
+    with queue_servers(tmp_path, redis_server.url, patch=patch) as (ports, procs):
+        a = [client(f"ws://127.0.0.1:{ports[0]}/") for _ in range(2)]
+        b = [client(f"ws://127.0.0.1:{ports[1]}/") for _ in range(2)]
+        everyone = a + b
+        for c in everyone:  # once each has its answer, each process reads the queue
+            c.send("PID")
+            c.recv()
+        assert post(ports[0], text="from an HTTP view") == b"2", "two here, the others elsewhere"
+        assert [c.recv() for c in everyone] == ["from an HTTP view"] * 4
+        publisher = flask_websockets.Publisher(redis_server.url)
+        publisher.broadcast("from a script")
+        publisher.broadcast(b"\x00\xffbinary")
+        assert [(c.recv(), c.recv()) for c in everyone] == [("from a script", b"\x00\xffbinary")] * 4
+        assert_nothing_more(*everyone)
+        a[0].send("JOIN kitchen")
+        b[0].send("JOIN kitchen")
+        assert a[0].recv() == b[0].recv() == "joined kitchen"
+        a[0].send("SAY kitchen dinner")  # to the room, but not to its sender
+        assert b[0].recv() == "dinner"
+        publisher.broadcast("to the kitchen", room="kitchen")
+        assert a[0].recv() == b[0].recv() == "to the kitchen"
+        assert_nothing_more(*everyone)
+        publisher.close()
+        for c in everyone:
+            c.close()
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(5) == 0
+            assert "Traceback" not in proc.stderr.read()
+
+
+def test_a_publishers_order_is_kept_and_a_slow_client_delays_nobody(redis_server, tmp_path):
+    with queue_servers(tmp_path, redis_server.url) as (ports, procs):
+        readers = [client(f"ws://127.0.0.1:{port}/") for port in ports for _ in range(2)]
+        slow = raw_handshake(f"ws://127.0.0.1:{ports[1]}/", receive_buffer=4096)  # never reads
+        slow.sendall(text("PID"))
+        for c in readers:
+            c.send("PID")
+            c.recv()
+        publisher = flask_websockets.Publisher(redis_server.url)
+        payload = "x" * 60_000
+        for i in range(200):  # 12 MB for the slow client: it is closed, the others get everything, in order
+            publisher.broadcast(f"{i:03} {payload}")
+        got = {c: [] for c in readers}
+        threads = [threading.Thread(target=lambda c=c: got[c].extend(c.recv()[:3] for _ in range(200))) for c in got]
+        for thread in threads:  # each client reads as it comes, as clients do
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert all(messages == [f"{i:03}" for i in range(200)] for messages in got.values())
+        publisher.close()
+        for c in readers:
+            c.close()
+
+
+def test_a_broadcast_that_picks_connections_with_a_function_cannot_use_the_queue(redis_server):
+    app, sockets = make_app(message_queue=redis_server.url)
+    with sockets.test_client() as client:
+        with pytest.raises(ValueError, match="local=True"):
+            sockets.broadcast("hi", to=lambda conn: True)
+        assert sockets.broadcast("hi", to=lambda conn: True, local=True) == 1
+        assert client.receive() == "hi"
+
+
+def test_gunicorn_workers_share_broadcasts_through_redis(redis_server, tmp_path):
+    """The issue's case: under gunicorn -w 2, a broadcast from a POST reached 3 of 4 clients, then 1 of 4."""
+    (tmp_path / "qapp.py").write_text(QUEUE_APP.replace("QUEUE_URL", redis_server.url))
+    port = free_port()
+    with process(gunicorn_command(port, "-w", "3", "qapp:app"), tmp_path) as proc:
+        clients, pids = [], set()
+        while len(pids) < 2 or len(clients) < 6:  # clients on at least two workers
+            c = connect_when_up(f"ws://127.0.0.1:{port}/", proc)
+            c.send("PID")
+            pids.add(c.recv())
+            clients.append(c)
+            assert len(clients) < 100, "the connections all went to one worker"
+        for i in range(5):  # each POST lands on whichever worker: its publisher
+            post(port, text=f"news {i}")
+        for c in clients:  # order is per publisher: its own worker's come first
+            assert sorted(c.recv() for _ in range(5)) == [f"news {i}" for i in range(5)]
+        assert_nothing_more(*clients)
+        for c in clients:
+            c.close()
+
+
+@pytest.mark.parametrize("fault", ["restart keeping its data", "restart losing its data", "client kill"])
+def test_broadcasts_survive_a_redis_outage_exactly_once_and_in_order(fault, redis_server, tmp_path, caplog):
+    with queue_servers(tmp_path, redis_server.url) as (ports, procs):
+        here, there = client(f"ws://127.0.0.1:{ports[0]}/"), client(f"ws://127.0.0.1:{ports[1]}/")
+        for c in (here, there):
+            c.send("PID")
+            c.recv()
+        post(ports[0], text="before")
+        assert here.recv() == there.recv() == "before"
+        if fault == "client kill":
+            redis_server.command("CLIENT", "KILL", "TYPE", "normal")  # every process's reader and writer
+            post(ports[0], text="during 0")
+        else:
+            redis_server.stop()
+            for i in range(3):  # published while Redis is down: here at once, there later
+                assert post(ports[0], text=f"during {i}") == b"1"
+                assert here.recv() == f"during {i}"
+            time.sleep(5)  # the outage
+            redis_server.start(keep_data=fault == "restart keeping its data")
+        sent = 1 if fault == "client kill" else 3
+        if fault == "client kill":
+            assert here.recv() == "during 0"
+        there.settimeout(15)  # the processes reconnect by themselves, with backoff
+        assert [there.recv() for _ in range(sent)] == [f"during {i}" for i in range(sent)]
+        post(ports[1], text="after")
+        assert here.recv() == there.recv() == "after"
+        assert_nothing_more(here, there)
+        here.close()
+        there.close()
+        logs = []
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(5)
+            logs.append(proc.stderr.read())
+        if fault != "client kill":  # one warning for the outage, one when it is over: here, where it mattered
+            assert logs[0].count("unreachable") == 1 and logs[0].count("reachable again") == 1, logs[0]
 
 
 @pytest.mark.parametrize("how", ["serve(reload=True)", "flask run --debug"])
