@@ -2340,7 +2340,7 @@ def _check_settings(values: dict[str, Any]) -> _Settings:
         origins = frozenset(keys)
     queue = values["WEBSOCKETS_MESSAGE_QUEUE"]
     if queue is not None and not (isinstance(queue, str) and queue.split("://")[0] in ("redis", "rediss", "unix")):
-        raise ValueError(f"WEBSOCKETS_MESSAGE_QUEUE must be a redis://, rediss:// or unix:// URL or None, not {queue!r}")
+        raise ValueError(f"WEBSOCKETS_MESSAGE_QUEUE must be None or a redis://, rediss:// or unix:// URL: {queue!r}")
     return _Settings(
         max_message_size=positive("WEBSOCKETS_MAX_MESSAGE_SIZE", integer=True),
         ping_interval=positive("WEBSOCKETS_PING_INTERVAL"),
