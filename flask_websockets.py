@@ -441,7 +441,7 @@ class WebSockets:
 
             @sockets.on_message
             def say(message):
-                sockets.broadcast(message, room=ws.state["room"], skip=ws._get_current_object())
+                sockets.broadcast(message, room=ws.state["room"], skip=ws)
 
             @app.post("/notify/<int:user_id>")
             def notify(user_id):
@@ -464,6 +464,8 @@ class WebSockets:
         content = _message(message, "broadcast()")
         if content is None:
             return 0
+        if isinstance(skip, LocalProxy):  # skip=ws: the connection behind it
+            skip = skip._get_current_object()  # type: ignore[attr-defined]
         queue = None if local else self._message_queue()
         if queue is not None and to is not None:
             raise ValueError(

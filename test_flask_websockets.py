@@ -1979,7 +1979,7 @@ def rooms_app():
     @sockets.on_message("^SAY ")
     def say(message):
         room, text = message[4:].split(" ", 1)
-        sockets.broadcast(text, room=room, skip=ws._get_current_object())
+        sockets.broadcast(text, room=room, skip=ws)
 
     return app, sockets
 
@@ -3104,6 +3104,7 @@ def serve_snippet(name, tmp_path):
 
 def test_every_readme_snippet_is_tested():
     tested = {n[len("test_readme_") :].replace("_", "-") for n in globals() if n.startswith("test_readme_")}
+    tested |= {"scaling-out", "publisher"}  # test_readme_scaling_out_and_publisher
     assert set(readme_snippets()) <= tested
 
 
@@ -3347,6 +3348,46 @@ def test_readme_token_auth(tmp_path):
         assert refused_status(f"ws://127.0.0.1:{port}/", subprotocols=["bearer", "wrong"]) == 401
         assert refused_status(f"ws://127.0.0.1:{port}/") == 401
         assert "s3cr3t-t0ken" not in log(), "the token stays out of the access log"
+
+
+def test_readme_rooms(tmp_path):
+    with serve_snippet("rooms", tmp_path) as (port, log):
+        ann, bob, cid = (client(f"ws://127.0.0.1:{port}/?name={name}") for name in ("ann", "bob", "cid"))
+        ann.send("JOIN kitchen")
+        assert ann.recv() == "you are in kitchen"
+        bob.send("JOIN kitchen")
+        assert bob.recv() == "you are in kitchen" and ann.recv() == "bob joined kitchen"
+        bob.send("SAY kitchen hi")
+        cid.send("SAY kitchen not a member")
+        assert ann.recv() == "bob: hi"
+        assert_nothing_more(ann, bob, cid)
+        for c in (ann, bob, cid):
+            c.close()
+
+
+def serve_snippet_with_queue(name, tmp_path, url):
+    path = tmp_path / f"{name}.py"
+    path.write_text(readme_snippets()[name].replace("redis://localhost:6379/0", url))
+    (tmp_path / "serve_snippet.py").write_text(SERVE_SNIPPET)
+    return process([sys.executable, "serve_snippet.py", str(path)], tmp_path, stdout=subprocess.PIPE)
+
+
+def test_readme_scaling_out_and_publisher(redis_server, tmp_path):
+    """Two processes of the snippet, as two gunicorn workers would be; then the publisher script."""
+    with serve_snippet_with_queue("scaling-out", tmp_path, redis_server.url) as one, serve_snippet_with_queue(
+        "scaling-out", tmp_path, redis_server.url
+    ) as two:
+        ports = [int(re.search(r":(\d+)/", proc.stdout.readline()).group(1)) for proc in (one, two)]
+        clients = [client(f"ws://127.0.0.1:{port}/") for port in ports]
+        announce = urlopen(f"http://127.0.0.1:{ports[0]}/announce", data=b"text=lunch").read()
+        assert announce == b"sent to 1 here, and to every other worker"
+        assert [c.recv() for c in clients] == ["lunch", "lunch"]
+        script = readme_snippets()["publisher"].replace("redis://localhost:6379/0", redis_server.url)
+        subprocess.run([sys.executable, "-c", script], check=True, env=SUBPROCESS_ENV, timeout=30)
+        assert [c.recv() for c in clients] == ["the servers restart at 2:00"] * 2, "no room member: not the kitchen's"
+        assert_nothing_more(*clients)
+        for c in clients:
+            c.close()
 
 
 def run_snippet_as_a_program(name, tmp_path, port_in_snippet, **replacements):
@@ -4121,7 +4162,7 @@ def missing(what, kind="browser"):
     """Skip a test for lack of ``what``; where it must run, fail it.
 
     ``FLASK_WEBSOCKETS_REQUIRE`` lists the kinds that must run, as CI does:
-    ``browser`` (chromium and playwright), ``nginx``.
+    ``browser`` (chromium and playwright), ``nginx``, ``redis`` (redis-server).
     """
     message = f"{kind} tests need {what}"
     if kind in os.environ.get("FLASK_WEBSOCKETS_REQUIRE", "").split(","):
