@@ -220,7 +220,8 @@ def measure(stack, args, redis):
     try:
         per_server = args.clients // processes
         if stack == "socketio-redis":
-            urls = [f"ws://127.0.0.1:{p}/socket.io/?EIO=4&transport=websocket" for p in ports for _ in range(per_server)]
+            path = "/socket.io/?EIO=4&transport=websocket"
+            urls = [f"ws://127.0.0.1:{p}{path}" for p in ports for _ in range(per_server)]
         else:
             urls = [f"ws://127.0.0.1:{p}/ws" for p in ports for _ in range(per_server)]
         clients = run_clients(urls, "socketio" if stack == "socketio-redis" else "raw", args.messages, args.timeout)
@@ -266,11 +267,12 @@ def main():
     try:
         print("| stack | clients | delivered | msgs/s | p50 ms | p99 ms | server CPU µs/delivery |")
         print("|---|---|---|---|---|---|---|")
-        for rep in range(args.reps):
+        for _ in range(args.reps):
             for stack in args.stacks.split(","):
                 r = measure(stack, args, redis)
+                delivered = f"{r['delivered']:,} of {r['expected']:,}"
                 print(
-                    f"| {r['stack']} | {r['clients']} | {r['delivered']:,} of {r['expected']:,} | {r['msgs_per_s']:,.0f}"
+                    f"| {r['stack']} | {r['clients']} | {delivered} | {r['msgs_per_s']:,.0f}"
                     f" | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['cpu_us_per_delivery']:.1f} |",
                     flush=True,
                 )
