@@ -53,6 +53,7 @@ import sys
 import time
 import urllib.parse
 import uuid
+import zlib
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from typing import Any, Callable, NamedTuple, TypeVar, Union
@@ -169,6 +170,13 @@ _CONFIG_DEFAULTS: dict[str, Any] = {
     # A Redis URL (redis://, rediss://, unix://): broadcasts reach the
     # connections of every process that serves the endpoint with the same one.
     "WEBSOCKETS_MESSAGE_QUEUE": None,
+    # Whether to compress messages when the client offers to (permessage-deflate).
+    "WEBSOCKETS_COMPRESSION": False,
+    # With compression, messages shorter than this many bytes go as they are.
+    "WEBSOCKETS_COMPRESSION_MIN_SIZE": 1024,
+    # With compression, whether a message may refer to earlier ones (context
+    # takeover): smaller messages, and 4 KiB more per connection each way.
+    "WEBSOCKETS_COMPRESSION_CONTEXT_TAKEOVER": True,
 }
 
 
@@ -429,6 +437,7 @@ class WebSockets:
         to: Callable[[Connection], bool] | None = None,
         skip: Connection | None = None,
         local: bool = False,
+        compress: bool = True,
     ) -> int:
         """Send ``message`` to every open connection, or a room's; return how many here got it.
 
@@ -460,6 +469,10 @@ class WebSockets:
         with a queue, ``to`` raises ``ValueError`` unless ``local=True`` says
         that this process's connections are enough. ``local=True`` keeps any
         broadcast in this process.
+
+        With compression on, the message is compressed once for all the
+        connections that agreed to it, unless ``compress=False``: as with
+        :meth:`Connection.send`, for a message with a secret in it.
         """
         content = _message(message, "broadcast()")
         if content is None:
@@ -472,14 +485,17 @@ class WebSockets:
                 "broadcast(to=...) picks connections with a function, which other processes cannot run:"
                 " with a message queue, broadcast to a room, or pass local=True for this process's connections"
             )
-        sent = self._deliver(_frame(*content), room, to, skip)
+        outgoing = _Outgoing(*content, compress=compress)
+        if compress and len(outgoing.payload) > _COMPRESS_PIECE:
+            self._compress_ahead([outgoing], _pause())  # in pieces, here rather than in the event loop
+        sent = self._deliver(outgoing, room, to, skip)
         if queue is not None:
-            queue.publish(room, *content)
+            queue.publish(room, *content, compress)
         return sent
 
     def _deliver(
         self,
-        frame: bytes,
+        message: _Outgoing,
         room: str | None,
         to: Callable[[Connection], bool] | None = None,
         skip: Connection | None = None,
@@ -489,11 +505,20 @@ class WebSockets:
             if conn is skip or (to is not None and not to(conn)):
                 continue
             try:
-                if conn._send_frame(frame, wait=False):
+                frame, compressed = message.frame(conn._proto.deflate)
+                if conn._send_frame(frame, wait=False, sent=compressed):
                     sent += 1
             except ConnectionClosed:
                 self._connections.discard(conn)
         return sent
+
+    def _compress_ahead(self, messages: list[_Outgoing], pause: Callable[[], Any] | None = None) -> None:
+        """Compress messages for every window size the connections agreed to, before delivering them."""
+        sizes = {(d.send_bits, d.min_size) for d in [c._proto.deflate for c in list(self._connections)] if d}
+        for message in messages:
+            for bits, min_size in sizes:
+                if message.compress and len(message.payload) >= min_size:
+                    message.prepare(bits, pause)
 
     def _message_queue(self) -> _MessageQueue | None:
         """This process's queue for the endpoint: made at first use, again after a fork."""
@@ -504,19 +529,22 @@ class WebSockets:
         app = current_app._get_current_object() if current_app else (self._apps[0] if self._apps else None)  # type: ignore[attr-defined]
         url = self.message_queue or (app and _settings(app).message_queue)
         self._queue_checked = True
-        self._queue = _MessageQueue(url, self.endpoint, self._deliver_remote, self._rooms) if url else None
+        self._queue = _MessageQueue(url, self, self._rooms) if url else None
         return self._queue
 
-    def _deliver_remote(self, batch: list[tuple[str | None, int, bytes]]) -> list[Connection]:
+    def _deliver_remote(self, batch: list[tuple[str | None, _Outgoing]]) -> list[Connection]:
         """Messages from other processes, in order: to this process's connections, each in one write."""
         writes: dict[Connection, list[bytes]] = {}
-        for room, opcode, payload in batch:
-            frame = _frame(opcode, payload)
+        windows: dict[Connection, bytes] = {}  # the last bytes of what went compressed, for the window
+        for room, message in batch:
             for conn in list(self._connections if room is None else self._rooms.get(room, ())):
+                frame, sent = message.frame(conn._proto.deflate)
                 writes.setdefault(conn, []).append(frame)
+                if sent is not None:
+                    windows[conn] = _window(windows.get(conn, b""), sent, 15)  # as long as any window
         for conn, frames in writes.items():
             try:
-                conn._send_frame(b"".join(frames), wait=False)
+                conn._send_frame(b"".join(frames), wait=False, sent=windows.get(conn))
             except ConnectionClosed:
                 self._connections.discard(conn)
         return list(writes)
@@ -551,6 +579,7 @@ class WebSockets:
         query_string: Any = None,
         environ_overrides: dict | None = None,
         http_client: Any = None,
+        compression: bool = False,
     ) -> WebSocketTestClient:
         """Open a connection to this endpoint for a test, without a server.
 
@@ -558,7 +587,9 @@ class WebSockets:
         URL variables). ``headers``, ``query_string`` and
         ``environ_overrides`` go into the handshake request, as with Flask's
         test client. To carry a session, pass the ``http_client``
-        (``app.test_client()``) that logged in. A refused handshake raises
+        (``app.test_client()``) that logged in. With ``compression=True`` it
+        offers permessage-deflate as browsers do, and compresses what it
+        sends if the endpoint agrees. A refused handshake raises
         :class:`HandshakeRefused`::
 
             def test_greeting():
@@ -572,7 +603,12 @@ class WebSockets:
         if path is None:
             path = self._own_path(http_client.application)
         return WebSocketTestClient(
-            http_client, path, headers=headers, query_string=query_string, environ_overrides=environ_overrides
+            http_client,
+            path,
+            compression=compression,
+            headers=headers,
+            query_string=query_string,
+            environ_overrides=environ_overrides,
         )
 
     def _own_path(self, app: Flask) -> str:
@@ -593,12 +629,18 @@ class WebSockets:
         refusal = handover.check() or self._refusal(req, settings)
         if refusal is not None:
             return refusal  # an HTTP answer; after gevent-websocket's 101, a close with 1008
-        subprotocol = self._choose_subprotocol(req) if handover.answers_handshake else None
-        sock, pending = handover.accept(subprotocol)
+        subprotocol = deflate = None
+        if handover.answers_handshake:  # else the 101 went out without them
+            subprotocol = self._choose_subprotocol(req)
+            if settings.compression:
+                offers = req.headers.get("Sec-WebSocket-Extensions", "")
+                deflate = _agree_deflate(offers, settings.compression_takeover, settings.compression_min_size)
+        sock, pending = handover.accept(subprotocol, deflate.header if deflate else None)
         conn = Connection(
             req.environ,
             sock,
             subprotocol=subprotocol,
+            deflate=deflate,
             settings=settings,
             request=req,
             session=dict(session),
@@ -874,6 +916,10 @@ class Connection:
         origin: the ``Origin`` header of the handshake, or ``None``.
         subprotocol: the subprotocol agreed in the handshake, or ``None``
             (see ``WebSockets(subprotocols=...)``).
+        compression: the permessage-deflate parameters agreed in the
+            handshake, as the server's answer said them
+            (``"permessage-deflate; client_max_window_bits=12"``), or
+            ``None`` when messages are not compressed.
         closed: ``True`` once a close frame was sent or received, or the
             connection was lost. Sending then raises :class:`ConnectionClosed`.
         close_code: the close code the connection ended with: the peer's (1005
@@ -898,6 +944,7 @@ class Connection:
         sock: Any,
         *,
         subprotocol: str | None = None,
+        deflate: _Deflate | None = None,
         settings: _Settings | None = None,
         request: Any = None,
         session: dict | None = None,
@@ -913,7 +960,7 @@ class Connection:
         self.origin: str | None = environ.get("HTTP_ORIGIN")
         self.subprotocol = subprotocol
         self._settings = settings or _DEFAULT_SETTINGS
-        self._proto = _Protocol(max_size=self._settings.max_message_size)
+        self._proto = _Protocol(max_size=self._settings.max_message_size, deflate=deflate)
         self._sock = sock  # the upgraded TCP (or TLS) socket
         self._clock = clock  # timers: None for the event loop's, or a fake clock in tests
         self._now: Callable[[], float] = time.monotonic if clock is None else clock.now
@@ -980,6 +1027,10 @@ class Connection:
         return self._out_size
 
     @property
+    def compression(self) -> str | None:
+        return None if self._proto.deflate is None else self._proto.deflate.header
+
+    @property
     def rooms(self) -> frozenset[str]:
         return frozenset(self._rooms or ())
 
@@ -1011,7 +1062,7 @@ class Connection:
             if self._sockets is not None:
                 self._sockets._leave(self, room)
 
-    def send(self, message: Reply) -> None:
+    def send(self, message: Reply, compress: bool = True) -> None:
         """Send a message, converted as a handler's return value is.
 
         ``str`` goes as text, ``bytes``/``bytearray``/``memoryview`` as binary,
@@ -1029,8 +1080,16 @@ class Connection:
         waiting ``send`` raises :class:`ConnectionClosed`. It may be called from
         any greenlet, and from other threads (it then waits for the
         connection's own thread to send it).
+
+        With compression agreed (``WEBSOCKETS_COMPRESSION``), a message of
+        ``WEBSOCKETS_COMPRESSION_MIN_SIZE`` bytes or more is compressed.
+        ``compress=False`` sends it as it is: do so for a message that
+        carries a secret next to text an attacker chose, which compression
+        would let them guess from its size (see the README, Compression)::
+
+            ws.send(json.dumps({"csrf": token, "echo": message}), compress=False)
         """
-        self._send_reply(message, "ws.send()")
+        self._send_reply(message, "ws.send()", compress)
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake with a status code and a reason.
@@ -1207,26 +1266,53 @@ class Connection:
 
     # -- internals: sending --------------------------------------------------
 
-    def _send_reply(self, reply: Reply, who: str | Callable[..., Any]) -> None:
-        frame = _encode(reply, who)
-        if frame is not None:
-            self._send_frame(frame, wait=True)
+    def _send_reply(self, reply: Reply, who: str | Callable[..., Any], compress: bool = True) -> None:
+        deflate = self._proto.deflate
+        if deflate is None or not compress:
+            frame = _encode(reply, who)
+            if frame is not None:
+                self._send_frame(frame, wait=True)
+            return
+        content = _message(reply, who)
+        if content is None:
+            return
+        opcode, payload = content
+        if len(payload) < deflate.min_size:
+            self._send_frame(_frame(opcode, payload), wait=True)
+        elif len(payload) > _COMPRESS_PIECE and gevent.getcurrent() is not self._hub:
+            # Long: compressed here, and in pieces in a greenlet, on its own
+            # (other messages may go out meanwhile).
+            compressed = _compress(payload, deflate.send_bits, pause=_pause())
+            self._send_frame(_frame(_RSV1 | opcode, compressed), wait=True, sent=payload)
+        else:
+            self._send_frame(content, wait=True)
 
-    def _send_frame(self, frame: bytes, wait: bool) -> bool:
+    def _send_frame(self, frame: bytes | tuple[int, bytes], wait: bool, sent: bytes | None = None) -> bool:
         """Send or queue a whole frame; return whether it was accepted.
 
         When the buffer is full, ``wait`` waits for room (in a greenlet);
         otherwise the connection is closed as too slow and the frame dropped.
+        ``frame`` may be a message, ``(opcode, payload)``, to compress as it
+        goes out, after those before it. ``sent`` is the payload of a frame
+        compressed on its own: the messages after it may refer to it.
         """
         if self._thread is not None and _get_ident() != self._thread:
-            return self._send_from_thread(frame, wait)
+            return self._send_from_thread(frame, wait, sent)
         if self.closed:
             raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
-        if self._out is not None and self._out_size + len(frame) > self._settings.max_send_buffer:
+        size = len(frame[1]) if isinstance(frame, tuple) else len(frame)
+        if self._out is not None and self._out_size + size > self._settings.max_send_buffer:
             if not wait or gevent.getcurrent() is self._hub:
                 self._too_slow()
                 return False
-            self._wait_for_room(len(frame))
+            self._wait_for_room(size)
+        deflate = self._proto.deflate
+        if isinstance(frame, tuple):  # nothing may go out between compressing and writing it
+            assert deflate is not None
+            frame = _frame(_RSV1 | frame[0], deflate.compress(frame[1]))
+        elif sent is not None:
+            assert deflate is not None
+            deflate.sent(sent)
         self._write(frame)
         return True
 
@@ -1321,19 +1407,19 @@ class Connection:
             self._out_size = len(head)
         self._close(1008, "client too slow")
 
-    def _send_from_thread(self, frame: bytes, wait: bool) -> bool:
+    def _send_from_thread(self, frame: bytes | tuple[int, bytes], wait: bool, sent: bytes | None) -> bool:
         """Send from another thread: the connection's own event loop does it."""
         if self._proto.state is not _OPEN:
             raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
         if not wait:  # broadcast: hand it over, never wait
-            self._loop.run_callback_threadsafe(self._offer, frame)
+            self._loop.run_callback_threadsafe(self._offer, frame, sent)
             return True
         done, outcome = _thread_lock(), []  # type: tuple[Any, list[Any]]
         done.acquire()
 
         def send() -> None:
             try:
-                outcome.append(self._send_frame(frame, wait=True))
+                outcome.append(self._send_frame(frame, wait=True, sent=sent))
             except BaseException as error:  # raised again in the sending thread
                 outcome.append(error)
             finally:
@@ -1347,9 +1433,9 @@ class Connection:
             raise outcome[0]
         return True
 
-    def _offer(self, frame: bytes) -> None:  # a broadcast from another thread, in the event loop
+    def _offer(self, frame: bytes, sent: bytes | None) -> None:  # a broadcast from another thread, in the loop
         try:
-            self._send_frame(frame, wait=False)
+            self._send_frame(frame, wait=False, sent=sent)
         except ConnectionClosed:
             pass
 
@@ -1519,6 +1605,11 @@ class Connection:
                 timer.close()
 
 
+def _pause() -> Callable[[], Any] | None:
+    """What lets other greenlets run during a long computation, if any can: ``gevent.sleep``."""
+    return gevent.sleep if isinstance(gevent.getcurrent(), gevent.Greenlet) else None
+
+
 def _switch_if_alive(greenlet: Any) -> None:
     if not greenlet.dead:
         greenlet.switch()
@@ -1600,9 +1691,9 @@ class WebSocketHandler(_GeventWebSocketHandler):
             self.environ["flask_websockets.accept"] = self._accept
         WSGIHandler.run_application(self)  # pywsgi's: gevent-websocket's would send the 101 now
 
-    def _accept(self, subprotocol: str | None) -> tuple[Any, Any]:
+    def _accept(self, subprotocol: str | None, extensions: str | None = None) -> tuple[Any, Any]:
         """Send the 101; return the socket and the server's reader."""
-        headers = _handshake_headers(self.environ, subprotocol)
+        headers = _handshake_headers(self.environ, subprotocol, extensions)
         self.socket.sendall(_switching_protocols(headers))
         self._upgraded = True
         # What pywsgi's (or gunicorn's) access log reads about the response.
@@ -1860,11 +1951,12 @@ class Publisher:
         self._origin = uuid.uuid4().hex.encode()
         self._sequence = 0
 
-    def broadcast(self, message: Reply, room: str | None = None) -> None:
+    def broadcast(self, message: Reply, room: str | None = None, compress: bool = True) -> None:
+        """Send ``message`` to every connection of the endpoint, or a room's (see ``WebSockets.broadcast``)."""
         content = _message(message, "Publisher.broadcast()")
         if content is not None:
             self._sequence += 1
-            _publish(self._redis, self.endpoint, room, _entry(self._origin, self._sequence, *content))
+            _publish(self._redis, self.endpoint, room, _entry(self._origin, self._sequence, *content, compress))
 
     def close(self) -> None:
         """Close the connection to Redis."""
@@ -1875,10 +1967,13 @@ def _stream(endpoint: str, room: str | None) -> str:
     return f"flask_websockets:{endpoint}:" + ("all" if room is None else f"room:{room}")
 
 
-def _entry(origin: bytes, sequence: int, opcode: int, payload: bytes) -> dict[bytes, bytes]:
+def _entry(origin: bytes, sequence: int, opcode: int, payload: bytes, compress: bool = True) -> dict[bytes, bytes]:
     """A stream entry, format 1: no pickle, text and binary as they are."""
     kind = b"text" if opcode == _OP_TEXT else b"binary"
-    return {b"v": b"1", b"o": origin, b"n": str(sequence).encode(), b"t": kind, b"d": payload}
+    entry = {b"v": b"1", b"o": origin, b"n": str(sequence).encode(), b"t": kind, b"d": payload}
+    if not compress:
+        entry[b"c"] = b"0"  # never compressed: it carries a secret
+    return entry
 
 
 def _publish(redis: Any, endpoint: str, room: str | None, entry: dict[bytes, bytes]) -> None:
@@ -1900,15 +1995,9 @@ def _redis_client(url: str) -> Any:
 class _MessageQueue:
     """One process's link to an endpoint's streams: a writer thread and a reader thread."""
 
-    def __init__(
-        self,
-        url: str,
-        endpoint: str,
-        deliver: Callable[[list[tuple[str | None, int, bytes]]], list[Connection]],
-        rooms: dict[str, Any],
-    ) -> None:
+    def __init__(self, url: str, sockets: WebSockets, rooms: dict[str, Any]) -> None:
         self.pid = os.getpid()  # threads do not survive a fork: a child makes its own queue
-        self._url, self._endpoint, self._deliver = url, endpoint, deliver
+        self._url, self._endpoint, self._sockets = url, sockets.endpoint, sockets
         self._where = urllib.parse.urlsplit(url)._replace(netloc=urllib.parse.urlsplit(url).hostname or "").geturl()
         self._origin = uuid.uuid4().hex.encode()
         self._sequence = 0
@@ -1927,12 +2016,12 @@ class _MessageQueue:
         _start_thread(self._write_forever, ())
         _start_thread(self._read_forever, ())
 
-    def publish(self, room: str | None, opcode: int, payload: bytes) -> None:
+    def publish(self, room: str | None, opcode: int, payload: bytes, compress: bool = True) -> None:
         """Hand a broadcast over to the writer thread; never blocks."""
         self._sequence += 1
         if len(self._outbox) >= _STREAM_LENGTH:  # Redis has been gone a while: drop the oldest
             self._outbox.popleft()
-        self._outbox.append((room, _entry(self._origin, self._sequence, opcode, payload)))
+        self._outbox.append((room, _entry(self._origin, self._sequence, opcode, payload, compress)))
         try:
             self._work.release()
         except RuntimeError:  # released already
@@ -1997,11 +2086,13 @@ class _MessageQueue:
                     if seen.get((key, publisher), 0) >= sequence:
                         continue  # sent again after a failed write: delivered already
                     seen[(key, publisher)] = sequence
-                    batch.append((room, _OP_TEXT if fields[b"t"] == b"text" else _OP_BINARY, fields[b"d"]))
+                    opcode = _OP_TEXT if fields[b"t"] == b"text" else _OP_BINARY
+                    batch.append((room, _Outgoing(opcode, fields[b"d"], compress=fields.get(b"c") != b"0")))
             for part in _parts(batch, 256 * 1024):
+                self._sockets._compress_ahead([message for _, message in part])  # here, not in the event loop
                 self._hand_over(part)
 
-    def _hand_over(self, batch: list[tuple[str | None, int, bytes]]) -> None:
+    def _hand_over(self, batch: list[tuple[str | None, _Outgoing]]) -> None:
         """Deliver, at the pace the clients read: the rest waits in Redis, not in memory.
 
         A broadcast in this process cannot wait; these can. The next part goes
@@ -2010,13 +2101,13 @@ class _MessageQueue:
         closed as too slow once its buffer is full.
         """
         if self._loop is None:
-            self._deliver(batch)
+            self._sockets._deliver_remote(batch)
             return
         self._loop.run_callback_threadsafe(self._deliver_paced, batch)
         self._delivered.acquire(timeout=10)  # the loop is gone if it takes that long
 
-    def _deliver_paced(self, batch: list[tuple[str | None, int, bytes]]) -> None:  # in the loop
-        written = self._deliver(batch)
+    def _deliver_paced(self, batch: list[tuple[str | None, _Outgoing]]) -> None:  # in the loop
+        written = self._sockets._deliver_remote(batch)
         if any(conn._out_size > conn._settings.max_send_buffer // 2 for conn in written):
             gevent.spawn(self._wait_for_buffers, written)
         else:
@@ -2057,12 +2148,12 @@ class _MessageQueue:
 
 
 def _parts(batch: list[Any], size: int) -> Iterator[list[Any]]:
-    """Cut a batch of ``(room, opcode, payload)`` into parts of about ``size`` bytes of payload."""
+    """Cut a batch of ``(room, _Outgoing)`` into parts of about ``size`` bytes of payload."""
     part: list[Any] = []
     total = 0
     for item in batch:
         part.append(item)
-        total += len(item[2])
+        total += len(item[1].payload)
         if total >= size:
             yield part
             part, total = [], 0
@@ -2110,6 +2201,8 @@ class WebSocketTestClient:
 
     Attributes:
         subprotocol: the subprotocol the endpoint chose, or ``None``.
+        compression: the permessage-deflate parameters the endpoint agreed
+            to, or ``None``: it did not, or the client did not offer.
         closed: whether the connection is closed.
         close_code: the code it was closed with (1006 if dropped).
         close_reason: the reason that came with it.
@@ -2117,22 +2210,24 @@ class WebSocketTestClient:
 
     __test__ = False  # not a test class, for pytest
 
-    def __init__(self, http_client: Any, path: str, **request: Any) -> None:
+    def __init__(self, http_client: Any, path: str, compression: bool = False, **request: Any) -> None:
         self.subprotocol: str | None = None
+        self.compression: str | None = None
         self._proto = _Protocol(client=True, max_size=None)  # the server's own codec, checking its frames
         self._messages: list[Message] = []
         self._error: BaseException | None = None
         self._sock, server_sock = gevent.socket.socketpair()
         accepted = gevent.event.Event()
 
-        def accept(subprotocol: str | None) -> tuple[Any, Any]:
-            self.subprotocol = subprotocol
+        def accept(subprotocol: str | None, extensions: str | None = None) -> tuple[Any, Any]:
+            self.subprotocol, self.compression = subprotocol, extensions
             accepted.set()
             return server_sock, io.BytesIO()  # nothing came with the handshake
 
         def serve() -> Any:
             request["environ_overrides"] = {**(request["environ_overrides"] or {}), "flask_websockets.accept": accept}
-            request["headers"] = {**_TEST_HANDSHAKE, **(request["headers"] or {})}
+            offer = {"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"} if compression else {}
+            request["headers"] = {**_TEST_HANDSHAKE, **offer, **(request["headers"] or {})}
             try:
                 return http_client.get(path, **request)
             except BaseException as error:  # raised again in the test, where it belongs
@@ -2147,6 +2242,8 @@ class WebSocketTestClient:
             self._sock.close()
             self._raise_server_error()
             raise HandshakeRefused(self._server.value)
+        if self.compression is not None:  # checked as a browser would: an answer it did not offer fails
+            self._proto.deflate = _client_deflate(self.compression if compression else "")
 
     @property
     def closed(self) -> bool:
@@ -2170,11 +2267,14 @@ class WebSocketTestClient:
             if exc_info[0] is None:  # else the test's own error matters more
                 raise
 
-    def send(self, message: str | bytes) -> None:
-        """Send a text (``str``) or binary (``bytes``) message to the endpoint."""
+    def send(self, message: str | bytes, compress: bool = True) -> None:
+        """Send a text (``str``) or binary (``bytes``) message to the endpoint.
+
+        With compression agreed, it goes compressed unless ``compress=False``.
+        """
         if self._proto.state is not _OPEN:
             raise ConnectionClosed(f"the connection is closed: {self.close_code} {self.close_reason}")
-        self._sock.sendall(self._proto.message(message))
+        self._sock.sendall(self._proto.message(message, compress))
 
     def receive(self, timeout: float = 1.0) -> Message:
         """Return the next message from the endpoint: ``str`` or ``bytes``.
@@ -2300,6 +2400,9 @@ class _Settings(NamedTuple):
     max_send_buffer: int
     send_timeout: float | None
     message_queue: str | None
+    compression: bool
+    compression_min_size: int
+    compression_takeover: bool
 
     @property
     def inbox_bytes(self) -> int:
@@ -2340,6 +2443,12 @@ def _check_settings(values: dict[str, Any]) -> _Settings:
             if key is None:
                 raise ValueError(f"WEBSOCKETS_ALLOWED_ORIGINS: {origin!r} is not an origin like 'https://example.com'")
         origins = frozenset(keys)
+    for switch in ("WEBSOCKETS_COMPRESSION", "WEBSOCKETS_COMPRESSION_CONTEXT_TAKEOVER"):
+        if not isinstance(values[switch], bool):
+            raise ValueError(f"{switch} must be True or False, not {values[switch]!r}")
+    min_size = values["WEBSOCKETS_COMPRESSION_MIN_SIZE"]
+    if isinstance(min_size, bool) or not isinstance(min_size, int) or not 0 <= min_size < 1e18:
+        raise ValueError(f"WEBSOCKETS_COMPRESSION_MIN_SIZE must be a number of bytes, 0 or more, not {min_size!r}")
     queue = values["WEBSOCKETS_MESSAGE_QUEUE"]
     if queue is not None and not (isinstance(queue, str) and queue.split("://")[0] in ("redis", "rediss", "unix")):
         raise ValueError(f"WEBSOCKETS_MESSAGE_QUEUE must be None or a redis://, rediss:// or unix:// URL: {queue!r}")
@@ -2352,6 +2461,9 @@ def _check_settings(values: dict[str, Any]) -> _Settings:
         max_send_buffer=positive("WEBSOCKETS_MAX_SEND_BUFFER", integer=True, optional=False),
         send_timeout=positive("WEBSOCKETS_SEND_TIMEOUT"),
         message_queue=queue,
+        compression=values["WEBSOCKETS_COMPRESSION"],
+        compression_min_size=min_size,
+        compression_takeover=values["WEBSOCKETS_COMPRESSION_CONTEXT_TAKEOVER"],
     )
 
 
@@ -2418,7 +2530,7 @@ class _Handover:
         """A 400 or 426 for a handshake that is not RFC 6455's, else ``None``."""
         return _handshake_error(self.environ)
 
-    def accept(self, subprotocol: str | None) -> tuple[Any, bytes]:
+    def accept(self, subprotocol: str | None, extensions: str | None) -> tuple[Any, bytes]:
         """Send the 101; return the socket and the bytes already received."""
         raise NotImplementedError
 
@@ -2433,8 +2545,8 @@ class _Handover:
 class _OurHandlerHandover(_Handover):
     """:class:`WebSocketHandler` (and the test client): it sends the 101 when asked."""
 
-    def accept(self, subprotocol: str | None) -> tuple[Any, bytes]:
-        sock, reader = self.environ["flask_websockets.accept"](subprotocol)
+    def accept(self, subprotocol: str | None, extensions: str | None) -> tuple[Any, bytes]:
+        sock, reader = self.environ["flask_websockets.accept"](subprotocol, extensions)
         return sock, _take_over(sock, reader)
 
 
@@ -2446,7 +2558,7 @@ class _GeventWebsocketHandover(_Handover):
     def check(self) -> None:
         return None
 
-    def accept(self, subprotocol: str | None) -> tuple[Any, bytes]:
+    def accept(self, subprotocol: str | None, extensions: str | None) -> tuple[Any, bytes]:
         handler = self.environ["wsgi.websocket"].handler
         return handler.socket, _take_over(handler.socket, handler.rfile)
 
@@ -2462,9 +2574,9 @@ class _WerkzeugHandover(_Handover):
     thread a greenlet of the main loop).
     """
 
-    def accept(self, subprotocol: str | None) -> tuple[Any, bytes]:
+    def accept(self, subprotocol: str | None, extensions: str | None) -> tuple[Any, bytes]:
         sock = self.environ["werkzeug.socket"]
-        sock.sendall(_switching_protocols(_handshake_headers(self.environ, subprotocol)))
+        sock.sendall(_switching_protocols(_handshake_headers(self.environ, subprotocol, extensions)))
         # Werkzeug reads on from its reader after the app: leave it open.
         return sock, _take_over(sock, self.environ["wsgi.input"], close=False)
 
@@ -2506,7 +2618,7 @@ def _handshake_error(environ: dict) -> Response | None:
     return None if valid else Response("Sec-WebSocket-Key must be 16 bytes in base64.", 400)
 
 
-def _handshake_headers(environ: dict, subprotocol: str | None) -> list[tuple[str, str]]:
+def _handshake_headers(environ: dict, subprotocol: str | None, extensions: str | None) -> list[tuple[str, str]]:
     digest = hashlib.sha1(environ["HTTP_SEC_WEBSOCKET_KEY"].encode() + _WEBSOCKET_GUID).digest()
     headers = [
         ("Upgrade", "websocket"),
@@ -2515,6 +2627,8 @@ def _handshake_headers(environ: dict, subprotocol: str | None) -> list[tuple[str
     ]
     if subprotocol:
         headers.append(("Sec-WebSocket-Protocol", subprotocol))
+    if extensions:
+        headers.append(("Sec-WebSocket-Extensions", extensions))
     return headers
 
 
@@ -2582,6 +2696,7 @@ class _Dropped(_Upgraded):
 
 _OP_CONTINUATION, _OP_TEXT, _OP_BINARY = 0x0, 0x1, 0x2
 _OP_CLOSE, _OP_PING, _OP_PONG = 0x8, 0x9, 0xA
+_RSV1 = 0x40  # in a message's first frame: the message is compressed (RFC 7692)
 _FAILED = -1  # the kind of event that reports a protocol error
 
 #: Each frame after the first of a message counts as at least this many bytes
@@ -2634,17 +2749,23 @@ class _Protocol:
     waits until the client has sent the rest of that message, which is
     skipped: a browser cut short in the middle of a message would see an
     unclean close. :meth:`close_now` sends it without waiting any longer.
+
+    With ``deflate`` (a :class:`_Deflate`, once permessage-deflate is agreed),
+    messages with RSV1 set are inflated as their bytes arrive, and the
+    inflated size counts against ``max_size``: a decompression bomb fails
+    with 1009 once it has inflated ``max_size`` bytes, not at its end.
     """
 
     __slots__ = (
-        "client", "max_size", "state", "close_code", "close_reason", "_buf", "_pos", "_eof", "_output",
-        "_mask_bit", "_left", "_fin", "_mask", "_phase", "_skip", "_opcode", "_message", "_size", "_decoder",
-        "_deferred",
+        "client", "max_size", "deflate", "state", "close_code", "close_reason", "_buf", "_pos", "_eof",
+        "_output", "_mask_bit", "_left", "_fin", "_mask", "_phase", "_skip", "_opcode", "_message", "_size",
+        "_decoder", "_inflater", "_deferred",
     )  # fmt: skip
 
-    def __init__(self, client: bool = False, max_size: int | None = 1 << 20) -> None:
+    def __init__(self, client: bool = False, max_size: int | None = 1 << 20, deflate: _Deflate | None = None) -> None:
         self.client = client
         self.max_size = max_size
+        self.deflate = deflate  # permessage-deflate, if agreed
         self.state = _OPEN
         self.close_code: int | None = None  # this end's, if it closed first; else the peer's (1006: lost)
         self.close_reason = ""
@@ -2664,6 +2785,7 @@ class _Protocol:
         self._message: bytearray | None = None
         self._size = 0  # its cost against max_size
         self._decoder: Any = None  # an incremental UTF-8 decoder, for text
+        self._inflater: Any = None  # a zlib decompressor, for a compressed message
         self._deferred: bytes | None = None  # a 1009 close frame, until the oversized message ends
 
     # -- input ---------------------------------------------------------------
@@ -2686,7 +2808,7 @@ class _Protocol:
             self.close_code = 1006
         self.state = _CLOSED
         self._buf, self._pos, self._message, self._decoder, self._output = b"", 0, None, None, []
-        self._deferred = None
+        self._deferred = self._inflater = None
 
     def next_event(self) -> tuple[int, Any] | None:
         """The next event, or ``None`` until more data arrives (or for good, once CLOSED)."""
@@ -2755,13 +2877,19 @@ class _Protocol:
             payload = self._buf[end : end + length]
             return self._control(opcode, payload if mask is None else _unmask(payload, mask))
         cost = length if opcode else max(length, _MIN_FRAME_COST)
-        if self.max_size is not None and self._size + cost > self.max_size:
+        limit = self.max_size
+        if limit is not None and (b0 & _RSV1 if opcode else self._inflater is not None):
+            limit += limit >> 3  # compressed: deflate may grow incompressible data a little
+        if limit is not None and self._size + cost > limit:
             self._pos = end
             return self._fail(1009, f"message over {self.max_size} bytes", skip=length, fin=b0 & 0x80, defer=True)
         self._pos = end
         if opcode:  # the first frame of a message
             self._opcode, self._message, self._size = opcode, bytearray(), 0
             self._decoder = _utf8_decoder() if opcode == _OP_TEXT else None
+            if b0 & _RSV1:
+                assert self.deflate is not None
+                self._inflater = self.deflate.inflater()
         self._size += cost
         self._fin, self._mask, self._phase, self._skip = b0 & 0x80, mask, 0, False
         self._left = length
@@ -2771,7 +2899,10 @@ class _Protocol:
 
     def _header_error(self, b0: int, b1: int, opcode: int, length: int) -> str | None:
         if b0 & 0x70:
-            return "reserved bits set without an extension"
+            if b0 & 0x70 != _RSV1 or self.deflate is None:
+                return "reserved bits set without an extension"
+            if not opcode or opcode > _OP_BINARY:
+                return "RSV1 set on a frame that does not start a message"  # RFC 7692 6.1
         if b1 & 0x80 != self._mask_bit:
             return "server frames must not be masked" if self.client else "client frames must be masked"
         if length >> 63:
@@ -2800,6 +2931,15 @@ class _Protocol:
         if self._skip:
             if not self._left:
                 self._skipped_frame()
+        elif self._inflater is not None:
+            data = buf[pos : pos + take]
+            if self._mask is not None:
+                phase = self._phase & 3
+                self._phase += take
+                data = _unmask(data, self._mask[phase:] + self._mask[:phase] if phase else self._mask)
+            event = self._inflate(data)
+            if event is not None:
+                return event
         else:
             message = self._message
             assert message is not None
@@ -2823,12 +2963,47 @@ class _Protocol:
             self._output.append(self._deferred)
             self._deferred = None
 
+    def _inflate(self, data: bytes) -> tuple[int, Any] | None:
+        """Inflate compressed bytes into the message, never past ``max_size``."""
+        message, inflater = self._message, self._inflater
+        assert message is not None and inflater is not None
+        try:
+            if self.max_size is None:
+                inflated = inflater.decompress(data)
+            else:  # a byte more than fits: too much, and no more is inflated
+                room = self.max_size - len(message)
+                inflated = inflater.decompress(data, room + 1)
+                if len(inflated) > room:
+                    return self._fail(
+                        1009, f"message over {self.max_size} bytes", skip=self._left, fin=self._fin, defer=True
+                    )
+        except zlib.error:
+            return self._fail(1007, "invalid compressed data", skip=self._left)
+        if inflated:
+            message += inflated
+            if self._decoder is not None:
+                try:
+                    self._decoder.decode(inflated)
+                except UnicodeDecodeError:
+                    return self._fail(1007, "invalid UTF-8 in a text message", skip=self._left)
+        return None
+
     def _end_of_frame(self) -> tuple[int, Any] | None:
         if self._skip or not self._fin:
             return None
+        inflater = self._inflater
+        if inflater is not None:  # RFC 7692 7.2.2: the sender removed these 4 bytes
+            event = None if inflater.eof else self._inflate(b"\x00\x00\xff\xff")
+            if event is None and inflater.unused_data:
+                event = self._fail(1007, "data after the end of a compressed message")
+            if event is not None:
+                return event
+            self._inflater = None
         opcode, message, decoder = self._opcode, self._message, self._decoder
         assert message is not None
         self._opcode, self._message, self._decoder = 0, None, None
+        if inflater is not None:
+            self.deflate.received(message)  # type: ignore[union-attr]
         if decoder is None:
             return opcode, bytes(message)
         try:
@@ -2880,7 +3055,7 @@ class _Protocol:
                 self._deferred = self._close_frame(code, reason)
             else:
                 self._output.append(self._close_frame(code, reason))
-        self._opcode, self._message, self._decoder = 0, None, None
+        self._opcode, self._message, self._decoder, self._inflater = 0, None, None, None
         if skip is None:
             self.state = _CLOSED
         else:
@@ -2915,15 +3090,21 @@ class _Protocol:
         self._output.clear()
         return data
 
-    def frame(self, opcode: int, payload: Any) -> bytes:
+    def frame(self, opcode: int, payload: Any, rsv: int = 0) -> bytes:
         """A whole frame from this end: masked for a client, as RFC 6455 requires."""
-        return _encode_frame(opcode, payload, mask=os.urandom(4) if self.client else None)
+        return _encode_frame(opcode, payload, rsv=rsv, mask=os.urandom(4) if self.client else None)
 
-    def message(self, message: str | bytes) -> bytes:
-        """The frame of a whole text (``str``) or binary message."""
-        if isinstance(message, str):
-            return self.frame(_OP_TEXT, message.encode("utf-8"))
-        return self.frame(_OP_BINARY, message)
+    def message(self, message: str | bytes, compress: bool = True) -> bytes:
+        """The frame of a whole text (``str``) or binary message.
+
+        With permessage-deflate agreed, it is compressed, unless ``compress``
+        is false or it is shorter than the agreement's ``min_size``.
+        """
+        opcode, payload = (_OP_TEXT, message.encode("utf-8")) if isinstance(message, str) else (_OP_BINARY, message)
+        deflate = self.deflate
+        if deflate is not None and compress and len(payload) >= deflate.min_size:
+            return self.frame(opcode, deflate.compress(payload), rsv=_RSV1)
+        return self.frame(opcode, payload)
 
     def _close_frame(self, code: int, reason: str) -> bytes:
         return self.frame(_OP_CLOSE, _close_payload(code, reason))
@@ -2996,6 +3177,224 @@ def _parse_close(payload: bytes) -> tuple[int, str]:
 def _is_valid_close_code(code: int) -> bool:
     # RFC 6455 7.4 and the IANA registry: 1004-1006 and 1015 are never sent.
     return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+# -- permessage-deflate (RFC 7692) -----------------------------------------------
+#
+# No zlib object outlives a message. What context takeover needs of the
+# messages before is their last bytes, as many as the window holds: each
+# message's compressor (or decompressor) starts with them as its dictionary,
+# which costs about 2 microseconds. So an idle connection holds at most a
+# window of bytes each way (4 KiB by default), where two live zlib streams
+# would hold about 40 KiB; and a broadcast compressed once, on its own, is
+# valid on every connection, which then only adds it to its window.
+
+#: The LZ77 window (base-2 log) the server compresses with, and asks clients
+#: to compress with: 4 KiB, as in the ``websockets`` library. With memory
+#: level 5 and level 6, it compresses a JSON chat corpus to 20.5 % at 57 us a
+#: message; a 32 KiB window (15) gets 18.8 % for 3 times the CPU.
+_WINDOW_BITS = 12
+_MEM_LEVEL, _LEVEL = 5, 6
+#: A longer message is compressed in pieces this long, and other greenlets run between them.
+_COMPRESS_PIECE = 64 * 1024
+_DEFLATE_PARAMS = ("server_no_context_takeover", "client_no_context_takeover", "server_max_window_bits",
+                   "client_max_window_bits")  # fmt: skip
+_WINDOW_VALUES = {str(bits): bits for bits in range(8, 16)}  # no leading zeros, RFC 7692 7.1.2
+
+
+class _Deflate:
+    """permessage-deflate as agreed, for one end of a connection.
+
+    ``send_bits`` is the window of what this end compresses, ``receive_bits``
+    that of what it inflates; ``send_takeover`` and ``receive_takeover`` say
+    whether a message may refer to those before it (context takeover).
+    Messages shorter than ``min_size`` bytes are sent as they are. ``header``
+    is the agreement, as the server's ``Sec-WebSocket-Extensions`` said it.
+    """
+
+    __slots__ = ("send_bits", "receive_bits", "send_takeover", "receive_takeover", "min_size", "header", "_sent",
+                 "_received")  # fmt: skip
+
+    def __init__(
+        self,
+        send_bits: int = _WINDOW_BITS,
+        receive_bits: int = 15,
+        send_takeover: bool = True,
+        receive_takeover: bool = True,
+        min_size: int = 0,
+        header: str = "permessage-deflate",
+    ) -> None:
+        self.send_bits, self.receive_bits = send_bits, receive_bits
+        self.send_takeover, self.receive_takeover = send_takeover, receive_takeover
+        self.min_size, self.header = min_size, header
+        self._sent = self._received = b""  # the last bytes of the messages compressed each way
+
+    def compress(self, payload: bytes) -> bytes:
+        """Compress a message that goes out next, after the messages before it."""
+        data = _compress(payload, self.send_bits, self._sent)
+        self.sent(payload)
+        return data
+
+    def sent(self, payload: bytes) -> None:
+        """Note that a compressed message went out: the next ones may refer to it."""
+        if self.send_takeover:
+            self._sent = _window(self._sent, payload, self.send_bits)
+
+    def inflater(self) -> Any:
+        """A decompressor for the next compressed message that comes in."""
+        if self._received:
+            return zlib.decompressobj(-self.receive_bits, zdict=self._received)
+        return zlib.decompressobj(-self.receive_bits)
+
+    def received(self, message: bytes | bytearray) -> None:
+        """Note that a compressed message came in, inflated."""
+        if self.receive_takeover:
+            self._received = _window(self._received, message, self.receive_bits)
+
+
+def _window(window: bytes, data: bytes | bytearray, bits: int) -> bytes:
+    """The last ``2**bits`` bytes of ``window`` followed by ``data``."""
+    size = 1 << bits
+    if len(data) >= size:
+        return bytes(data[-size:])
+    return (window + data)[-size:]
+
+
+def _compress(payload: bytes, bits: int, window: bytes = b"", pause: Callable[[], Any] | None = None) -> bytes:
+    """A message's payload, deflated as RFC 7692 sends it; ``window``: what came before.
+
+    ``pause``, if given, is called between pieces of a long payload. zlib has
+    no 256-byte window for raw deflate: for 8 bits it finds runs only
+    (Z_RLE), whose matches reach back 1 byte, which any window holds.
+    """
+    wbits, strategy = (-bits, zlib.Z_DEFAULT_STRATEGY) if bits > 8 else (-9, zlib.Z_RLE)
+    if window:
+        compressor = zlib.compressobj(_LEVEL, zlib.DEFLATED, wbits, _MEM_LEVEL, strategy, window)
+    else:
+        compressor = zlib.compressobj(_LEVEL, zlib.DEFLATED, wbits, _MEM_LEVEL, strategy)
+    if pause is None or len(payload) <= _COMPRESS_PIECE:
+        data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    else:
+        pieces = []
+        with memoryview(payload) as view:
+            for start in range(0, len(view), _COMPRESS_PIECE):
+                pieces.append(compressor.compress(view[start : start + _COMPRESS_PIECE]))
+                pause()
+        pieces.append(compressor.flush(zlib.Z_SYNC_FLUSH))
+        data = b"".join(pieces)
+    return data[:-4]  # RFC 7692 7.2.1: the flush's 00 00 ff ff, which the receiver puts back
+
+
+def _agree_deflate(offers: str, takeover: bool = True, min_size: int = 0) -> _Deflate | None:
+    """A server's answer to the client's ``Sec-WebSocket-Extensions``; ``None`` declines.
+
+    The first permessage-deflate offer that it can accept wins (RFC 7692 5).
+    An offer with an unknown or repeated parameter, or a bad value, is
+    declined, never the handshake. The server compresses with a 4 KiB window,
+    or the smaller one the client asks for, and asks the client for 4 KiB if
+    it may. Without ``takeover``, no message may refer to those before it,
+    either way.
+    """
+    for offer in offers.split(","):
+        name, _, text = offer.partition(";")
+        params = _deflate_params(text)
+        if name.strip().lower() != "permessage-deflate" or params is None:
+            continue
+        answer = ["permessage-deflate"]
+        send_takeover = takeover and "server_no_context_takeover" not in params
+        receive_takeover = takeover and "client_no_context_takeover" not in params
+        if not send_takeover:
+            answer.append("server_no_context_takeover")
+        if not receive_takeover:
+            answer.append("client_no_context_takeover")
+        send_bits, receive_bits = _WINDOW_BITS, 15
+        if "server_max_window_bits" in params:
+            send_bits = min(send_bits, params["server_max_window_bits"] or 15)
+            answer.append(f"server_max_window_bits={send_bits}")
+        if "client_max_window_bits" in params:  # only then may the answer limit the client's window
+            receive_bits = min(_WINDOW_BITS, params["client_max_window_bits"] or 15)
+            answer.append(f"client_max_window_bits={receive_bits}")
+        return _Deflate(send_bits, receive_bits, send_takeover, receive_takeover, min_size, "; ".join(answer))
+    return None
+
+
+def _client_deflate(answer: str) -> _Deflate:
+    """A client's side of the server's answer to ``permessage-deflate; client_max_window_bits``.
+
+    Raises ``ValueError`` if the answer is not one RFC 7692 allows.
+    """
+    name, _, text = answer.partition(";")
+    params = _deflate_params(text)
+    if (
+        name.strip().lower() != "permessage-deflate"
+        or params is None
+        or ("client_max_window_bits" in params and params["client_max_window_bits"] is None)  # a value, in answers
+    ):
+        raise ValueError(f"invalid permessage-deflate answer: {answer!r}")
+    return _Deflate(
+        send_bits=min(_WINDOW_BITS, params.get("client_max_window_bits") or 15),
+        receive_bits=params.get("server_max_window_bits") or 15,
+        send_takeover="client_no_context_takeover" not in params,
+        receive_takeover="server_no_context_takeover" not in params,
+        header=answer,
+    )
+
+
+def _deflate_params(text: str) -> dict[str, int | None] | None:
+    """The parameters of a permessage-deflate offer or answer; ``None`` if one is wrong."""
+    params: dict[str, int | None] = {}
+    if not text.strip():
+        return params
+    for item in text.split(";"):
+        key, equals, value = (part.strip() for part in item.partition("="))
+        key = key.lower()
+        if len(value) > 2 and value[0] == value[-1] == '"':  # a quoted-string
+            value = value[1:-1]
+        if key in params or key not in _DEFLATE_PARAMS:
+            return None
+        if not equals:
+            if key == "server_max_window_bits":
+                return None
+            params[key] = None
+        elif key.endswith("_window_bits") and value in _WINDOW_VALUES:
+            params[key] = _WINDOW_VALUES[value]
+        else:
+            return None
+    return params
+
+
+class _Outgoing:
+    """One message for many connections: framed once, and compressed once per window size.
+
+    Compressed on its own, it refers to no earlier message, so that one
+    compression serves every connection with that window, whatever each
+    sent before.
+    """
+
+    __slots__ = ("opcode", "payload", "compress", "_plain", "_deflated")
+
+    def __init__(self, opcode: int, payload: bytes, compress: bool = True) -> None:
+        self.opcode, self.payload, self.compress = opcode, payload, compress
+        self._plain: bytes | None = None
+        self._deflated: dict[int, bytes] = {}
+
+    def frame(self, deflate: _Deflate | None) -> tuple[bytes, bytes | None]:
+        """The frame for a connection with ``deflate``, and the payload its window takes in, if compressed."""
+        if deflate is None or not self.compress or len(self.payload) < deflate.min_size:
+            if self._plain is None:
+                self._plain = _frame(self.opcode, self.payload)
+            return self._plain, None
+        frame = self._deflated.get(deflate.send_bits)
+        if frame is None:
+            frame = self.prepare(deflate.send_bits)
+        return frame, self.payload
+
+    def prepare(self, bits: int, pause: Callable[[], Any] | None = None) -> bytes:
+        """Compress it for connections with a ``bits`` window, ahead of :meth:`frame`."""
+        frame = self._deflated.get(bits)
+        if frame is None:
+            frame = self._deflated[bits] = _frame(_RSV1 | self.opcode, _compress(self.payload, bits, pause=pause))
+        return frame
 
 
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")

@@ -92,13 +92,15 @@ def close_payload(code, reason=""):
     return code.to_bytes(2, "big") + reason.encode("utf-8")
 
 
-def parse_server_frames(data):
+def parse_server_frames(data, compression=None):
     """What a server wrote, as readable tuples, checked by the protocol core (client side).
 
     A frame that breaks RFC 6455 fails the test, and so does a close frame
     without a code, or anything after the server's close frame.
+    ``compression`` is the permessage-deflate the server agreed to, if any.
     """
-    proto = _Protocol(client=True, max_size=None)
+    deflate = flask_websockets._client_deflate(compression) if compression else None
+    proto = _Protocol(client=True, max_size=None, deflate=deflate)
     proto.receive_data(bytes(data))
     out = []
     while True:
@@ -128,6 +130,7 @@ class RawClient:
         self.sock, self.greenlet = sock, greenlet
         self.received = bytearray()
         self.eof = False
+        self.answer = {}  # the 101's subprotocol and extensions
 
     def feed(self, *frames):
         self.sock.sendall(b"".join(frames))
@@ -170,7 +173,7 @@ class RawClient:
 
     @property
     def frames(self):
-        return parse_server_frames(self.received)
+        return parse_server_frames(self.received, self.answer.get("extensions"))
 
     @property
     def messages(self):
@@ -206,8 +209,14 @@ def connect(app, path="/", headers=None, buffered=b"", via="ours", **kwargs):
     """
     client_sock, server_sock = gevent.socket.socketpair()
     reader = io.BytesIO(buffered)
+    answer = {}  # what the 101 would carry
+
+    def accept(subprotocol, extensions=None):
+        answer.update(subprotocol=subprotocol, extensions=extensions)
+        return server_sock, reader
+
     if via == "ours":
-        overrides = {"flask_websockets.accept": lambda subprotocol: (server_sock, reader)}
+        overrides = {"flask_websockets.accept": accept}
     else:
         stub = types.SimpleNamespace(handler=types.SimpleNamespace(socket=server_sock, rfile=reader), closed=False)
         overrides = {"wsgi.websocket": stub}
@@ -221,6 +230,7 @@ def connect(app, path="/", headers=None, buffered=b"", via="ours", **kwargs):
             server_sock.close()  # as the server does once the view returns
 
     raw = RawClient(client_sock, gevent.spawn(serve))
+    raw.answer = answer
     gevent.sleep(0)
     return raw
 
