@@ -18,6 +18,8 @@ from flask import Flask, jsonify, render_template_string, request  # noqa: E402
 from flask_websockets import WebSockets, has_socket_context, serve, ws  # noqa: E402
 
 app = Flask(__name__)
+# Compress messages of 1 KiB or more for clients that offer to: every browser does.
+app.config["WEBSOCKETS_COMPRESSION"] = True
 sockets = WebSockets(app, match_one=True)  # one handler per message: the first that matches
 
 

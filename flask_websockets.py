@@ -1285,35 +1285,44 @@ class Connection:
             compressed = _compress(payload, deflate.send_bits, pause=_pause())
             self._send_frame(_frame(_RSV1 | opcode, compressed), wait=True, sent=payload)
         else:
-            self._send_frame(content, wait=True)
+            self._send_compressed(opcode, payload)
 
-    def _send_frame(self, frame: bytes | tuple[int, bytes], wait: bool, sent: bytes | None = None) -> bool:
+    def _send_frame(self, frame: bytes, wait: bool, sent: bytes | None = None) -> bool:
         """Send or queue a whole frame; return whether it was accepted.
 
         When the buffer is full, ``wait`` waits for room (in a greenlet);
         otherwise the connection is closed as too slow and the frame dropped.
-        ``frame`` may be a message, ``(opcode, payload)``, to compress as it
-        goes out, after those before it. ``sent`` is the payload of a frame
-        compressed on its own: the messages after it may refer to it.
+        ``sent`` is the payload of a frame compressed on its own: the
+        messages after it may refer to it.
         """
         if self._thread is not None and _get_ident() != self._thread:
-            return self._send_from_thread(frame, wait, sent)
+            if not wait:  # a broadcast from another thread: hand it over, never wait
+                if self._proto.state is not _OPEN:
+                    raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
+                self._loop.run_callback_threadsafe(self._offer, frame, sent)
+                return True
+            return self._send_from_thread(self._send_frame, frame, wait, sent)
         if self.closed:
             raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
-        size = len(frame[1]) if isinstance(frame, tuple) else len(frame)
-        if self._out is not None and self._out_size + size > self._settings.max_send_buffer:
+        if self._out is not None and self._out_size + len(frame) > self._settings.max_send_buffer:
             if not wait or gevent.getcurrent() is self._hub:
                 self._too_slow()
                 return False
-            self._wait_for_room(size)
-        deflate = self._proto.deflate
-        if isinstance(frame, tuple):  # nothing may go out between compressing and writing it
-            assert deflate is not None
-            frame = _frame(_RSV1 | frame[0], deflate.compress(frame[1]))
-        elif sent is not None:
-            assert deflate is not None
-            deflate.sent(sent)
+            self._wait_for_room(len(frame))
+        if sent is not None:
+            self._proto.deflate.sent(sent)  # type: ignore[union-attr]
         self._write(frame)
+        return True
+
+    def _send_compressed(self, opcode: int, payload: bytes) -> bool:
+        """Compress a message after those before it, and send it: nothing may go out in between."""
+        if self._thread is not None and _get_ident() != self._thread:
+            return self._send_from_thread(self._send_compressed, opcode, payload)
+        if self.closed:
+            raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
+        if self._out is not None and self._out_size + len(payload) > self._settings.max_send_buffer:
+            self._wait_for_room(len(payload))  # its compressed size is not known yet
+        self._write(_frame(_RSV1 | opcode, self._proto.deflate.compress(payload)))  # type: ignore[union-attr]
         return True
 
     def _write(self, data: bytes) -> None:
@@ -1407,25 +1416,22 @@ class Connection:
             self._out_size = len(head)
         self._close(1008, "client too slow")
 
-    def _send_from_thread(self, frame: bytes | tuple[int, bytes], wait: bool, sent: bytes | None) -> bool:
-        """Send from another thread: the connection's own event loop does it."""
+    def _send_from_thread(self, send: Callable[..., bool], *args: Any) -> bool:
+        """Call ``send(*args)`` from another thread, in a greenlet of the connection's own loop; wait for it."""
         if self._proto.state is not _OPEN:
             raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
-        if not wait:  # broadcast: hand it over, never wait
-            self._loop.run_callback_threadsafe(self._offer, frame, sent)
-            return True
         done, outcome = _thread_lock(), []  # type: tuple[Any, list[Any]]
         done.acquire()
 
-        def send() -> None:
+        def run() -> None:
             try:
-                outcome.append(self._send_frame(frame, wait=True, sent=sent))
+                outcome.append(send(*args))
             except BaseException as error:  # raised again in the sending thread
                 outcome.append(error)
             finally:
                 done.release()
 
-        self._loop.run_callback_threadsafe(gevent.spawn, send)
+        self._loop.run_callback_threadsafe(gevent.spawn, run)
         while not done.acquire(timeout=0.5):
             if self._hub is None:  # the connection ended before its loop ran the send
                 raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
@@ -3296,8 +3302,8 @@ def _agree_deflate(offers: str, takeover: bool = True, min_size: int = 0) -> _De
     either way.
     """
     for offer in offers.split(","):
-        name, _, text = offer.partition(";")
-        params = _deflate_params(text)
+        name, *items = offer.split(";")
+        params = _deflate_params(items)
         if name.strip().lower() != "permessage-deflate" or params is None:
             continue
         answer = ["permessage-deflate"]
@@ -3323,8 +3329,8 @@ def _client_deflate(answer: str) -> _Deflate:
 
     Raises ``ValueError`` if the answer is not one RFC 7692 allows.
     """
-    name, _, text = answer.partition(";")
-    params = _deflate_params(text)
+    name, *items = answer.split(";")
+    params = _deflate_params(items)
     if (
         name.strip().lower() != "permessage-deflate"
         or params is None
@@ -3340,12 +3346,10 @@ def _client_deflate(answer: str) -> _Deflate:
     )
 
 
-def _deflate_params(text: str) -> dict[str, int | None] | None:
+def _deflate_params(items: list[str]) -> dict[str, int | None] | None:
     """The parameters of a permessage-deflate offer or answer; ``None`` if one is wrong."""
     params: dict[str, int | None] = {}
-    if not text.strip():
-        return params
-    for item in text.split(";"):
+    for item in items:
         key, equals, value = (part.strip() for part in item.partition("="))
         key = key.lower()
         if len(value) > 2 and value[0] == value[-1] == '"':  # a quoted-string

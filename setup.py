@@ -31,6 +31,7 @@ setup(
             "trustme>=1.0",  # certificates for the wss tests
             "gunicorn>=21",  # the gunicorn worker's test
             "redis>=4.5",  # the message queue's tests, against a real redis-server
+            "websockets>=13",  # a real client that offers permessage-deflate, as browsers do
         ],
         "redis": ["redis>=4.5"],  # the message queue (WEBSOCKETS_MESSAGE_QUEUE, Publisher)
     },

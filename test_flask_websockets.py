@@ -27,10 +27,12 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import types
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from pathlib import Path
 
 import gevent
@@ -1382,6 +1384,421 @@ def test_a_long_close_reason_is_cut_between_characters():
 
 
 # ---------------------------------------------------------------------------
+# Compression: permessage-deflate (RFC 7692)
+# ---------------------------------------------------------------------------
+
+agree = flask_websockets._agree_deflate
+
+
+def deflated(message, bits=12, final=False):
+    """A message compressed on its own, as a client sends it (RSV1 goes on its frame).
+
+    ``final`` ends it with a final deflate block, as RFC 7692 7.2.3.4 allows.
+    """
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -bits)
+    data = compressor.compress(message.encode() if isinstance(message, str) else message)
+    return data + compressor.flush() if final else (data + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+
+
+@pytest.mark.parametrize(
+    "offers, answer",
+    [
+        ("permessage-deflate", "permessage-deflate"),
+        ("permessage-deflate; client_max_window_bits", "permessage-deflate; client_max_window_bits=12"),
+        ("permessage-deflate; client_max_window_bits=10", "permessage-deflate; client_max_window_bits=10"),
+        ("permessage-deflate; client_max_window_bits=15", "permessage-deflate; client_max_window_bits=12"),
+        ('permessage-deflate; client_max_window_bits="9"', "permessage-deflate; client_max_window_bits=9"),
+        ("permessage-deflate; server_max_window_bits=15", "permessage-deflate; server_max_window_bits=12"),
+        ("permessage-deflate; server_max_window_bits=9", "permessage-deflate; server_max_window_bits=9"),
+        ("permessage-deflate; server_max_window_bits=8", "permessage-deflate; server_max_window_bits=8"),
+        ("permessage-deflate; server_no_context_takeover", "permessage-deflate; server_no_context_takeover"),
+        ("permessage-deflate; client_no_context_takeover", "permessage-deflate; client_no_context_takeover"),
+        (
+            "permessage-deflate; client_no_context_takeover; server_no_context_takeover; server_max_window_bits=10;"
+            " client_max_window_bits",
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=10;"
+            " client_max_window_bits=12",
+        ),
+        ("Permessage-Deflate ;  Client_Max_Window_Bits = 11 ", "permessage-deflate; client_max_window_bits=11"),
+        # Several offers: the first acceptable one wins; others are skipped, never fatal.
+        (
+            "x-webkit-deflate-frame, permessage-deflate; client_max_window_bits",
+            "permessage-deflate; client_max_window_bits=12",
+        ),
+        (
+            "permessage-deflate; foo, permessage-deflate; server_no_context_takeover",
+            "permessage-deflate; server_no_context_takeover",
+        ),
+        ("permessage-deflate; server_max_window_bits=7, permessage-deflate", "permessage-deflate"),
+        # Malformed offers are declined.
+        ("permessage-deflate; server_max_window_bits", None),  # a value is required
+        ("permessage-deflate; server_max_window_bits=16", None),
+        ("permessage-deflate; client_max_window_bits=7", None),
+        ("permessage-deflate; client_max_window_bits=09", None),  # no leading zeros
+        ("permessage-deflate; client_max_window_bits=ten", None),
+        ("permessage-deflate; server_no_context_takeover=1", None),  # takes no value
+        ("permessage-deflate; client_no_context_takeover; client_no_context_takeover", None),  # repeated
+        ("permessage-deflate; x_unknown", None),
+        ("permessage-deflate;", None),
+        ("x-webkit-deflate-frame", None),
+        ("", None),
+    ],
+)
+def test_negotiation_follows_rfc_7692(offers, answer):
+    deflate = agree(offers)
+    assert (deflate and deflate.header) == answer
+    if deflate is not None:  # the client reads the answer as the server meant it: each end's
+        client = flask_websockets._client_deflate(answer)  # window fits what the other sends
+        assert client.send_bits <= deflate.receive_bits and deflate.send_bits <= client.receive_bits
+        assert (client.send_takeover, client.receive_takeover) == (deflate.receive_takeover, deflate.send_takeover)
+
+
+def test_negotiation_without_context_takeover_asks_it_of_both_ends():
+    deflate = agree("permessage-deflate; client_max_window_bits", takeover=False)
+    assert deflate.header == (
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover; client_max_window_bits=12"
+    )
+    assert not deflate.send_takeover and not deflate.receive_takeover
+
+
+def deflate_pair(offer="permessage-deflate; client_max_window_bits", server_max_size=1 << 20, **agreement):
+    """A server's and a client's protocol with permessage-deflate agreed between them."""
+    deflate = agree(offer, **agreement)
+    server = _Protocol(max_size=server_max_size, deflate=deflate)
+    client = _Protocol(client=True, max_size=None, deflate=flask_websockets._client_deflate(deflate.header))
+    return server, client
+
+
+def frame_headers(data):
+    """The first byte (FIN, RSV, opcode) and payload length of each frame in ``data``."""
+    out, pos = [], 0
+    while pos < len(data):
+        b0, b1 = data[pos], data[pos + 1]
+        length, pos = b1 & 0x7F, pos + 2
+        if length >= 126:
+            size = 2 if length == 126 else 8
+            length, pos = int.from_bytes(data[pos : pos + size], "big"), pos + size
+        pos += (4 if b1 & 0x80 else 0) + length
+        out.append((b0, length))
+    return out
+
+
+FOX = "the quick brown fox jumps over the lazy dog "
+CHAT = [
+    json.dumps({"user": f"user{i % 7}", "room": "kitchen", "text": FOX * (i % 5 + 1)})
+    for i in range(20)
+]
+
+
+@pytest.mark.parametrize(
+    "offer",
+    [
+        "permessage-deflate",
+        "permessage-deflate; client_max_window_bits",
+        "permessage-deflate; server_max_window_bits=8",  # zlib has no raw 256-byte window: runs only
+        "permessage-deflate; server_max_window_bits=9; client_max_window_bits=9",
+        "permessage-deflate; server_max_window_bits=15",
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+    ],
+)
+def test_what_the_server_compresses_a_plain_zlib_stream_inflates_and_the_other_way(offer):
+    """Against zlib streams that live as long as the connection, as browsers keep them."""
+    server, client = deflate_pair(offer)
+    deflate = server.deflate
+    inflater = zlib.decompressobj(-deflate.send_bits)  # zlib inflates with a 256-byte window
+    for message in CHAT + ["x" * 70_000, os.urandom(3000).hex()]:
+        data = server.message(message)
+        b0, length = frame_headers(data)[0]
+        assert b0 == 0xC1, "FIN, RSV1, text"
+        if not deflate.send_takeover:
+            inflater = zlib.decompressobj(-deflate.send_bits)
+        assert inflater.decompress(data[-length:] + b"\x00\x00\xff\xff").decode() == message
+    # The way back: compressed by a zlib stream with the client's window.
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -deflate.receive_bits)
+    for message in CHAT:
+        if not deflate.receive_takeover:
+            compressor = zlib.compressobj(6, zlib.DEFLATED, -deflate.receive_bits)
+        payload = (compressor.compress(message.encode()) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+        assert events(server, client_frame(TEXT, payload, rsv=0x40)) == [(TEXT, message)]
+
+
+def test_context_takeover_makes_a_repeated_message_small_and_without_it_nothing_carries_over():
+    message = CHAT[3] * 3
+    for takeover, repeated in [(True, lambda first, second: second < first / 5), (False, lambda f, s: s == f)]:
+        server, client = deflate_pair(takeover=takeover)
+        first, second = (frame_headers(server.message(message))[0][1] for _ in range(2))
+        assert repeated(first, second), (takeover, first, second)
+        sent_first, sent_second = client.message(message), client.message(message)
+        assert events(server, sent_first, sent_second) == [(TEXT, message), (TEXT, message)]
+
+
+def test_between_messages_no_zlib_object_is_kept_only_each_ways_window_of_bytes():
+    server, client = deflate_pair()
+    for message in CHAT:
+        events(server, client.message(message * 50))
+        client.receive_data(server.message(message * 50))
+        assert client.next_event() == (TEXT, message * 50)
+    assert server._inflater is None and client._inflater is None
+    assert len(server.deflate._sent) == len(server.deflate._received) == 4096  # client_max_window_bits=12
+    assert set(server.deflate.__slots__) >= {"_sent", "_received"} and not hasattr(server.deflate, "__dict__")
+
+
+@pytest.mark.parametrize("chunking", ["whole", "byte by byte"])
+def test_a_compressed_message_in_fragments_with_control_frames_between(chunking):
+    server, client = deflate_pair()
+    message = " ".join(CHAT)
+    payload = deflated(message)
+    pieces = [payload[i : i + 50] for i in range(0, len(payload), 50)]
+    data = client_frame(TEXT, pieces[0], fin=False, rsv=0x40) + client_frame(PING, b"p")
+    data += b"".join(client_frame(0, piece, fin=False) for piece in pieces[1:-1]) + client_frame(0, pieces[-1])
+    data += client_frame(TEXT, "plain, after it")
+    chunks = [data] if chunking == "whole" else one_byte_at_a_time(data)
+    assert events(server, *chunks) == [(PING, b"p"), (TEXT, message), (TEXT, "plain, after it")]
+
+
+@pytest.mark.parametrize(
+    "frames, code, reason",
+    [
+        ([client_frame(TEXT, b"a", fin=False), client_frame(0, b"b", rsv=0x40)], 1002, "RSV1 set on a frame"),
+        ([client_frame(PING, b"", rsv=0x40)], 1002, "RSV1 set on a frame"),
+        ([client_frame(TEXT, b"a", rsv=0x20)], 1002, "reserved bits"),
+        ([client_frame(TEXT, b"a", rsv=0x60)], 1002, "reserved bits"),
+        ([client_frame(BINARY, b"\xff\xfe not deflate", rsv=0x40)], 1007, "invalid compressed data"),
+        ([client_frame(TEXT, deflated(b"ok \xff\xfe"), rsv=0x40)], 1007, "invalid UTF-8"),
+        # A final block (BFINAL), then bytes after it
+        ([client_frame(TEXT, deflated("ok", final=True) + b"\x00\x00", rsv=0x40)], 1007, "data after the end"),
+    ],
+)
+def test_compressed_frames_that_break_the_rules(frames, code, reason):
+    server, _ = deflate_pair()
+    kind, (got_code, got_reason) = events(server, *frames)[-1]
+    assert kind == flask_websockets._FAILED and got_code == code and got_reason.startswith(reason)
+
+
+def test_a_final_deflate_block_ends_a_message_and_the_next_one_still_refers_to_it():
+    server, _ = deflate_pair()
+    data = deflated("hello hello hello", final=True)  # the sender's stream ends with the message
+    second = zlib.compressobj(6, zlib.DEFLATED, -12, zdict=b"hello hello hello")  # a new one, same window
+    more = second.compress(b"hello hello!") + second.flush(zlib.Z_SYNC_FLUSH)
+    assert events(server, client_frame(TEXT, data, rsv=0x40), client_frame(TEXT, more[:-4], rsv=0x40)) == [
+        (TEXT, "hello hello hello"),
+        (TEXT, "hello hello!"),
+    ]
+
+
+def test_rsv1_without_compression_agreed_is_a_protocol_error():
+    proto = _Protocol()
+    assert events(proto, client_frame(TEXT, deflated("hi"), rsv=0x40)) == [
+        (flask_websockets._FAILED, (1002, "reserved bits set without an extension"))
+    ]
+
+
+def test_a_decompression_bomb_fails_with_1009_having_inflated_no_more_than_the_limit(monkeypatch):
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    bomb = compressor.compress(b"\0" * (64 << 20)) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert len(bomb) < 70_000, "64 MiB of zeros, in 64 KB"
+    inflated = []
+    real = flask_websockets._Deflate.inflater
+    monkeypatch.setattr(flask_websockets._Deflate, "inflater", lambda self: InflaterSpy(real(self), inflated))
+    for fragments in (1, 16):  # in one frame, and in fragments
+        server, _ = deflate_pair("permessage-deflate")
+        size = -(-len(bomb) // fragments)
+        pieces = [bomb[i : i + size] for i in range(0, len(bomb), size)]
+        frames = [client_frame(BINARY if i == 0 else 0, p, fin=i == len(pieces) - 1, rsv=0x40 if i == 0 else 0)
+                  for i, p in enumerate(pieces)]  # fmt: skip
+        tracemalloc.start()
+        try:
+            got = events(server, *frames)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert got == [(flask_websockets._FAILED, (1009, "message over 1048576 bytes"))]
+        assert sum(inflated) <= (1 << 20) + 1, "it stopped at the limit, not at 64 MiB"
+        assert peak < 4 << 20, f"{peak} bytes at the peak"
+        assert parse_server_frames(server.data_to_send()) == [("close", 1009, "message over 1048576 bytes")]
+        inflated.clear()
+
+
+class InflaterSpy:
+    """A zlib decompressor that counts what it inflates."""
+
+    def __init__(self, inflater, counts):
+        self._inflater, self._counts = inflater, counts
+
+    def decompress(self, data, max_length=0):
+        out = self._inflater.decompress(data, max_length)
+        self._counts.append(len(out))
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._inflater, name)
+
+
+def test_a_compressed_message_that_inflates_to_nothing_still_ends_at_the_size_limit_on_the_wire():
+    """Empty stored blocks, forever: nothing is inflated, but the wire bytes count (limit + 1/8)."""
+    server, _ = deflate_pair("permessage-deflate", server_max_size=10_000)
+    empty_blocks = b"\x00\x00\x00\xff\xff" * 200  # 1000 bytes that inflate to nothing
+    frames = [client_frame(BINARY, empty_blocks, fin=False, rsv=0x40)]
+    frames += [client_frame(0, empty_blocks, fin=False) for _ in range(11)]
+    assert events(server, *frames) == [(flask_websockets._FAILED, (1009, "message over 10000 bytes"))]
+
+
+def compressing_app(**config):
+    app, sockets = make_app()
+    app.config.update(WEBSOCKETS_COMPRESSION=True, **config)
+    return app, sockets
+
+
+OFFER = {"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"}
+
+
+def test_compression_is_off_by_default_and_offers_are_then_ignored():
+    app, sockets = make_app()
+    sockets.on_message(lambda message: message)
+    with sockets.test_client(compression=True) as client:
+        assert client.compression is None
+        client.send("x" * 5000)
+        assert client.receive() == "x" * 5000
+    fake = run(app, text("y" * 5000), headers=OFFER)
+    assert fake.answer["extensions"] is None and [b0 for b0, _ in frame_headers(fake.received)][0] == 0x81
+
+
+def test_with_compression_on_long_messages_go_compressed_and_short_ones_as_they_are():
+    app, sockets = compressing_app()
+    sockets.on_message(lambda message: message)
+    big, small = "x" * 1024, "y" * 1023  # WEBSOCKETS_COMPRESSION_MIN_SIZE: 1024
+    fake = connect(app, headers=OFFER)
+    fake.feed(client_frame(TEXT, deflated(big), rsv=0x40))
+    fake.send(small)
+    fake.wait_for(2)
+    assert fake.answer["extensions"] == "permessage-deflate; client_max_window_bits=12"
+    assert [b0 for b0, _ in frame_headers(fake.received)] == [0xC1, 0x81]
+    assert fake.messages == [big, small]
+    fake.end()
+
+
+
+
+def test_the_test_client_negotiates_compression_and_it_works_both_ways():
+    app, sockets = compressing_app(WEBSOCKETS_COMPRESSION_MIN_SIZE=0)
+    seen = []
+
+    @sockets.on_message
+    def echo(message):
+        seen.append(ws.compression)
+        return message
+
+    with sockets.test_client(compression=True) as client:
+        assert client.compression == "permessage-deflate; client_max_window_bits=12"
+        for message in [*CHAT, "", b"\x00" * 200_000, "h\u00e9llo " * 5000]:
+            client.send(message)
+            assert client.receive() == message
+    assert seen[0] == "permessage-deflate; client_max_window_bits=12"
+
+
+def test_compress_false_sends_a_message_as_it_is_from_send_and_broadcast():
+    app, sockets = compressing_app()
+    secret = json.dumps({"csrf": "s3cr3t", "echo": "x" * 2000})
+
+    @sockets.on_message
+    def reply(message):
+        ws.send(secret, compress=False)
+        ws.send(secret)
+        sockets.broadcast(secret, compress=False)
+        sockets.broadcast(secret)
+
+    fake = connect(app, headers=OFFER)
+    fake.send("go")
+    fake.wait_for(4)
+    assert [b0 for b0, _ in frame_headers(fake.received)] == [0x81, 0xC1, 0x81, 0xC1]
+    assert fake.messages == [secret] * 4
+    fake.end()
+
+
+def test_a_broadcast_is_compressed_once_per_window_size_and_every_client_inflates_it(monkeypatch):
+    app, sockets = compressing_app()
+    calls = []
+    real = flask_websockets._compress
+
+    def counting(payload, bits, *args, **kwargs):
+        calls.append(bits)
+        return real(payload, bits, *args, **kwargs)
+
+    monkeypatch.setattr(flask_websockets, "_compress", counting)
+    sockets.on_message(lambda message: message)
+    offers = [OFFER] * 5 + [{"Sec-WebSocket-Extensions": "permessage-deflate; server_max_window_bits=10"}] * 2
+    fakes = [connect(app, headers=offer) for offer in offers] + [connect(app)]  # and one without compression
+    gevent.idle()
+    news = json.dumps({"news": CHAT})
+    for i in range(3):
+        assert sockets.broadcast(f"{i} {news}") == 8
+    assert sorted(calls) == [10, 10, 10, 12, 12, 12], "once per window size, not per connection"
+    for fake in fakes:
+        fake.send("after the broadcasts, " + news)  # replies compressed against what came before
+        fake.wait_for(4)
+        assert fake.messages == [f"{i} {news}" for i in range(3)] + ["after the broadcasts, " + news]
+    assert [b0 for b0, _ in frame_headers(fakes[0].received)] == [0xC1] * 4
+    assert [b0 for b0, _ in frame_headers(fakes[-1].received)] == [0x81] * 4
+    for fake in fakes:
+        fake.end()
+
+
+def test_without_context_takeover_nothing_is_kept_between_messages():
+    app, sockets = compressing_app(WEBSOCKETS_COMPRESSION_CONTEXT_TAKEOVER=False, WEBSOCKETS_COMPRESSION_MIN_SIZE=0)
+    conns = []
+
+    @sockets.on_message
+    def echo(message):
+        conns.append(ws._get_current_object())
+        return message
+
+    with sockets.test_client(compression=True) as client:
+        assert "server_no_context_takeover; client_no_context_takeover" in client.compression
+        for message in CHAT:
+            client.send(message)
+            assert client.receive() == message
+        deflate = conns[0]._proto.deflate
+        assert deflate._sent == deflate._received == b""
+
+
+def test_a_long_compression_lets_other_greenlets_run_between_its_pieces():
+    app, sockets = compressing_app()
+    order = []
+
+    @sockets.on_message
+    def send_big(message):
+        gevent.spawn(order.append, "another greenlet ran")
+        ws.send(b"\x00" * (4 << 20), compress=message == "compressed")
+        order.append("sent")
+
+    expectations = [("compressed", ["another greenlet ran", "sent"]), ("plain", ["sent", "another greenlet ran"])]
+    for how, expected in expectations:
+        order.clear()
+        with sockets.test_client(compression=True) as client:
+            client.send(how)
+            assert client.receive(timeout=5) == b"\x00" * (4 << 20)
+            gevent.sleep(0)
+        assert order == expected, how
+
+
+def test_send_from_another_thread_with_compression():
+    app, sockets = compressing_app()
+    sockets.on_message(lambda message: message)
+    fake = connect(app, headers=OFFER)
+    gevent.idle()
+    conn = sockets.connections[0]
+    big = "z" * 100_000
+    sender = threading.Thread(target=lambda: [conn.send(CHAT[0] * 40), conn.send(big), sockets.broadcast(CHAT[1] * 40)])
+    sender.start()
+    while sender.is_alive():
+        gevent.sleep(0.01)
+    fake.wait_for(3)
+    assert fake.messages == [CHAT[0] * 40, big, CHAT[1] * 40]
+    assert [b0 for b0, _ in frame_headers(fake.received)] == [0xC1] * 3
+    fake.end()
+
+
+# ---------------------------------------------------------------------------
 # Limits and keepalive
 # ---------------------------------------------------------------------------
 
@@ -1781,6 +2198,10 @@ def test_close_and_ping_timeouts_may_be_none():
         ("WEBSOCKETS_ALLOWED_ORIGINS", ["example.com"]),  # no scheme
         ("WEBSOCKETS_MAX_SEND_BUFFER", None),
         ("WEBSOCKETS_SEND_TIMEOUT", 0),
+        ("WEBSOCKETS_COMPRESSION", "yes"),
+        ("WEBSOCKETS_COMPRESSION_MIN_SIZE", -1),
+        ("WEBSOCKETS_COMPRESSION_MIN_SIZE", None),
+        ("WEBSOCKETS_COMPRESSION_CONTEXT_TAKEOVER", 0),
     ],
 )
 def test_bad_settings_are_refused_at_init_app_and_when_a_connection_opens(key, value):
@@ -3059,6 +3480,158 @@ def test_real_server_stop_closes_open_connections_with_1001(server):
     assert events == [1001]
 
 
+class WireTap:
+    """A TCP relay in front of a server that keeps every byte of every connection, each way.
+
+    ``streams`` has one ``[to_server, to_client]`` pair of bytearrays per
+    connection the client made, in the order it made them.
+    """
+
+    def __init__(self, port):
+        self.port_behind = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.streams, self.sockets = [], []
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self):
+        while True:
+            try:
+                downstream, _ = self.listener.accept()
+            except OSError:  # closed: the tap is done
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.port_behind))
+            self.sockets += [downstream, upstream]
+            pair = [bytearray(), bytearray()]
+            self.streams.append(pair)
+            for source, sink, record in ((downstream, upstream, pair[0]), (upstream, downstream, pair[1])):
+                thread = threading.Thread(target=self._pump, args=(source, sink, record), daemon=True)
+                thread.start()
+                self.threads.append(thread)
+
+    @staticmethod
+    def _pump(source, sink, record):
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                record += data
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def websocket(self):
+        """The bytes of the (last) connection upgraded to a websocket, each way, after the handshake."""
+        upgraded = [pair for pair in self.streams if pair[1].startswith(b"HTTP/1.1 101")]
+        assert upgraded, "no websocket went through the tap"
+        to_server, to_client = upgraded[-1]
+        return bytes(to_server.split(b"\r\n\r\n", 1)[1]), bytes(to_client.split(b"\r\n\r\n", 1)[1])
+
+    def close(self):
+        self.listener.close()
+        for sock in self.sockets:  # a browser keeps its connections open
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in self.threads:
+            thread.join(5)
+        for sock in self.sockets:
+            sock.close()
+
+
+@contextlib.contextmanager
+def tapped(port):
+    tap = WireTap(port)
+    try:
+        yield tap
+    finally:
+        tap.close()
+
+
+def data_frames(data):
+    """``(compressed, opcode)`` of each data frame's first frame in ``data``, control frames left out."""
+    return [(bool(b0 & 0x40), b0 & 0x0F) for b0, _ in frame_headers(data) if b0 & 0x0F in (TEXT, BINARY)]
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_real_the_websockets_library_compresses_both_ways_as_the_wire_shows(server):
+    from websockets.sync.client import connect as websockets_connect
+
+    app, sockets = compressing_app()
+    sockets.on_message(lambda message: message)
+    messages = [CHAT[1], "\u00e9" * 600, CHAT[2] * 10, b"\x00\x01" * 100_000, "x" * 600_000]
+    with serving(app, server) as url, tapped(int(url.rsplit(":", 1)[1])) as tap:
+        with websockets_connect(f"ws://127.0.0.1:{tap.port}/", max_size=None, open_timeout=5) as c:
+            agreed = [extension.name for extension in c.protocol.extensions]
+            for message in messages:
+                c.send(message)
+                assert c.recv(timeout=5) == message
+    to_server, to_client = tap.websocket()
+    if server == "gevent-websocket":  # its 101 went out before the app could answer the offer
+        assert agreed == []
+        assert data_frames(to_client) == [(False, TEXT)] * 3 + [(False, BINARY), (False, TEXT)]
+        return
+    assert agreed == ["permessage-deflate"]
+    assert data_frames(to_server) == [(True, TEXT)] * 3 + [(True, BINARY), (True, TEXT)], "it compresses all"
+    # The server leaves messages under 1 KiB as they are.
+    assert data_frames(to_client) == [(False, TEXT), (True, TEXT), (True, TEXT), (True, BINARY), (True, TEXT)]
+    assert len(to_client) < 20_000, "700 KiB of repetitive messages took little room"
+
+
+def offering_websocket(port, offer):
+    """A socket after a handshake that offered ``offer``; and the server's answer to it."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    OPENED.append(sock)
+    head = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nSec-WebSocket-Extensions: {offer}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in HANDSHAKE.items())
+    sock.sendall(head.encode() + b"\r\n")
+    response = b""
+    while b"\r\n\r\n" not in response:
+        response += sock.recv(1)
+    assert response.startswith(b"HTTP/1.1 101"), response
+    answer = re.search(rb"Sec-WebSocket-Extensions: ([^\r]*)", response)
+    return sock, answer and answer.group(1).decode()
+
+
+def test_real_broadcasts_through_redis_are_compressed_where_agreed_and_compress_false_travels(redis_server, tmp_path):
+    compressing = QUEUE_APP.replace("sockets = ", 'app.config["WEBSOCKETS_COMPRESSION"] = True\nsockets = ')
+    with queue_servers(tmp_path, redis_server.url, app=compressing) as (ports, procs):
+        socks = []
+        for port in ports:
+            for offer in (
+                "permessage-deflate; client_max_window_bits",
+                "permessage-deflate; server_max_window_bits=10",
+                "x-nothing",
+            ):
+                sock, answer = offering_websocket(port, offer)
+                sock.sendall(client_frame(TEXT, "PID"))  # once answered, the process reads the queue
+                deflate = answer and flask_websockets._client_deflate(answer)
+                socks.append((sock, _Protocol(client=True, max_size=None, deflate=deflate)))
+        for sock, proto in socks:
+            proto.receive_data(sock.recv(100))
+            assert proto.next_event()[0] == TEXT
+        publisher = flask_websockets.Publisher(redis_server.url)
+        news = json.dumps({"news": CHAT})
+        publisher.broadcast(news)
+        publisher.broadcast("secret " + news, compress=False)
+        post(ports[0], text="from a view " + news)
+        for i, (sock, proto) in enumerate(socks):
+            received, got = b"", []
+            while len(got) < 3:
+                data = sock.recv(65536)
+                assert data, "the server closed"
+                received += data
+                proto.receive_data(data)
+                while (event := proto.next_event()) is not None:
+                    got.append(event[1])
+            compressed = i % 3 != 2  # the third of each process offered nothing it knows
+            flags = [flag for flag, _ in data_frames(received)]
+            assert sorted(zip(got, flags)) == [  # two publishers: each one's order, not one order
+                ("from a view " + news, compressed),
+                ("secret " + news, False),
+                (news, compressed),
+            ]
+        publisher.close()
+
+
 # ---------------------------------------------------------------------------
 # The README's snippets and example.py, run as a user would
 # ---------------------------------------------------------------------------
@@ -3897,9 +4470,9 @@ if __name__ == "__main__":
 
 
 @contextlib.contextmanager
-def queue_servers(tmp_path, url, count=2, patch=False):
+def queue_servers(tmp_path, url, count=2, patch=False, app=QUEUE_APP):
     """``count`` serve() processes of QUEUE_APP sharing the queue at ``url``: yield their ports and processes."""
-    source = QUEUE_APP.replace("QUEUE_URL", url)
+    source = app.replace("QUEUE_URL", url)
     if patch:
         source = "from gevent import monkey\nmonkey.patch_all()\n" + source
     (tmp_path / "qapp.py").write_text(source)
@@ -4272,6 +4845,33 @@ def test_browser_a_2_mib_message_closes_cleanly_with_1009(chromium, tmp_path):
             assert closed == [1009, "message over 1048576 bytes", True], f"attempt {attempt}"
 
 
+
+@pytest.mark.browser
+def test_browser_exchanges_compressed_messages_with_the_example_as_the_wire_shows(chromium, tmp_path):
+    browser, expect = chromium
+    with subprocess_server(["example.py", "--port", "0"], tmp_path) as (port, log), tapped(port) as tap:
+        page = open_example(browser, expect, f"http://127.0.0.1:{tap.port}/")  # the page, through the tap
+        long_text = "the quick brown fox jumps over the lazy dog " * 100
+        replies = page.evaluate(
+            """(long) => new Promise((resolve) => {
+                const ws = new WebSocket(document.getElementById("url").textContent), got = [];
+                ws.onopen = () => { ws.send("short"); ws.send("ECHO " + long); ws.send(new Uint8Array(300000)); };
+                ws.binaryType = "arraybuffer";
+                ws.onmessage = (event) => {
+                    got.push(typeof event.data === "string" ? event.data : event.data.byteLength);
+                    if (got.length === 4) { resolve([ws.extensions, got]); ws.close(); }
+                };
+            })""",
+            long_text,
+        )
+        assert replies == [
+            "permessage-deflate; client_max_window_bits=12",
+            ["welcome, 127.0.0.1", "short", long_text, 300000],
+        ]
+    to_server, to_client = tap.websocket()
+    assert data_frames(to_server) == [(True, TEXT), (True, TEXT), (True, BINARY)], "Chromium compresses all"
+    assert data_frames(to_client) == [(False, TEXT), (False, TEXT), (True, TEXT), (True, BINARY)]
+    assert len(to_server) < 3000 and len(to_client) < 3000, "300 KB of zeros and 4 KB of text took little room"
 
 @pytest.mark.browser
 def test_browser_sees_1001_when_the_server_is_stopped_with_ctrl_c(chromium, tmp_path):

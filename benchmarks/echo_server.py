@@ -2,10 +2,14 @@
 
     python benchmarks/echo_server.py --port 8765              # ws://127.0.0.1:8765/ws
     python benchmarks/echo_server.py --port 9001 --max-message-size 0
+    python benchmarks/echo_server.py --port 9001 --compression --compression-min-size 0
 
 Every message comes back as it came (text as text, binary as binary) through
 an ordinary catch-all handler, served by gevent's pywsgi with
 gevent-websocket's handler, like the reference servers in ../shared/bench.
+`--compression` turns permessage-deflate on (WEBSOCKETS_COMPRESSION) and
+implies `--handler flask_websockets`: gevent-websocket's handler answers the
+handshake before the app sees it, so it cannot negotiate an extension.
 """
 from gevent import monkey
 
@@ -49,7 +53,21 @@ def main():
         default="gevent-websocket",
         help="the pywsgi handler: gevent-websocket's own (as the reference servers use), or flask_websockets'",
     )
+    parser.add_argument("--compression", action="store_true", help="WEBSOCKETS_COMPRESSION = True (our handler)")
+    parser.add_argument(
+        "--compression-min-size", type=int, default=None, help="WEBSOCKETS_COMPRESSION_MIN_SIZE in bytes"
+    )
+    parser.add_argument(
+        "--no-context-takeover", action="store_true", help="WEBSOCKETS_COMPRESSION_CONTEXT_TAKEOVER = False"
+    )
     args = parser.parse_args()
+    if args.compression:
+        args.handler = "flask_websockets"
+        app.config["WEBSOCKETS_COMPRESSION"] = True
+        if args.compression_min_size is not None:
+            app.config["WEBSOCKETS_COMPRESSION_MIN_SIZE"] = args.compression_min_size
+        if args.no_context_takeover:
+            app.config["WEBSOCKETS_COMPRESSION_CONTEXT_TAKEOVER"] = False
     if args.max_message_size is not None:
         app.config["WEBSOCKETS_MAX_MESSAGE_SIZE"] = args.max_message_size or None
     import flask_websockets
@@ -59,7 +77,7 @@ def main():
     accelerated = flask_websockets._unmask is not flask_websockets._unmask_python
     print(
         f"flask_websockets echo on ws://{args.host}:{args.port}/ws, {args.handler}'s handler, unmasking with"
-        f" {'wsaccel' if accelerated else 'pure Python'}",
+        f" {'wsaccel' if accelerated else 'pure Python'}, compression {'on' if args.compression else 'off'}",
         file=sys.stderr,
         flush=True,
     )
