@@ -3857,6 +3857,25 @@ def test_readme_slow_clients(tmp_path):
         c.close()
 
 
+def test_readme_compression(tmp_path):
+    """The websockets library offers compression as browsers do; the wire shows what went compressed."""
+    from websockets.sync.client import connect as websockets_connect
+
+    with serve_snippet("compression", tmp_path) as (port, log), tapped(port) as tap:
+        with websockets_connect(f"ws://127.0.0.1:{tap.port}/", open_timeout=5) as c:
+            assert c.response.headers["Sec-WebSocket-Extensions"] == "permessage-deflate; client_max_window_bits=12"
+            c.send("HISTORY")
+            history = c.recv(timeout=5)
+            c.send("SEARCH cats")
+            search = c.recv(timeout=5)
+    assert json.loads(history)["messages"][99] == {"user": "bob", "text": "message 99"}
+    assert json.loads(search) == {"query": "cats", "csrf": ""}
+    to_client = [(b0 & 0x40 != 0, length) for b0, length in frame_headers(tap.websocket()[1]) if b0 & 0x0F == TEXT]
+    (history_compressed, history_size), (search_compressed, search_size) = to_client
+    assert history_compressed and 3000 < len(history.encode()) and history_size < len(history.encode()) / 10
+    assert not search_compressed and search_size == len(search.encode())
+
+
 def readme_block(name, language):
     """A README block of another language, by its ``.. snippet:`` name."""
     readme = (HERE / "README.rst").read_text(encoding="utf-8")
