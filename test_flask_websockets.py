@@ -3637,12 +3637,22 @@ def test_real_broadcasts_through_redis_are_compressed_where_agreed_and_compress_
 # ---------------------------------------------------------------------------
 
 
+def documents():
+    """The README and every page of the documentation site, as text."""
+    return [HERE / "README.rst", *sorted((HERE / "docs").glob("*.rst"))]
+
+
 def readme_snippets():
-    """Every Python block of the README, by the name in its ``.. snippet:`` comment."""
-    readme = (HERE / "README.rst").read_text(encoding="utf-8")
-    found = re.findall(r"^\.\. snippet: (\S+)\n\n\.\. code-block:: python\n\n((?:    .*\n|\n)+)", readme, re.M)
-    assert len(found) == readme.count(".. code-block:: python"), "every Python block needs a snippet name"
-    return {name: "".join(line[4:] + "\n" for line in body.splitlines()) for name, body in found}
+    """Every Python block of the README and the docs, by the name in its ``.. snippet:`` comment."""
+    snippets = {}
+    for path in documents():
+        text = path.read_text(encoding="utf-8")
+        found = re.findall(r"^\.\. snippet: (\S+)\n\n\.\. code-block:: python\n\n((?:    .*\n|\n)+)", text, re.M)
+        assert len(found) == text.count(".. code-block:: python"), f"{path.name}: every Python block needs a name"
+        for name, body in found:
+            code = "".join(line[4:] + "\n" for line in body.splitlines())
+            assert snippets.setdefault(name, code) == code, f"snippet {name} differs between pages"
+    return snippets
 
 
 SERVE_SNIPPET = """\
@@ -3877,10 +3887,11 @@ def test_readme_compression(tmp_path):
 
 
 def readme_block(name, language):
-    """A README block of another language, by its ``.. snippet:`` name."""
-    readme = (HERE / "README.rst").read_text(encoding="utf-8")
-    body = re.search(rf"^\.\. snippet: {name}\n\n\.\. code-block:: {language}\n\n((?:    .*\n|\n)+)", readme, re.M)
-    return "".join(line[4:] + "\n" for line in body.group(1).splitlines())
+    """A block of another language in the README or the docs, by its ``.. snippet:`` name."""
+    pattern = rf"^\.\. snippet: {name}\n\n\.\. code-block:: {language}\n\n((?:    .*\n|\n)+)"
+    bodies = {m.group(1) for path in documents() for m in re.finditer(pattern, path.read_text(encoding="utf-8"), re.M)}
+    assert len(bodies) == 1, f"snippet {name}: {len(bodies)} versions"
+    return "".join(line[4:] + "\n" for line in bodies.pop().splitlines())
 
 
 @contextlib.contextmanager
