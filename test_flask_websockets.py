@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import http.client
+import inspect
 import io
 import json
 import logging
@@ -25,6 +26,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import tracemalloc
@@ -38,6 +40,7 @@ from pathlib import Path
 import gevent
 import gevent.event
 import gevent.pool
+import flask
 import gevent.socket
 import pytest
 import trustme
@@ -4913,3 +4916,333 @@ def test_browser_sees_1001_when_the_server_is_stopped_with_ctrl_c(chromium, tmp_
         expect(page.locator("#state")).to_have_text("closed (code 1001, server shutting down)")
         assert proc.wait(5) == 0
         assert "Traceback" not in proc.stderr.read()
+
+
+# ---------------------------------------------------------------------------
+# The docstring examples: they are the API reference's, so each one runs
+# ---------------------------------------------------------------------------
+
+
+def docstring_examples():
+    """Every ``::`` example block of a public docstring, by (public name, index)."""
+    found = {}
+    for name in flask_websockets.__all__:
+        if name == "ws":  # a proxy: its documentation is in the module's reference
+            continue
+        obj = getattr(flask_websockets, name)
+        members = [(name, obj)]
+        if inspect.isclass(obj):
+            members += [(f"{name}.{k}", v) for k, v in vars(obj).items() if not k.startswith("_") or k == "__init__"]
+        for qualname, member in members:
+            doc = inspect.getdoc(member.fget if isinstance(member, property) else member) or ""
+            for index, body in enumerate(re.findall(r"::\n\n((?:    .*\n|\n)+)", doc + "\n")):
+                found[(qualname, index)] = textwrap.dedent(body)
+    return found
+
+
+def example_app(**config):
+    app = Flask(__name__)
+    app.config.update(SECRET_KEY="docs", **config)
+
+    @app.route("/login/<user>/<int:user_id>")
+    def login(user, user_id):
+        session.update(user=user, user_id=user_id)
+        return ""
+
+    return app
+
+
+def run_example(code, app=None, **names):
+    """Execute an example as a user's module would, with the names it assumes imported."""
+    namespace = {"__name__": "example", "json": json, "re": re, "pytest": pytest, "flask_websockets": flask_websockets}
+    flask_names = ("Flask", "jsonify", "session", "request", "abort", "flash")
+    namespace.update({name: getattr(flask, name) for name in flask_names})
+    namespace.update({name: getattr(flask_websockets, name) for name in flask_websockets.__all__})
+    if app is not None:
+        namespace["app"] = app
+    namespace.update(names)
+    exec(compile(code, "<docstring example>", "exec"), namespace)
+    return namespace
+
+
+def with_sockets(**config):
+    app = example_app(**config)
+    return app, WebSockets(app)
+
+
+def logged_in(app, user="bob", user_id=1):
+    http = app.test_client()
+    http.get(f"/login/{user}/{user_id}")
+    return http
+
+
+def check_init_app(code):
+    ns = run_example(code)
+    ns["create_app"]()
+    ns["sockets"].on_message(lambda message: message)
+    with ns["sockets"].test_client() as client:
+        client.send("hi")
+        assert client.receive() == "hi"
+
+
+def check_subprotocols(code):
+    ns = run_example(code, example_app())
+    with ns["sockets"].test_client(headers={"Sec-WebSocket-Protocol": "chat.v0, chat.v1"}) as client:
+        assert client.subprotocol == "chat.v1"
+
+
+def check_echo(code):
+    app, sockets = with_sockets()
+    run_example(code, app, sockets=sockets)
+    with sockets.test_client() as client:
+        client.send("hi")
+        assert client.receive() == "hi"
+
+
+def check_patterns(code):
+    app, sockets = with_sockets()
+    stored = []
+    run_example(code, app, sockets=sockets, store=stored.append)
+    with sockets.test_client() as client:
+        client.send("ECHO two\nlines")
+        assert client.receive() == "two\nlines"
+        client.send(b"\x89PNG\r\n")
+        client.send("ECHO done")
+        assert client.receive() == "done"
+    assert stored == [b"\x89PNG\r\n"]
+
+
+def check_errorhandler(code):
+    app, sockets = with_sockets()
+    run_example(code, app, sockets=sockets)
+
+    @sockets.on_message
+    def fail(message):
+        raise {"value": ValueError("not a number"), "permission": PermissionError()}[message]
+
+    with sockets.test_client() as client:
+        client.send("value")
+        assert client.receive() == '{"error":"not a number"}\n'
+        client.send("permission")
+        with pytest.raises(ConnectionClosed):
+            client.receive()
+        assert (client.close_code, client.close_reason) == (1008, "forbidden")
+
+
+def check_before_connect(code):
+    app, sockets = with_sockets()
+    run_example(code, app, sockets=sockets)
+    with pytest.raises(HandshakeRefused) as refused:
+        sockets.test_client()
+    assert refused.value.status_code == 401
+    with sockets.test_client(http_client=logged_in(app)) as client:
+        assert not client.closed
+
+
+def check_on_open(code):
+    app, sockets = with_sockets()
+    run_example(code, app, sockets=sockets)
+    with sockets.test_client() as client:
+        assert client.receive() == "hello 127.0.0.1"
+
+
+def check_on_close(code):
+    app, sockets = with_sockets()
+    run_example(code, app, sockets=sockets)
+    with sockets.test_client() as staying:
+        with sockets.test_client():
+            pass
+        assert staying.receive() == "127.0.0.1 left (1000)"
+
+
+def check_kick(code):
+    app, sockets = with_sockets()
+    run_example(code, app, sockets=sockets)
+    with sockets.test_client(http_client=logged_in(app, "bob")) as bob, sockets.test_client() as other:
+        assert app.test_client().post("/kick/bob").status_code == 200
+        with pytest.raises(ConnectionClosed):
+            bob.receive()
+        assert (bob.close_code, bob.close_reason, other.closed) == (4000, "kicked", False)
+
+
+def check_broadcast(code):
+    app, sockets = with_sockets()
+
+    @sockets.on_open
+    def enter():
+        ws.state["room"] = "kitchen"
+        ws.join("kitchen")
+
+    run_example(code, app, sockets=sockets)
+    with sockets.test_client(http_client=logged_in(app, "bob", 7)) as bob, sockets.test_client() as ann:
+        bob.send("dinner")
+        assert ann.receive() == "dinner"
+        answer = app.test_client().post("/notify/7", data={"text": "for bob"})
+        assert answer.get_data(as_text=True) == "sent to 1 of the user's tabs"
+        assert bob.receive() == "for bob", "the sender was skipped: the next message is the notice"
+
+
+def check_test_client_example(code):
+    app, sockets = with_sockets()
+    sockets.on_open(lambda: ws.send(f"hello {request.args['name']}"))
+    run_example(code, app, sockets=sockets)["test_greeting"]()
+
+
+def check_state(code):
+    app, sockets = with_sockets()
+    run_example(code, app, sockets=sockets)  # registers JOIN; its broadcast finds nobody yet
+    sockets.on_message("^PING$")(lambda message: "PONG")
+    with sockets.test_client() as client:
+        client.send("JOIN kitchen")
+        client.send("JOIN garden")
+        client.send("JOIN kitchen")
+        client.send("PING")
+        assert client.receive() == "PONG", "the JOINs before it were handled"
+        run_example(code.split("\n\n")[-1], app, sockets=sockets)  # the broadcast line, now
+        assert client.receive() == "hi"
+
+
+def check_join(code):
+    app, sockets = with_sockets()
+    run_example(code, app, sockets=sockets)
+    with sockets.test_client(http_client=logged_in(app, "bob")) as bob:
+        bob.send("JOIN kitchen")
+        assert bob.receive() == "bob is here"
+        assert sockets.broadcast("hello", room="kitchen") == 1
+
+
+def in_handler(code, **names):
+    """A test client whose every message runs ``code`` in a message handler."""
+    app, sockets = with_sockets()
+
+    @sockets.on_message
+    def handler(message):
+        run_example(code, app, sockets=sockets, ws=ws, message=message, **names)
+
+    return sockets.test_client()
+
+
+def check_send(code):
+    with in_handler(code) as client:
+        client.send("go")
+        assert [client.receive(), client.receive()] == ["step 1 of 3 done", '{"progress":0.33}\n']
+
+
+def check_send_secret(code):
+    app, sockets = with_sockets(WEBSOCKETS_COMPRESSION=True)
+    sockets.on_message(lambda message: run_example(code, app, ws=ws, message=message, token="s3cr3t") and None)
+    with sockets.test_client(compression=True) as client:
+        client.send("x" * 2000)
+        assert json.loads(client.receive()) == {"csrf": "s3cr3t", "echo": "x" * 2000}
+
+
+def check_close(code):
+    app, sockets = with_sockets()
+    run_example(code, app, sockets=sockets)
+    with sockets.test_client() as client:
+        client.send("QUIT")
+        with pytest.raises(ConnectionClosed):
+            client.receive()
+        assert (client.close_code, client.close_reason) == (1000, "bye")
+
+
+def check_server_example(code, port, tmp_path):
+    """A server example run as a program: it answers a websocket on its port."""
+    free = free_port()
+    script = "from flask import Flask\nimport flask_websockets\nfrom flask_websockets import WebSockets\n"
+    script += "app = Flask(__name__)\nWebSockets(app).on_message(lambda message: message.upper())\n"
+    (tmp_path / "example.py").write_text(script + code.replace(str(port), str(free)))
+    proc = subprocess.Popen([sys.executable, "example.py"], cwd=tmp_path, env=SUBPROCESS_ENV, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                c = client(f"ws://127.0.0.1:{free}/")
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "the example did not serve"
+                time.sleep(0.1)
+        c.send("hi")
+        assert c.recv() == "HI"
+        c.close()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+
+
+def check_echo_test(code):
+    app, sockets = with_sockets()
+    sockets.on_message(lambda message: message)
+    run_example(code, app, sockets=sockets)["test_echo"]()
+
+
+def check_refused(code):
+    app, sockets = with_sockets()
+    sockets.before_connect(lambda: abort(401))
+    run_example(code, app, sockets=sockets)
+
+
+def check_has_socket_context(code):
+    app, sockets = with_sockets()
+    notify = run_example(code, app)["notify"]
+    sockets.on_message(lambda message: notify(message))
+
+    @app.route("/notify")
+    def view():
+        notify("from a view")
+        return repr(flask.get_flashed_messages())
+
+    with sockets.test_client() as client:
+        client.send("from a handler")
+        assert client.receive() == "from a handler"
+    assert app.test_client().get("/notify").get_data(as_text=True) == "['from a view']"
+
+
+DOCSTRING_CHECKS = {
+    ("WebSockets", 0): check_init_app,
+    ("WebSockets", 1): check_subprotocols,
+    ("WebSockets.on_message", 0): check_echo,
+    ("WebSockets.on_message", 1): check_patterns,
+    ("WebSockets.errorhandler", 0): check_errorhandler,
+    ("WebSockets.before_connect", 0): check_before_connect,
+    ("WebSockets.on_open", 0): check_on_open,
+    ("WebSockets.on_close", 0): check_on_close,
+    ("WebSockets.connections", 0): check_kick,
+    ("WebSockets.broadcast", 0): check_broadcast,
+    ("WebSockets.test_client", 0): check_test_client_example,
+    ("Connection.state", 0): check_state,
+    ("Connection.join", 0): check_join,
+    ("Connection.send", 0): check_send,
+    ("Connection.send", 1): check_send_secret,
+    ("Connection.close", 0): check_close,
+    ("WebSocketHandler", 0): lambda code, tmp_path: check_server_example(code, 5000, tmp_path),
+    ("serve", 0): lambda code, tmp_path: check_server_example(
+        code.replace('if __name__ == "__main__":\n    ', ""), 8000, tmp_path
+    ),
+    ("WebSocketTestClient", 0): check_echo_test,
+    ("HandshakeRefused", 0): check_refused,
+    ("has_socket_context", 0): check_has_socket_context,
+}
+
+
+def test_every_docstring_example_is_checked():
+    with_redis = {("WebSockets", 2), ("Publisher", 0)}  # below
+    assert set(docstring_examples()) == set(DOCSTRING_CHECKS) | with_redis
+
+
+@pytest.mark.parametrize("key", sorted(DOCSTRING_CHECKS), ids=lambda key: f"{key[0]}-{key[1]}")
+def test_docstring_example(key, tmp_path):
+    code, check = docstring_examples()[key], DOCSTRING_CHECKS[key]
+    check(code, tmp_path) if "tmp_path" in inspect.signature(check).parameters else check(code)
+
+
+def test_docstring_examples_of_the_message_queue(redis_server):
+    """``WebSockets(app, message_queue=...)``, then a ``Publisher`` reaches its connections through Redis."""
+    examples = docstring_examples()
+    local = "redis://localhost:6379/0"
+    sockets = run_example(examples[("WebSockets", 2)].replace(local, redis_server.url), example_app())["sockets"]
+    sockets.on_open(lambda: ws.join("kitchen"))
+    with sockets.test_client() as client:
+        run_example(examples[("Publisher", 0)].replace(local, redis_server.url))["news"].close()
+        received = [client.receive(timeout=10), client.receive(timeout=10)]
+        assert received == ["the servers restart at 2:00", b"\x89PNG..."]
