@@ -1085,7 +1085,7 @@ class Connection:
         ``WEBSOCKETS_COMPRESSION_MIN_SIZE`` bytes or more is compressed.
         ``compress=False`` sends it as it is: do so for a message that
         carries a secret next to text an attacker chose, which compression
-        would let them guess from its size (see the README, Compression)::
+        would let them guess from its size (see Compression in the documentation)::
 
             ws.send(json.dumps({"csrf": token, "echo": message}), compress=False)
         """
@@ -1659,7 +1659,7 @@ class WebSocketHandler(_GeventWebSocketHandler):
     say): ``WebSocketHandler.handshake_timeout = 20``.
     """
 
-    #: Seconds a connection may take to send its request line and headers; ``None``: no limit.
+    #: Seconds a connection may take to send its request line and headers (``None`` for no limit).
     handshake_timeout: float | None = 10.0
     #: Bytes of request line and headers a request may have.
     max_handshake_size: int = 64 * 1024

@@ -34,6 +34,8 @@ setup(
             "websockets>=13",  # a real client that offers permessage-deflate, as browsers do
         ],
         "redis": ["redis>=4.5"],  # the message queue (WEBSOCKETS_MESSAGE_QUEUE, Publisher)
+        # The documentation site: python -m sphinx -W -b html docs docs/_build/html (Python 3.10+)
+        "docs": ["sphinx>=7.3", "pallets-sphinx-themes>=2.5"],
     },
     classifiers=[
         "Framework :: Flask",

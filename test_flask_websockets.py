@@ -3653,7 +3653,7 @@ def readme_snippets():
         found = re.findall(r"^\.\. snippet: (\S+)\n\n\.\. code-block:: python\n\n((?:    .*\n|\n)+)", text, re.M)
         assert len(found) == text.count(".. code-block:: python"), f"{path.name}: every Python block needs a name"
         for name, body in found:
-            code = "".join(line[4:] + "\n" for line in body.splitlines())
+            code = "".join(line[4:] + "\n" for line in body.splitlines()).rstrip("\n") + "\n"
             assert snippets.setdefault(name, code) == code, f"snippet {name} differs between pages"
     return snippets
 
@@ -3892,7 +3892,8 @@ def test_readme_compression(tmp_path):
 def readme_block(name, language):
     """A block of another language in the README or the docs, by its ``.. snippet:`` name."""
     pattern = rf"^\.\. snippet: {name}\n\n\.\. code-block:: {language}\n\n((?:    .*\n|\n)+)"
-    bodies = {m.group(1) for path in documents() for m in re.finditer(pattern, path.read_text(encoding="utf-8"), re.M)}
+    texts = [path.read_text(encoding="utf-8") for path in documents()]
+    bodies = {m.group(1).rstrip("\n") for text in texts for m in re.finditer(pattern, text, re.M)}
     assert len(bodies) == 1, f"snippet {name}: {len(bodies)} versions"
     return "".join(line[4:] + "\n" for line in bodies.pop().splitlines())
 
@@ -4778,7 +4779,8 @@ def missing(what, kind="browser"):
     """Skip a test for lack of ``what``; where it must run, fail it.
 
     ``FLASK_WEBSOCKETS_REQUIRE`` lists the kinds that must run, as CI does:
-    ``browser`` (chromium and playwright), ``nginx``, ``redis`` (redis-server).
+    ``browser`` (chromium and playwright), ``nginx``, ``redis`` (redis-server),
+    ``docs`` (sphinx and the Pallets theme, to build the site).
     """
     message = f"{kind} tests need {what}"
     if kind in os.environ.get("FLASK_WEBSOCKETS_REQUIRE", "").split(","):
@@ -5246,3 +5248,91 @@ def test_docstring_examples_of_the_message_queue(redis_server):
         run_example(examples[("Publisher", 0)].replace(local, redis_server.url))["news"].close()
         received = [client.receive(timeout=10), client.receive(timeout=10)]
         assert received == ["the servers restart at 2:00", b"\x89PNG..."]
+
+
+# ---------------------------------------------------------------------------
+# The documentation site: built with warnings as errors, read in Chromium
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def built_docs(tmp_path_factory):
+    """The Sphinx site, built from docs/ with -W: the directory of its HTML."""
+    if sys.version_info < (3, 10):
+        pytest.skip("the docs build needs Python 3.10 or newer (the Pallets theme does)")
+    try:
+        import pallets_sphinx_themes  # noqa: F401
+        import sphinx  # noqa: F401
+    except ImportError:
+        missing("sphinx and pallets-sphinx-themes: python -m pip install -e '.[docs]'", kind="docs")
+    out = tmp_path_factory.mktemp("docs") / "html"
+    build = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", "docs", str(out)],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, f"sphinx -W failed:\n{build.stdout}{build.stderr}"
+    return out
+
+
+def page_text(path):
+    """A built page as the reader sees it: tags gone, entities decoded, spaces collapsed."""
+    import html
+
+    text = re.sub(r"<[^>]+>", "", path.read_text(encoding="utf-8"))
+    return " ".join(html.unescape(text).split())
+
+
+def test_docs_api_page_has_every_public_name_with_its_examples_and_no_private_one(built_docs):
+    api = (built_docs / "api.html").read_text(encoding="utf-8")
+    for name in flask_websockets.__all__:
+        assert f'id="flask_websockets.{name}"' in api, name
+    assert 'id="flask_websockets._' not in api and not re.search(r'id="flask_websockets\.\w+\._', api)
+    text = page_text(built_docs / "api.html")
+    for key, code in docstring_examples().items():
+        for line in code.splitlines():
+            assert " ".join(line.split()) in text, f"{key}: {line!r} is not on the API page"
+    assert "flask_websockets.ws: Connection" in text, "ws is documented, as a Connection"
+    assert text.count("Working outside of websocket context") == 1, "only where ws's text says so: never evaluated"
+
+
+def test_docs_pages_render_every_snippet(built_docs):
+    """What the tests run is what a reader of the site sees."""
+    shown = " ".join(page_text(path) for path in built_docs.glob("*.html"))
+    for name, code in readme_snippets().items():
+        for line in code.splitlines():
+            assert " ".join(line.split()) in shown, f"snippet {name}: {line!r} is not on the site"
+
+
+@pytest.mark.browser
+def test_browser_reads_the_docs_index_and_api_with_no_broken_internal_link(chromium, built_docs):
+    browser, expect = chromium
+    page = browser.new_context(viewport={"width": 1100, "height": 900}).new_page()
+    ids_of = {}
+
+    def ids(path):
+        if path not in ids_of:
+            page.goto(path.as_uri())
+            ids_of[path] = set(page.evaluate("() => [...document.querySelectorAll('[id]')].map(e => e.id)"))
+        return ids_of[path]
+
+    checked = 0
+    for start in ("index.html", "api.html"):
+        page.goto((built_docs / start).as_uri())
+        expect(page.locator("h1")).to_be_visible()
+        links = page.evaluate("() => [...document.querySelectorAll('a[href]')].map(a => a.href)")
+        for link in links:
+            if not link.startswith("file://"):
+                continue  # external: flask.palletsprojects.com and the like, not fetched here
+            target, _, fragment = urllib.parse.unquote(link[len("file://") :]).partition("#")
+            target = Path(target)
+            assert target.is_file(), f"{start}: {link} points to no file"
+            assert not fragment or fragment in ids(target), f"{start}: {link} points to no element"
+            checked += 1
+    assert checked > 50
+    page.goto((built_docs / "quickstart.html").as_uri())
+    expect(page.locator("h1")).to_have_text("Quickstart¶")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "docs-quickstart.png"), full_page=True)

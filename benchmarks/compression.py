@@ -91,8 +91,13 @@ def corpus(count, seed=1, low=100, high=10 * 1024):
             text = json.dumps(page, separators=(",", ":"))
             if len(text) >= target:
                 break
-        if len(page["messages"]) == 1:  # a single message: send it bare, cut to size
+        if len(page["messages"]) == 1:  # one message is enough: send it bare
             text = json.dumps(page["messages"][0], separators=(",", ":"))
+            if len(text) > target:  # shorter than a full message: a chat line, as long as asked
+                line = {"type": "message", "user": rng.choice(NAMES), "text": ""}
+                while len(json.dumps(line, separators=(",", ":"))) < target:
+                    line["text"] = (line["text"] + " " + rng.choice(WORDS)).strip()
+                text = json.dumps(line, separators=(",", ":"))
         messages.append(text)
     return messages
 
