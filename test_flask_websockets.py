@@ -3807,15 +3807,22 @@ def test_readme_chat_goes_on_while_a_client_reads_nothing(tmp_path):
         chatters = [client(f"{url}?name={name}") for name in ("ann", "bob", "cid")]
         heard = {name: [] for name in ("ann", "bob", "cid")}
         text = "x" * 12_000  # 3 x 200 of them: 7.2 MB for the slow client: TCP holds ~3 MB, the server 1 MiB
+        own = {name: 0 for name in heard}  # how many of its own messages each chatter has heard back
+        progress = threading.Condition()
 
         def listen(name, conn):
             while len([m for m in heard[name] if text in m]) < 600:
-                heard[name].append(conn.recv())
+                message = conn.recv()
+                with progress:
+                    heard[name].append(message)
+                    own[name] += message.startswith(f"{name}: ")
+                    progress.notify_all()
 
         def talk(name, conn):
             for i in range(200):
                 conn.send(f"{i} {text}")
-                time.sleep(0.002)  # people type: readers keep up, the slow one falls behind
+                with progress:  # people wait to see their line: readers keep up, the slow one falls behind
+                    assert progress.wait_for(lambda i=i: own[name] > i, timeout=20), f"{name} never heard line {i}"
 
         threads = [threading.Thread(target=f, args=(n, c)) for f in (listen, talk) for n, c in zip(heard, chatters)]
         for thread in threads:

@@ -123,7 +123,8 @@ class Connection:
 
         def serve():
             try:
-                list(echo_app(environ(lambda subprotocol: (server, io.BytesIO())), ignore))
+                # (subprotocol, extensions): the extensions argument is new with compression
+                list(echo_app(environ(lambda subprotocol, extensions=None: (server, io.BytesIO())), ignore))
             finally:
                 server.close()
 
@@ -136,8 +137,8 @@ class Connection:
     def close(self):
         self.client.sendall(CLOSE)
         read_exactly(self.client, 4, self.buffer)  # the close frame's answer
+        self.client.close()  # as a client does after the closing handshake: the server waits for it
         self.server.join()
-        self.client.close()
 
 
 TEXT_32 = client_frame(0x1, b"x" * 32)
