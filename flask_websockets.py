@@ -35,6 +35,7 @@ the RFC 6455 protocol core, which knows nothing of Flask, gevent or sockets.
 """
 from __future__ import annotations
 
+import atexit
 import base64
 import binascii
 import codecs
@@ -2019,8 +2020,32 @@ class _MessageQueue:
         self._loop = gevent.get_hub().loop if gevent.getcurrent().parent is not None else None
         self._delivered = _thread_lock()  # released by the loop once a batch is delivered
         self._delivered.acquire()
-        _start_thread(self._write_forever, ())
-        _start_thread(self._read_forever, ())
+        self._stopping = False
+        self._running = [_thread_lock(), _thread_lock()]  # each held while its thread runs
+        for running, loop in zip(self._running, (self._write_forever, self._read_forever)):
+            running.acquire()
+            _start_thread(self._run_thread, (loop, running))
+        atexit.register(self._stop)
+
+    def _run_thread(self, loop: Callable[[], None], running: Any) -> None:
+        try:
+            loop()
+        finally:
+            running.release()
+
+    def _stop(self) -> None:
+        """At exit, let both threads end their turn: one still running while the interpreter
+        is torn down can crash it (seen with gevent 23.9). Redis keeps what was not read."""
+        if os.getpid() != self.pid:  # a forked child's copy: its threads never ran here
+            return
+        self._stopping = True
+        try:
+            self._work.release()
+        except RuntimeError:  # released already
+            pass
+        for running in self._running:
+            if running.acquire(timeout=1.0):
+                running.release()
 
     def publish(self, room: str | None, opcode: int, payload: bytes, compress: bool = True) -> None:
         """Hand a broadcast over to the writer thread; never blocks."""
@@ -2041,7 +2066,7 @@ class _MessageQueue:
 
     def _write_forever(self) -> None:
         redis, backoff = None, 0.1
-        while True:
+        while not self._stopping or self._outbox:
             self._work.acquire(timeout=1.0)
             if not self._outbox:
                 continue
@@ -2054,6 +2079,8 @@ class _MessageQueue:
                 pipeline.execute()
             except Exception as error:  # noqa: BLE001 - whatever Redis does, retry later
                 self._outbox.extendleft(reversed(batch))  # in order, before what came since
+                if self._stopping:  # the process is exiting: no later to retry in
+                    break
                 self._outage("writer", error)
                 redis, backoff = None, min(backoff * 2, 2.0)
                 _sleep(backoff)
@@ -2065,7 +2092,7 @@ class _MessageQueue:
         redis, backoff, offset = None, 0.1, 0.0
         last: dict[str, bytes] = {}  # stream -> the last entry read
         seen: dict[tuple[str, bytes], int] = {}  # (stream, publisher) -> its last sequence delivered
-        while True:
+        while not self._stopping:
             try:
                 if redis is None:
                     redis = _redis_client(self._url)
