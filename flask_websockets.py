@@ -1303,13 +1303,8 @@ class Connection:
                 self._loop.run_callback_threadsafe(self._offer, frame, sent)
                 return True
             return self._send_from_thread(self._send_frame, frame, wait, sent)
-        if self.closed:
-            raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
-        if self._out is not None and self._out_size + len(frame) > self._settings.max_send_buffer:
-            if not wait or gevent.getcurrent() is self._hub:
-                self._too_slow()
-                return False
-            self._wait_for_room(len(frame))
+        if not self._make_room(len(frame), wait):
+            return False
         if sent is not None:
             self._proto.deflate.sent(sent)  # type: ignore[union-attr]
         self._write(frame)
@@ -1319,11 +1314,24 @@ class Connection:
         """Compress a message after those before it, and send it: nothing may go out in between."""
         if self._thread is not None and _get_ident() != self._thread:
             return self._send_from_thread(self._send_compressed, opcode, payload)
+        if not self._make_room(len(payload), wait=True):  # its compressed size is not known yet
+            return False
+        self._write(_frame(_RSV1 | opcode, self._proto.deflate.compress(payload)))  # type: ignore[union-attr]
+        return True
+
+    def _make_room(self, size: int, wait: bool) -> bool:
+        """Whether ``size`` more bytes fit the send buffer of this open connection.
+
+        When they do not, ``wait`` waits for room (in a greenlet); otherwise,
+        or in the event loop, the client is closed as too slow.
+        """
         if self.closed:
             raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
-        if self._out is not None and self._out_size + len(payload) > self._settings.max_send_buffer:
-            self._wait_for_room(len(payload))  # its compressed size is not known yet
-        self._write(_frame(_RSV1 | opcode, self._proto.deflate.compress(payload)))  # type: ignore[union-attr]
+        if self._out is not None and self._out_size + size > self._settings.max_send_buffer:
+            if not wait or gevent.getcurrent() is self._hub:
+                self._too_slow()
+                return False
+            self._wait_for_room(size)
         return True
 
     def _write(self, data: bytes) -> None:
@@ -2081,9 +2089,7 @@ class _MessageQueue:
                 self._outbox.extendleft(reversed(batch))  # in order, before what came since
                 if self._stopping:  # the process is exiting: no later to retry in
                     break
-                self._outage("writer", error)
-                redis, backoff = None, min(backoff * 2, 2.0)
-                _sleep(backoff)
+                redis, backoff = None, self._retry_later("writer", error, backoff)
                 continue
             self._recovered("writer")
             backoff = 0.1
@@ -2101,9 +2107,7 @@ class _MessageQueue:
                 streams = self._streams(last, offset)
                 response = redis.xread(streams, count=1000, block=200)
             except Exception as error:  # noqa: BLE001
-                self._outage("reader", error)
-                redis, backoff = None, min(backoff * 2, 2.0)
-                _sleep(backoff)
+                redis, backoff = None, self._retry_later("reader", error, backoff)
                 continue
             self._recovered("reader")
             backoff = 0.1
@@ -2164,7 +2168,8 @@ class _MessageQueue:
         # 50 ms early: the estimate of Redis's clock is good to a round trip.
         return {key: last.get(key) or f"{int((since + offset) * 1000) - 50}-0" for key, since in wanted.items()}
 
-    def _outage(self, thread: str, error: Exception) -> None:
+    def _retry_later(self, thread: str, error: Exception, backoff: float) -> float:
+        """Note that Redis failed ``thread``, wait twice ``backoff`` (up to 2 s), and return that."""
         if not self._failing:
             logger.warning(
                 "message queue %s unreachable (%s): broadcasts reach this process only, until it is back",
@@ -2172,6 +2177,9 @@ class _MessageQueue:
                 error,
             )
         self._failing.add(thread)
+        backoff = min(backoff * 2, 2.0)
+        _sleep(backoff)
+        return backoff
 
     def _recovered(self, thread: str) -> None:
         if thread in self._failing:
@@ -3275,9 +3283,7 @@ class _Deflate:
 
     def inflater(self) -> Any:
         """A decompressor for the next compressed message that comes in."""
-        if self._received:
-            return zlib.decompressobj(-self.receive_bits, zdict=self._received)
-        return zlib.decompressobj(-self.receive_bits)
+        return zlib.decompressobj(-self.receive_bits, zdict=self._received)
 
     def received(self, message: bytes | bytearray) -> None:
         """Note that a compressed message came in, inflated."""
@@ -3301,21 +3307,16 @@ def _compress(payload: bytes, bits: int, window: bytes = b"", pause: Callable[[]
     (Z_RLE), whose matches reach back 1 byte, which any window holds.
     """
     wbits, strategy = (-bits, zlib.Z_DEFAULT_STRATEGY) if bits > 8 else (-9, zlib.Z_RLE)
-    if window:
-        compressor = zlib.compressobj(_LEVEL, zlib.DEFLATED, wbits, _MEM_LEVEL, strategy, window)
-    else:
-        compressor = zlib.compressobj(_LEVEL, zlib.DEFLATED, wbits, _MEM_LEVEL, strategy)
+    compressor = zlib.compressobj(_LEVEL, zlib.DEFLATED, wbits, _MEM_LEVEL, strategy, window)
     if pause is None or len(payload) <= _COMPRESS_PIECE:
-        data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
-    else:
-        pieces = []
-        with memoryview(payload) as view:
-            for start in range(0, len(view), _COMPRESS_PIECE):
-                pieces.append(compressor.compress(view[start : start + _COMPRESS_PIECE]))
-                pause()
-        pieces.append(compressor.flush(zlib.Z_SYNC_FLUSH))
-        data = b"".join(pieces)
-    return data[:-4]  # RFC 7692 7.2.1: the flush's 00 00 ff ff, which the receiver puts back
+        return (compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+    pieces = []
+    with memoryview(payload) as view:
+        for start in range(0, len(view), _COMPRESS_PIECE):
+            pieces.append(compressor.compress(view[start : start + _COMPRESS_PIECE]))
+            pause()
+    pieces.append(compressor.flush(zlib.Z_SYNC_FLUSH))
+    return b"".join(pieces)[:-4]  # RFC 7692 7.2.1: the flush's 00 00 ff ff, which the receiver puts back
 
 
 def _agree_deflate(offers: str, takeover: bool = True, min_size: int = 0) -> _Deflate | None:

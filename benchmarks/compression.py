@@ -39,6 +39,8 @@ import subprocess
 import sys
 import time
 
+from _common import cpu_seconds, free_port, rss_kib  # beside this script
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.environ.get("BENCH_DIR", os.path.join(HERE, "..", "..", "shared", "bench"))
 ECHO = os.path.join(HERE, "echo_server.py")
@@ -105,24 +107,7 @@ def corpus(count, seed=1, low=100, high=10 * 1024):
 # -- servers and the wire ------------------------------------------------------------
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 def start_server(name):

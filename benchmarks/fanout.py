@@ -36,6 +36,8 @@ import sys
 import tempfile
 import time
 
+from _common import cpu_seconds, free_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 OURS = """\
@@ -70,16 +72,6 @@ socketio.run(app, host="127.0.0.1", port=port, log_output=False)
 """
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Redis:
