@@ -3704,17 +3704,6 @@ def test_every_readme_snippet_is_tested():
     assert set(readme_snippets()) <= tested
 
 
-def client_once_serving(url, proc, timeout=20):
-    """A client of the server that ``proc`` is starting, once it listens; fails if it exits first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return client(url)
-        except OSError:
-            assert time.monotonic() < deadline and proc.poll() is None, f"{proc.args} did not start serving"
-            time.sleep(0.05)
-
-
 def test_readme_quickstart(tmp_path):
     """Copied into app.py and run with `python app.py`, on a free port instead of 5000."""
     source = readme_snippets()["quickstart"]
@@ -3727,7 +3716,7 @@ def test_readme_quickstart(tmp_path):
         [sys.executable, str(tmp_path / "app.py")], cwd=tmp_path, env=SUBPROCESS_ENV, start_new_session=True
     )
     try:
-        c = client_once_serving(f"ws://127.0.0.1:{port}/", proc)
+        c = connect_when_up(f"ws://127.0.0.1:{port}/", proc)
         c.send("hello")
         assert c.recv() == "hello"
         c.send("ECHO hi")
@@ -5169,7 +5158,7 @@ def check_server_example(code, port, tmp_path):
     (tmp_path / "example.py").write_text(script + code.replace(str(port), str(free)))
     proc = subprocess.Popen([sys.executable, "example.py"], cwd=tmp_path, env=SUBPROCESS_ENV, start_new_session=True)
     try:
-        c = client_once_serving(f"ws://127.0.0.1:{free}/", proc)
+        c = connect_when_up(f"ws://127.0.0.1:{free}/", proc)
         c.send("hi")
         assert c.recv() == "HI"
         c.close()
