@@ -146,41 +146,6 @@ def has_socket_context() -> bool:
 Handler = Callable[[Message], Reply]
 Hook = Callable[[], Any]
 
-#: Configuration keys, set on ``app.config`` by :meth:`WebSockets.init_app`
-#: unless already there. ``None`` turns a limit or a timeout off. They are
-#: checked at ``init_app`` and again when a connection opens (apps may change
-#: their config in between): a bad value is a ``ValueError`` naming the key.
-_CONFIG_DEFAULTS: dict[str, Any] = {
-    # Largest message accepted, in bytes; a larger one closes with 1009.
-    "WEBSOCKETS_MAX_MESSAGE_SIZE": 1 << 20,
-    # Seconds of silence before the server pings the client.
-    "WEBSOCKETS_PING_INTERVAL": 25.0,
-    # Seconds the client has to answer that ping before it is closed with 1011.
-    "WEBSOCKETS_PING_TIMEOUT": 20.0,
-    # Seconds to wait for the client's close frame after the server's.
-    "WEBSOCKETS_CLOSE_TIMEOUT": 5.0,
-    # Origins whose pages may connect: None for the page's own origin only
-    # (a handshake without Origin, from a non-browser client, is allowed),
-    # a list such as ["https://example.com"], or "*" for any.
-    "WEBSOCKETS_ALLOWED_ORIGINS": None,
-    # Bytes that may wait for a slow client, per connection: past them
-    # ws.send() waits, and broadcast() closes the client as too slow.
-    "WEBSOCKETS_MAX_SEND_BUFFER": 1 << 20,
-    # Seconds a client may take nothing at all before it is closed as too slow.
-    "WEBSOCKETS_SEND_TIMEOUT": 10.0,
-    # A Redis URL (redis://, rediss://, unix://): broadcasts reach the
-    # connections of every process that serves the endpoint with the same one.
-    "WEBSOCKETS_MESSAGE_QUEUE": None,
-    # Whether to compress messages when the client offers to (permessage-deflate).
-    "WEBSOCKETS_COMPRESSION": False,
-    # With compression, messages shorter than this many bytes go as they are.
-    "WEBSOCKETS_COMPRESSION_MIN_SIZE": 1024,
-    # With compression, whether a message may refer to earlier ones (context
-    # takeover): smaller messages, and 4 KiB more per connection each way.
-    "WEBSOCKETS_COMPRESSION_CONTEXT_TAKEOVER": True,
-}
-
-
 class WebSockets:
     """The Flask-Websockets extension: one websocket endpoint of an app.
 
@@ -891,8 +856,40 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 # ---------------------------------------------------------------------------
-# The connection
+# The connection and its life cycle
 # ---------------------------------------------------------------------------
+#
+# Handshake. The endpoint is an ordinary Flask view on a ``websocket=True``
+# rule, so routing, ``before_request`` and the request context are Flask's.
+# The view (``WebSockets._serve``) checks the handshake (RFC 6455, origin,
+# ``before_connect``) while an HTTP answer is still possible.
+#
+# Handover. The server hands over the socket (``_Handover``): our handler and
+# the test client send the 101 when the view asks; gevent-websocket's handler
+# has sent it already; Werkzeug's server lends its socket to its thread. The
+# view keeps the bytes that came behind the handshake and reads the socket
+# itself from then on.
+#
+# Receiving. ``Connection._start`` makes the socket non-blocking and watches
+# it from the event loop: ``_on_readable`` feeds what arrives to the protocol
+# core (``_Protocol``), which answers pings, and queues messages in the inbox.
+# The view's greenlet takes them from the inbox and runs the handlers, in its
+# request context (``WebSockets._run``). When 16 messages wait, or a limit's
+# worth of bytes, reading pauses until the handlers catch up: TCP pushes back
+# on the client, and memory stays bounded. Keepalive and the close timeout
+# are timers in the same loop.
+#
+# Sending. A frame goes to the socket at once; what the socket does not take
+# waits in the connection's buffer, bounded by WEBSOCKETS_MAX_SEND_BUFFER.
+#
+# Closing. Whoever closes, the protocol's state goes OPEN -> CLOSING (our
+# close frame sent: input is skipped until the client's) -> CLOSED (close
+# frames exchanged; a protocol error, answered with its code; the TCP
+# connection lost, 1006; or a timeout, when the server drops it). Then the
+# view's loop ends, ``Connection._end`` releases the watchers and timers,
+# ``on_close`` runs once, and the view returns to the server, which closes the
+# socket.
+
 
 
 class ConnectionClosed(Exception):
@@ -1922,7 +1919,184 @@ def __getattr__(name: str) -> Any:
 
 
 # ---------------------------------------------------------------------------
-# Scaling out: the message queue
+# The handover: how servers hand a connection over
+# ---------------------------------------------------------------------------
+
+
+class _Handover:
+    """How a server hands the connection over once the app accepts the handshake.
+
+    Subclasses for :class:`WebSocketHandler`, gevent-websocket's handler and
+    Werkzeug's development server.
+    """
+
+    answers_handshake = True  # no 101 has been sent: the app's answer is the server's
+
+    def __init__(self, environ: dict) -> None:
+        self.environ = environ
+
+    def check(self) -> Response | None:
+        """A 400 or 426 for a handshake that is not RFC 6455's, else ``None``."""
+        return _handshake_error(self.environ)
+
+    def accept(self, subprotocol: str | None, extensions: str | None) -> tuple[Any, bytes]:
+        """Send the 101; return the socket and the bytes already received."""
+        raise NotImplementedError
+
+    def end(self) -> None:
+        """Tidy up after the connection."""
+
+    def response(self) -> Response:
+        """What the view returns once the connection is over."""
+        return _Upgraded(status=101)
+
+
+class _OurHandlerHandover(_Handover):
+    """:class:`WebSocketHandler` (and the test client): it sends the 101 when asked."""
+
+    def accept(self, subprotocol: str | None, extensions: str | None) -> tuple[Any, bytes]:
+        sock, reader = self.environ["flask_websockets.accept"](subprotocol, extensions)
+        return sock, _take_over(sock, reader)
+
+
+class _GeventWebsocketHandover(_Handover):
+    """gevent-websocket's own handler: its 101 went out before the app ran."""
+
+    answers_handshake = False
+
+    def check(self) -> None:
+        return None
+
+    def accept(self, subprotocol: str | None, extensions: str | None) -> tuple[Any, bytes]:
+        handler = self.environ["wsgi.websocket"].handler
+        return handler.socket, _take_over(handler.socket, handler.rfile)
+
+    def end(self) -> None:
+        self.environ["wsgi.websocket"].closed = True  # it must not send its own close frame
+
+
+class _WerkzeugHandover(_Handover):
+    """Werkzeug's development server (``flask run``): a thread per request.
+
+    The connection runs its I/O in that thread's own gevent event loop, made
+    for it and destroyed with it (unless gevent's monkey-patching made the
+    thread a greenlet of the main loop).
+    """
+
+    def accept(self, subprotocol: str | None, extensions: str | None) -> tuple[Any, bytes]:
+        sock = self.environ["werkzeug.socket"]
+        sock.sendall(_switching_protocols(_handshake_headers(self.environ, subprotocol, extensions)))
+        # Werkzeug reads on from its reader after the app: leave it open.
+        return sock, _take_over(sock, self.environ["wsgi.input"], close=False)
+
+    def end(self) -> None:
+        try:
+            self.environ["werkzeug.socket"].shutdown(socket.SHUT_RDWR)  # Werkzeug's next read ends
+        except OSError:
+            pass
+        if gevent.getcurrent().parent is None:  # a real thread: its event loop was made for this connection
+            gevent.get_hub().destroy()
+
+    def response(self) -> Response:
+        return _Dropped(status=101)
+
+
+def _handover(environ: dict) -> _Handover | None:
+    if "flask_websockets.accept" in environ:
+        return _OurHandlerHandover(environ)
+    if environ.get("wsgi.websocket") is not None:
+        return _GeventWebsocketHandover(environ)
+    if environ.get("werkzeug.socket") is not None:
+        return _WerkzeugHandover(environ)
+    return None
+
+
+def _handshake_error(environ: dict) -> Response | None:
+    """An HTTP answer for a handshake that is not RFC 6455's, else ``None``."""
+    if environ.get("REQUEST_METHOD") != "GET":  # HEAD, say: RFC 6455 4.1 asks for GET
+        return Response("A websocket handshake is a GET request.", 405, {"Allow": "GET"})
+    if environ.get("CONTENT_LENGTH", "0") not in ("", "0") or "HTTP_TRANSFER_ENCODING" in environ:
+        # The server would read the body from what is now the websocket's stream.
+        return Response("A websocket handshake has no body.", 400)
+    if environ.get("HTTP_SEC_WEBSOCKET_VERSION") != "13":
+        return Response("This server speaks websocket version 13.", 426, {"Sec-WebSocket-Version": "13"})
+    try:
+        valid = len(base64.b64decode(environ.get("HTTP_SEC_WEBSOCKET_KEY", ""), validate=True)) == 16
+    except binascii.Error:
+        valid = False
+    return None if valid else Response("Sec-WebSocket-Key must be 16 bytes in base64.", 400)
+
+
+def _handshake_headers(environ: dict, subprotocol: str | None, extensions: str | None) -> list[tuple[str, str]]:
+    digest = hashlib.sha1(environ["HTTP_SEC_WEBSOCKET_KEY"].encode() + _WEBSOCKET_GUID).digest()
+    headers = [
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Accept", base64.b64encode(digest).decode()),
+    ]
+    if subprotocol:
+        headers.append(("Sec-WebSocket-Protocol", subprotocol))
+    if extensions:
+        headers.append(("Sec-WebSocket-Extensions", extensions))
+    return headers
+
+
+def _switching_protocols(headers: list[tuple[str, str]]) -> bytes:
+    lines = ["HTTP/1.1 101 Switching Protocols", *(f"{name}: {value}" for name, value in headers)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 4.2.2
+
+
+def _take_over(sock: Any, reader: Any, close: bool = True) -> bytes:
+    """Return what the server's reader buffered past the handshake, and close it.
+
+    From here on the connection reads the socket itself: one Python layer
+    less per read, and closing the reader frees its 8 KiB buffer, a third
+    of what an idle connection costs. The socket stays open.
+    """
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)  # take only what is already there
+    try:
+        pending = reader.read1(65536) or b""
+    except OSError:  # nothing there (TLS says so with an error)
+        pending = b""
+    finally:
+        sock.settimeout(timeout)
+    if close:
+        reader.close()
+    return pending
+
+
+class _Upgraded(Response):
+    """What the websocket view returns once the connection is over.
+
+    Flask runs ``after_request`` functions on it as on any response. The
+    server has switched protocols long before, so nobody reads its headers:
+    building them is skipped.
+    """
+
+    def __call__(self, environ: dict, start_response: Callable[..., Any]) -> list[bytes]:  # type: ignore[override]
+        start_response(self.status, [])
+        return []
+
+
+class _Dropped(_Upgraded):
+    """For Werkzeug's server, which writes the response's status line after the view.
+
+    Its socket is shut down by then: Werkzeug logs the request with status
+    101, fails to write the line, and drops the request quietly. Raising
+    instead would show Werkzeug's debugger a 500 (``flask run --debug``).
+    """
+
+    def __call__(self, environ: dict, start_response: Callable[..., Any]) -> list[bytes]:  # type: ignore[override]
+        start_response("101 Switching Protocols", [])
+        return []
+
+
+# ---------------------------------------------------------------------------
+# The message queue: scaling out through Redis
 # ---------------------------------------------------------------------------
 #
 # An endpoint's broadcasts travel through Redis Streams: one stream for the
@@ -2207,7 +2381,7 @@ _sleep = gevent.monkey.get_original("time", "sleep")
 
 
 # ---------------------------------------------------------------------------
-# Testing
+# The test client
 # ---------------------------------------------------------------------------
 
 
@@ -2395,39 +2569,43 @@ _TEST_HANDSHAKE = {
 
 
 # ---------------------------------------------------------------------------
-# How it works: the life of a connection
+# Settings and replies
 # ---------------------------------------------------------------------------
-#
-# Handshake. The endpoint is an ordinary Flask view on a ``websocket=True``
-# rule, so routing, ``before_request`` and the request context are Flask's.
-# The view (``WebSockets._serve``) checks the handshake (RFC 6455, origin,
-# ``before_connect``) while an HTTP answer is still possible.
-#
-# Handover. The server hands over the socket (``_Handover``): our handler and
-# the test client send the 101 when the view asks; gevent-websocket's handler
-# has sent it already; Werkzeug's server lends its socket to its thread. The
-# view keeps the bytes that came behind the handshake and reads the socket
-# itself from then on.
-#
-# Receiving. ``Connection._start`` makes the socket non-blocking and watches
-# it from the event loop: ``_on_readable`` feeds what arrives to the protocol
-# core (``_Protocol``), which answers pings, and queues messages in the inbox.
-# The view's greenlet takes them from the inbox and runs the handlers, in its
-# request context (``WebSockets._run``). When 16 messages wait, or a limit's
-# worth of bytes, reading pauses until the handlers catch up: TCP pushes back
-# on the client, and memory stays bounded. Keepalive and the close timeout
-# are timers in the same loop.
-#
-# Sending. A frame goes to the socket at once; what the socket does not take
-# waits in the connection's buffer, bounded by WEBSOCKETS_MAX_SEND_BUFFER.
-#
-# Closing. Whoever closes, the protocol's state goes OPEN -> CLOSING (our
-# close frame sent: input is skipped until the client's) -> CLOSED (close
-# frames exchanged; a protocol error, answered with its code; the TCP
-# connection lost, 1006; or a timeout, when the server drops it). Then the
-# view's loop ends, ``Connection._end`` releases the watchers and timers,
-# ``on_close`` runs once, and the view returns to the server, which closes the
-# socket.
+
+#: Configuration keys, set on ``app.config`` by :meth:`WebSockets.init_app`
+#: unless already there. ``None`` turns a limit or a timeout off. They are
+#: checked at ``init_app`` and again when a connection opens (apps may change
+#: their config in between): a bad value is a ``ValueError`` naming the key.
+_CONFIG_DEFAULTS: dict[str, Any] = {
+    # Largest message accepted, in bytes; a larger one closes with 1009.
+    "WEBSOCKETS_MAX_MESSAGE_SIZE": 1 << 20,
+    # Seconds of silence before the server pings the client.
+    "WEBSOCKETS_PING_INTERVAL": 25.0,
+    # Seconds the client has to answer that ping before it is closed with 1011.
+    "WEBSOCKETS_PING_TIMEOUT": 20.0,
+    # Seconds to wait for the client's close frame after the server's.
+    "WEBSOCKETS_CLOSE_TIMEOUT": 5.0,
+    # Origins whose pages may connect: None for the page's own origin only
+    # (a handshake without Origin, from a non-browser client, is allowed),
+    # a list such as ["https://example.com"], or "*" for any.
+    "WEBSOCKETS_ALLOWED_ORIGINS": None,
+    # Bytes that may wait for a slow client, per connection: past them
+    # ws.send() waits, and broadcast() closes the client as too slow.
+    "WEBSOCKETS_MAX_SEND_BUFFER": 1 << 20,
+    # Seconds a client may take nothing at all before it is closed as too slow.
+    "WEBSOCKETS_SEND_TIMEOUT": 10.0,
+    # A Redis URL (redis://, rediss://, unix://): broadcasts reach the
+    # connections of every process that serves the endpoint with the same one.
+    "WEBSOCKETS_MESSAGE_QUEUE": None,
+    # Whether to compress messages when the client offers to (permessage-deflate).
+    "WEBSOCKETS_COMPRESSION": False,
+    # With compression, messages shorter than this many bytes go as they are.
+    "WEBSOCKETS_COMPRESSION_MIN_SIZE": 1024,
+    # With compression, whether a message may refer to earlier ones (context
+    # takeover): smaller messages, and 4 KiB more per connection each way.
+    "WEBSOCKETS_COMPRESSION_CONTEXT_TAKEOVER": True,
+}
+
 
 
 class _Settings(NamedTuple):
@@ -2548,183 +2726,6 @@ def _message(value: Reply, who: str | Callable[..., Any]) -> tuple[int, bytes] |
         " bytes, bytearray or memoryview (binary), or a Flask response such as"
         " jsonify(...); return None to send nothing"
     )
-
-
-# ---------------------------------------------------------------------------
-# How servers hand a connection over
-# ---------------------------------------------------------------------------
-
-
-class _Handover:
-    """How a server hands the connection over once the app accepts the handshake.
-
-    Subclasses for :class:`WebSocketHandler`, gevent-websocket's handler and
-    Werkzeug's development server.
-    """
-
-    answers_handshake = True  # no 101 has been sent: the app's answer is the server's
-
-    def __init__(self, environ: dict) -> None:
-        self.environ = environ
-
-    def check(self) -> Response | None:
-        """A 400 or 426 for a handshake that is not RFC 6455's, else ``None``."""
-        return _handshake_error(self.environ)
-
-    def accept(self, subprotocol: str | None, extensions: str | None) -> tuple[Any, bytes]:
-        """Send the 101; return the socket and the bytes already received."""
-        raise NotImplementedError
-
-    def end(self) -> None:
-        """Tidy up after the connection."""
-
-    def response(self) -> Response:
-        """What the view returns once the connection is over."""
-        return _Upgraded(status=101)
-
-
-class _OurHandlerHandover(_Handover):
-    """:class:`WebSocketHandler` (and the test client): it sends the 101 when asked."""
-
-    def accept(self, subprotocol: str | None, extensions: str | None) -> tuple[Any, bytes]:
-        sock, reader = self.environ["flask_websockets.accept"](subprotocol, extensions)
-        return sock, _take_over(sock, reader)
-
-
-class _GeventWebsocketHandover(_Handover):
-    """gevent-websocket's own handler: its 101 went out before the app ran."""
-
-    answers_handshake = False
-
-    def check(self) -> None:
-        return None
-
-    def accept(self, subprotocol: str | None, extensions: str | None) -> tuple[Any, bytes]:
-        handler = self.environ["wsgi.websocket"].handler
-        return handler.socket, _take_over(handler.socket, handler.rfile)
-
-    def end(self) -> None:
-        self.environ["wsgi.websocket"].closed = True  # it must not send its own close frame
-
-
-class _WerkzeugHandover(_Handover):
-    """Werkzeug's development server (``flask run``): a thread per request.
-
-    The connection runs its I/O in that thread's own gevent event loop, made
-    for it and destroyed with it (unless gevent's monkey-patching made the
-    thread a greenlet of the main loop).
-    """
-
-    def accept(self, subprotocol: str | None, extensions: str | None) -> tuple[Any, bytes]:
-        sock = self.environ["werkzeug.socket"]
-        sock.sendall(_switching_protocols(_handshake_headers(self.environ, subprotocol, extensions)))
-        # Werkzeug reads on from its reader after the app: leave it open.
-        return sock, _take_over(sock, self.environ["wsgi.input"], close=False)
-
-    def end(self) -> None:
-        try:
-            self.environ["werkzeug.socket"].shutdown(socket.SHUT_RDWR)  # Werkzeug's next read ends
-        except OSError:
-            pass
-        if gevent.getcurrent().parent is None:  # a real thread: its event loop was made for this connection
-            gevent.get_hub().destroy()
-
-    def response(self) -> Response:
-        return _Dropped(status=101)
-
-
-def _handover(environ: dict) -> _Handover | None:
-    if "flask_websockets.accept" in environ:
-        return _OurHandlerHandover(environ)
-    if environ.get("wsgi.websocket") is not None:
-        return _GeventWebsocketHandover(environ)
-    if environ.get("werkzeug.socket") is not None:
-        return _WerkzeugHandover(environ)
-    return None
-
-
-def _handshake_error(environ: dict) -> Response | None:
-    """An HTTP answer for a handshake that is not RFC 6455's, else ``None``."""
-    if environ.get("REQUEST_METHOD") != "GET":  # HEAD, say: RFC 6455 4.1 asks for GET
-        return Response("A websocket handshake is a GET request.", 405, {"Allow": "GET"})
-    if environ.get("CONTENT_LENGTH", "0") not in ("", "0") or "HTTP_TRANSFER_ENCODING" in environ:
-        # The server would read the body from what is now the websocket's stream.
-        return Response("A websocket handshake has no body.", 400)
-    if environ.get("HTTP_SEC_WEBSOCKET_VERSION") != "13":
-        return Response("This server speaks websocket version 13.", 426, {"Sec-WebSocket-Version": "13"})
-    try:
-        valid = len(base64.b64decode(environ.get("HTTP_SEC_WEBSOCKET_KEY", ""), validate=True)) == 16
-    except binascii.Error:
-        valid = False
-    return None if valid else Response("Sec-WebSocket-Key must be 16 bytes in base64.", 400)
-
-
-def _handshake_headers(environ: dict, subprotocol: str | None, extensions: str | None) -> list[tuple[str, str]]:
-    digest = hashlib.sha1(environ["HTTP_SEC_WEBSOCKET_KEY"].encode() + _WEBSOCKET_GUID).digest()
-    headers = [
-        ("Upgrade", "websocket"),
-        ("Connection", "Upgrade"),
-        ("Sec-WebSocket-Accept", base64.b64encode(digest).decode()),
-    ]
-    if subprotocol:
-        headers.append(("Sec-WebSocket-Protocol", subprotocol))
-    if extensions:
-        headers.append(("Sec-WebSocket-Extensions", extensions))
-    return headers
-
-
-def _switching_protocols(headers: list[tuple[str, str]]) -> bytes:
-    lines = ["HTTP/1.1 101 Switching Protocols", *(f"{name}: {value}" for name, value in headers)]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 4.2.2
-
-
-def _take_over(sock: Any, reader: Any, close: bool = True) -> bytes:
-    """Return what the server's reader buffered past the handshake, and close it.
-
-    From here on the connection reads the socket itself: one Python layer
-    less per read, and closing the reader frees its 8 KiB buffer, a third
-    of what an idle connection costs. The socket stays open.
-    """
-    timeout = sock.gettimeout()
-    sock.settimeout(0.0)  # take only what is already there
-    try:
-        pending = reader.read1(65536) or b""
-    except OSError:  # nothing there (TLS says so with an error)
-        pending = b""
-    finally:
-        sock.settimeout(timeout)
-    if close:
-        reader.close()
-    return pending
-
-
-class _Upgraded(Response):
-    """What the websocket view returns once the connection is over.
-
-    Flask runs ``after_request`` functions on it as on any response. The
-    server has switched protocols long before, so nobody reads its headers:
-    building them is skipped.
-    """
-
-    def __call__(self, environ: dict, start_response: Callable[..., Any]) -> list[bytes]:  # type: ignore[override]
-        start_response(self.status, [])
-        return []
-
-
-class _Dropped(_Upgraded):
-    """For Werkzeug's server, which writes the response's status line after the view.
-
-    Its socket is shut down by then: Werkzeug logs the request with status
-    101, fails to write the line, and drops the request quietly. Raising
-    instead would show Werkzeug's debugger a 500 (``flask run --debug``).
-    """
-
-    def __call__(self, environ: dict, start_response: Callable[..., Any]) -> list[bytes]:  # type: ignore[override]
-        start_response("101 Switching Protocols", [])
-        return []
 
 
 # ---------------------------------------------------------------------------
