@@ -41,6 +41,7 @@ import binascii
 import codecs
 import collections
 import enum
+import functools
 import hashlib
 import io
 import logging
@@ -55,7 +56,7 @@ import time
 import urllib.parse
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any, Callable, NamedTuple, TypeVar, Union
 
@@ -212,8 +213,11 @@ class WebSockets:
         self._catch_all: list[Handler] = []
         self._open_hooks: list[Hook] = []
         self._close_hooks: list[Hook] = []
+        # The open connections and the members of each room, in this process. Any thread may
+        # change them (Werkzeug's server has one per connection): under the lock.
         self._connections: set[Connection] = set()
-        self._rooms: dict[str, set[Connection]] = {}  # the members of each room, in this process
+        self._rooms: dict[str, set[Connection]] = {}
+        self._lock = _thread_lock()
         self._queue: _MessageQueue | None = None  # started with the first connection, if configured
         self._queue_checked = False
         if app is not None:
@@ -440,7 +444,7 @@ class WebSockets:
         connections that agreed to it, unless ``compress=False``: as with
         :meth:`Connection.send`, for a message with a secret in it.
         """
-        content = _message(message, "broadcast()")
+        content = _payload(message, "broadcast()")
         if content is None:
             return 0
         if isinstance(skip, LocalProxy):  # skip=ws: the connection behind it
@@ -451,40 +455,40 @@ class WebSockets:
                 "broadcast(to=...) picks connections with a function, which other processes cannot run:"
                 " with a message queue, broadcast to a room, or pass local=True for this process's connections"
             )
-        outgoing = _Outgoing(*content, compress=compress)
-        if compress and len(outgoing.payload) > _COMPRESS_PIECE:
-            self._compress_ahead([outgoing], _pause())  # in pieces, here rather than in the event loop
-        sent = self._deliver(outgoing, room, to, skip)
+        prepared = _Prepared(*content, compress=compress)
+        if compress and len(prepared.payload) > _COMPRESS_PIECE:
+            self._compress_ahead([prepared], _pause())  # in pieces, here rather than in the event loop
+        sent = self._deliver(prepared, room, to, skip)
         if queue is not None:
             queue.publish(room, *content, compress)
         return sent
 
     def _deliver(
         self,
-        message: _Outgoing,
+        message: _Prepared,
         room: str | None,
         to: Callable[[Connection], bool] | None = None,
         skip: Connection | None = None,
     ) -> int:
         sent = 0
-        for conn in list(self._connections if room is None else self._rooms.get(room, ())):
+        for conn in self._members(room):
             if conn is skip or (to is not None and not to(conn)):
                 continue
             try:
-                frame, compressed = message.frame(conn._proto.deflate)
-                if conn._send_frame(frame, wait=False, sent=compressed):
+                if conn._send_prepared((message,)):
                     sent += 1
-            except ConnectionClosed:
-                self._connections.discard(conn)
+            except ConnectionClosed:  # it leaves the connections and its rooms as it ends
+                pass
         return sent
 
-    def _compress_ahead(self, messages: list[_Outgoing], pause: Callable[[], Any] | None = None) -> None:
-        """Compress messages for every window size the connections agreed to, before delivering them."""
-        sizes = {(d.send_bits, d.min_size) for d in [c._proto.deflate for c in list(self._connections)] if d}
+    def _compress_ahead(self, messages: list[_Prepared], pause: Callable[[], Any] | None = None) -> None:
+        """Compress messages for every window the connections agreed to, before they are delivered."""
+        windows = {conn._window() for conn in list(self._connections)}
+        windows.discard(None)
         for message in messages:
-            for bits, min_size in sizes:
+            for bits, min_size in windows:  # type: ignore[misc]
                 if message.compress and len(message.payload) >= min_size:
-                    message.prepare(bits, pause)
+                    message.deflated(bits, pause)
 
     def _message_queue(self) -> _MessageQueue | None:
         """This process's queue for the endpoint: made at first use, again after a fork."""
@@ -498,36 +502,57 @@ class WebSockets:
         self._queue = _MessageQueue(url, self, self._rooms) if url else None
         return self._queue
 
-    def _deliver_remote(self, batch: list[tuple[str | None, _Outgoing]]) -> list[Connection]:
+    def _deliver_remote(self, batch: list[tuple[str | None, _Prepared]]) -> list[Connection]:
         """Messages from other processes, in order: to this process's connections, each in one write."""
-        writes: dict[Connection, list[bytes]] = {}
-        windows: dict[Connection, bytes] = {}  # the last bytes of what went compressed, for the window
+        writes: dict[Connection, list[_Prepared]] = {}
         for room, message in batch:
-            for conn in list(self._connections if room is None else self._rooms.get(room, ())):
-                frame, sent = message.frame(conn._proto.deflate)
-                writes.setdefault(conn, []).append(frame)
-                if sent is not None:
-                    windows[conn] = _window(windows.get(conn, b""), sent, 15)  # as long as any window
-        for conn, frames in writes.items():
+            for conn in self._members(room):
+                writes.setdefault(conn, []).append(message)
+        for conn, messages in writes.items():
             try:
-                conn._send_frame(b"".join(frames), wait=False, sent=windows.get(conn))
+                conn._send_prepared(messages)
             except ConnectionClosed:
-                self._connections.discard(conn)
+                pass
         return list(writes)
 
-    def _join(self, conn: Connection, room: str) -> None:
-        members = self._rooms.get(room)
-        if members is None:
-            members = self._rooms[room] = set()
-            if self._queue is not None:
-                self._queue.watch(room)
-        members.add(conn)
+    # -- the connections and their rooms ------------------------------------
 
-    def _leave_all(self, conn: Connection) -> None:
-        for room in conn.rooms:
-            self._leave(conn, room)
+    def _members(self, room: str | None) -> list[Connection]:
+        """The connections of the endpoint, or of a room, in this process (a copy: any thread may change them)."""
+        return list(self._connections if room is None else self._rooms.get(room, ()))
+
+    def _add(self, conn: Connection) -> None:
+        with self._lock:
+            self._connections.add(conn)
+
+    def _forget(self, conn: Connection) -> None:
+        """Take a connection that has closed out of the connections and every room; it keeps its ``rooms``."""
+        with self._lock:
+            self._connections.discard(conn)
+            for room in conn._rooms or ():
+                self._remove_member(conn, room)
+
+    def _join(self, conn: Connection, room: str) -> None:
+        with self._lock:  # not while _forget runs: a room must never keep a connection that has gone
+            if conn.closed:
+                raise ConnectionClosed(f"{conn!r} is closed ({conn.close_code}): it may not join {room!r}")
+            if conn._rooms is None:
+                conn._rooms = set()
+            conn._rooms.add(room)
+            members = self._rooms.get(room)
+            if members is None:
+                members = self._rooms[room] = set()
+                if self._queue is not None:
+                    self._queue.watch(room)
+            members.add(conn)
 
     def _leave(self, conn: Connection, room: str) -> None:
+        with self._lock:
+            if conn._rooms and room in conn._rooms:
+                conn._rooms.discard(room)
+                self._remove_member(conn, room)
+
+    def _remove_member(self, conn: Connection, room: str) -> None:  # under the lock
         members = self._rooms.get(room)
         if members is not None:
             members.discard(conn)
@@ -605,6 +630,8 @@ class WebSockets:
         conn = Connection(
             req.environ,
             sock,
+            pending,
+            sockets=self,
             subprotocol=subprotocol,
             deflate=deflate,
             settings=settings,
@@ -612,26 +639,23 @@ class WebSockets:
             session=dict(session),
             clock=self._clock,
         )
-        conn._sockets = self
         token = _cv_socket.set(conn)
-        self._connections.add(conn)
+        self._add(conn)
         _open_connections.add(conn)
         self._message_queue()  # so that broadcasts from other processes reach this one
         wait = True
         try:
-            conn._start(pending)
             self._run(conn)
         except gevent.GreenletExit:  # the server is stopping: no time to wait for the peer
             conn._close(1001, "server shutting down")
             wait = False
             raise
         finally:
-            # Each step runs, whatever the others raise: on_close runs exactly once.
+            # Each step runs, whatever the others raise: on_close runs exactly once, each hook.
             _run_all(
                 lambda: conn._end(wait),
-                lambda: self._connections.discard(conn),
-                lambda: [self._call(conn, hook) for hook in self._close_hooks],
-                lambda: self._leave_all(conn),  # after on_close, which may ask which rooms
+                lambda: self._forget(conn),  # nothing reaches it any more; its ``rooms`` stay for on_close
+                *[functools.partial(self._call, conn, hook) for hook in self._close_hooks],
                 lambda: _open_connections.discard(conn),
                 lambda: conn._linger() if wait else None,  # before the server closes the socket
                 handover.end,
@@ -822,7 +846,9 @@ def _close_unserved_upgrade(response: Response) -> Response:
         if status >= 400:
             logger.warning("websocket to %s closed after its handshake: %s", request.path, response.status)
         try:
-            upgraded.handler.socket.sendall(_close_frame(code, response.status))
+            proto = _Protocol()
+            proto.send_close(code, response.status)
+            upgraded.handler.socket.sendall(proto.data_to_send())
         except OSError:
             pass
         upgraded.closed = True
@@ -859,6 +885,8 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 # The connection and its life cycle
 # ---------------------------------------------------------------------------
 #
+# How it works: the life of a connection.
+#
 # Handshake. The endpoint is an ordinary Flask view on a ``websocket=True``
 # rule, so routing, ``before_request`` and the request context are Flask's.
 # The view (``WebSockets._serve``) checks the handshake (RFC 6455, origin,
@@ -870,30 +898,56 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 # view keeps the bytes that came behind the handshake and reads the socket
 # itself from then on.
 #
-# Receiving. ``Connection._start`` makes the socket non-blocking and watches
-# it from the event loop: ``_on_readable`` feeds what arrives to the protocol
-# core (``_Protocol``), which answers pings, and queues messages in the inbox.
-# The view's greenlet takes them from the inbox and runs the handlers, in its
-# request context (``WebSockets._run``). When 16 messages wait, or a limit's
-# worth of bytes, reading pauses until the handlers catch up: TCP pushes back
-# on the client, and memory stays bounded. Keepalive and the close timeout
-# are timers in the same loop.
+# Receiving. A new ``Connection`` makes the socket non-blocking and watches it
+# from the event loop of the thread that serves it: ``_on_readable`` feeds
+# what arrives to the protocol core (``_Protocol``), which answers pings, and
+# queues messages in the inbox. The view's greenlet takes them from the inbox
+# and runs the handlers, in its request context (``WebSockets._run``). When 16
+# messages wait, or a limit's worth of bytes, reading pauses until the
+# handlers catch up: TCP pushes back on the client, and memory stays bounded.
+# Keepalive (``_Keepalive``) and the close timeout are timers in the same loop.
 #
-# Sending. A frame goes to the socket at once; what the socket does not take
-# waits in the connection's buffer, bounded by WEBSOCKETS_MAX_SEND_BUFFER.
+# Sending. The protocol core frames every message: ``_Protocol.message`` one of
+# this connection's own, ``_Protocol.prepared`` a ``_Prepared`` message that a
+# broadcast framed once for many. The frame goes to the socket at once; what
+# the socket does not take waits in the connection's ``_SendBuffer``, bounded
+# by WEBSOCKETS_MAX_SEND_BUFFER. Other threads hand their sends and closes to
+# the connection's event loop.
 #
-# Closing. Whoever closes, the protocol's state goes OPEN -> CLOSING (our
-# close frame sent: input is skipped until the client's) -> CLOSED (close
-# frames exchanged; a protocol error, answered with its code; the TCP
-# connection lost, 1006; or a timeout, when the server drops it). Then the
-# view's loop ends, ``Connection._end`` releases the watchers and timers,
-# ``on_close`` runs once, and the view returns to the server, which closes the
-# socket.
-
+# Closing. The connection's life cycle is one ``_Life`` state, and only
+# ``Connection._become`` changes it:
+#
+#   state      what is true                              next       when
+#   ---------  ----------------------------------------  ---------  ----------------------------------------------
+#   OPEN       messages flow both ways                   CLOSING    close(), or a protocol error: our close frame
+#                                                                   is out
+#                                                        FINISHING  the peer's close frame or a protocol error came
+#                                                                   behind messages the handlers have not taken
+#                                                        CLOSED     the peer's close frame, answered at once; the
+#                                                                   connection lost
+#   FINISHING  the handlers finish the messages that     CLOSING    they are done, or close(): the held close frame
+#              came first; our close frame waits                    of a protocol error goes out
+#                                                        CLOSED     the same, the held frame answering the peer's
+#   CLOSING    our close frame is out; what comes is     CLOSED     the peer's close frame, the close timeout, the
+#              skipped until the peer's                             connection lost
+#   CLOSED     no frame goes either way; what is         ENDED      the view's cleanup, once the handlers are done
+#              buffered still drains                                and the buffer is empty (or at the close timeout)
+#   ENDED      released: no event loop, watcher, timer   -
+#              or buffer; threads no longer reach it
+#
+# After CLOSED, ``on_close`` runs once, and the view returns to the server,
+# which closes the socket. The public methods, called from any thread:
+#
+#               OPEN, FINISHING              CLOSING, CLOSED, ENDED
+#   send        sends (may wait for room)    raises ConnectionClosed
+#   close       starts the closing handshake does nothing
+#   join        enters the room              raises ConnectionClosed
+#   leave       leaves the room              leaves it (it left them all when it closed)
+#   closed      False                        True
 
 
 class ConnectionClosed(Exception):
-    """Raised when sending on a connection that is closed or closing.
+    """Raised when sending on a connection that is closed or closing, or joining a room with it.
 
     Inside a handler it needs no handling: a reply to a connection that has
     gone is dropped quietly.
@@ -925,22 +979,28 @@ class Connection:
         close_reason: the reason that came with ``close_code``.
         buffered_amount: bytes accepted by ``send`` but not yet taken by the
             network, like the browser's ``WebSocket.bufferedAmount``.
-        rooms: the rooms it is in, as a frozenset (see :meth:`join`).
+        rooms: the rooms it is in, as a frozenset (see :meth:`join`); once
+            it is closed, those it was in then.
+
+    Every method may be called from any thread, in any state: on a closed
+    connection ``send`` and ``join`` raise :class:`ConnectionClosed`, and
+    ``close`` and ``leave`` do nothing.
     """
 
     __slots__ = (
-        "request", "session", "_state", "environ", "path", "origin", "subprotocol", "_proto", "_sock",
-        "_settings", "_clock", "_now", "_hub", "_loop", "_thread", "_timeout", "_reader", "_reading", "_heard_at",
-        "_inbox", "_inbox_size", "_waiter", "_out", "_out_size", "_writer", "_progress_at", "_room",
-        "_keepalive_timer", "_close_timer", "_send_timer", "_tls_pending", "_held", "_pinged_at", "_resumer",
-        "_sockets", "_rooms",
+        "request", "session", "environ", "path", "origin", "subprotocol", "_state", "_sockets", "_rooms",
+        "_life", "_proto", "_sock", "_settings", "_clock", "_now", "_hub", "_loop", "_thread", "_timeout",
+        "_tls_pending", "_reader", "_reading", "_resumer", "_inbox", "_inbox_size", "_waiter", "_held",
+        "_buffer", "_keepalive", "_close_timer",
     )  # fmt: skip
 
     def __init__(
         self,
         environ: dict,
         sock: Any,
+        pending: bytes = b"",
         *,
+        sockets: WebSockets | None = None,
         subprotocol: str | None = None,
         deflate: _Deflate | None = None,
         settings: _Settings | None = None,
@@ -948,15 +1008,21 @@ class Connection:
         session: dict | None = None,
         clock: Any = None,
     ) -> None:
+        """Take over the upgraded socket and begin reading; in the view's greenlet, right after the 101.
+
+        Made without a socket (``Connection({}, None)``, in a test), it is
+        ENDED from the start: every method does what it does once a
+        connection has ended.
+        """
         self.request = request
         self.session = {} if session is None else session
-        self._state: dict | None = None  # made on first use: most connections never need one
-        self._sockets: WebSockets | None = None  # its endpoint, which keeps the rooms' members
-        self._rooms: set[str] | None = None
         self.environ = environ
         self.path: str = environ.get("PATH_INFO") or "/"
         self.origin: str | None = environ.get("HTTP_ORIGIN")
         self.subprotocol = subprotocol
+        self._state: dict | None = None  # made on first use: most connections never need one
+        self._sockets = sockets  # its endpoint, which keeps the rooms' members
+        self._rooms: set[str] | None = None
         self._settings = settings or _DEFAULT_SETTINGS
         self._proto = _Protocol(max_size=self._settings.max_message_size, deflate=deflate)
         self._sock = sock  # the upgraded TCP (or TLS) socket
@@ -965,29 +1031,33 @@ class Connection:
         self._inbox: list[Message] = []  # messages received, waiting for the handlers
         self._inbox_size = 0
         self._waiter: Any = None  # the greenlet waiting in _wait()
-        self._out: collections.deque | None = None  # what the socket has not taken yet
-        self._out_size = 0
-        self._writer: Any = None  # the event loop's write watcher, made at the first short write
-        self._room: Any = None  # an Event for senders waiting for the buffer to drain
-        # The close frame that answers the client's close frame or its protocol
-        # error, held until the handlers are done with the messages before it.
-        self._held: bytes | None = None
-        self._reading = False
-        self._heard_at = self._pinged_at = 0.0  # when bytes last came; when the last ping went
-        self._keepalive_timer: Any = None
+        # FINISHING: the close frame that answers the peer's close frame or its protocol
+        # error, held until the handlers are done with the messages that came before it.
+        self._held = b""
+        self._buffer: _SendBuffer | None = None  # made at the first write the socket does not take whole
         self._close_timer: Any = None
-        self._send_timer: Any = None
-        self._hub: Any = None  # the event loop's greenlet, of the thread that serves the connection
-        self._loop: Any = None
-        self._reader: Any = None  # the event loop's read watcher
+        self._reading = False
         self._resumer: Any = None  # a zero-delay timer, made when reading first pauses
-        self._tls_pending: Any = None  # a TLS socket's pending(): bytes decrypted but not read
-        self._thread: int | None = None
-        self._timeout: float | None = None  # the socket's own, given back at the end
-        self._progress_at = 0.0  # when the socket last took something
+        self._keepalive = _Keepalive(self)
+        if sock is None:
+            self._life, self._hub, self._loop, self._thread, self._reader = _ENDED, None, None, None, None
+            return
+        self._life = _OPEN
+        # The event loop of the thread that serves the connection, where all its I/O happens.
+        self._hub = gevent.get_hub()
+        self._loop = self._hub.loop
+        self._thread: int | None = _get_ident()
+        self._timeout = sock.gettimeout()  # the socket's own, given back at the end
+        sock.settimeout(0.0)
+        self._tls_pending = getattr(sock, "pending", None)  # a TLS socket's bytes decrypted but not read
+        self._reader = self._loop.io(sock.fileno(), 1)  # the read watcher
+        self._keepalive.start()
+        if pending:
+            self._proto.receive_data(pending)
+        self._pump()  # parses what came with the handshake, and starts the reader
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.path} from {self.environ.get('REMOTE_ADDR')} {self._proto.state.value}>"
+        return f"<{type(self).__name__} {self.path} from {self.environ.get('REMOTE_ADDR')} {self._life.value}>"
 
     @property
     def state(self) -> dict:
@@ -1005,24 +1075,25 @@ class Connection:
             self._state = {}
         return self._state
 
-    # Handlers see the connection as it was when their message arrived: open,
-    # while a close frame that came after it waits in ``_held``.
+    # Handlers see the connection as it was when their message arrived: open
+    # while FINISHING, the peer's close frame held behind their messages.
 
     @property
     def closed(self) -> bool:
-        return self._proto.state is not _OPEN and self._held is None
+        life = self._life
+        return life is not _OPEN and life is not _FINISHING
 
     @property
     def close_code(self) -> int | None:
-        return None if self._held is not None else self._proto.close_code
+        return None if self._life is _FINISHING else self._proto.close_code
 
     @property
     def close_reason(self) -> str:
-        return "" if self._held is not None else self._proto.close_reason
+        return "" if self._life is _FINISHING else self._proto.close_reason
 
     @property
     def buffered_amount(self) -> int:
-        return self._out_size
+        return 0 if self._buffer is None else self._buffer.size
 
     @property
     def compression(self) -> str | None:
@@ -1036,7 +1107,8 @@ class Connection:
         """Enter a room: ``sockets.broadcast(message, room=room)`` reaches it.
 
         A room is a name, made when its first member joins. A connection may be
-        in any number of rooms, and leaves them all when it ends. With a message
+        in any number of rooms, and leaves them all when it closes; joining a
+        room once it is closed raises :class:`ConnectionClosed`. With a message
         queue, a room spans every process that serves the endpoint::
 
             @sockets.on_message("^JOIN (.+)")
@@ -1046,19 +1118,14 @@ class Connection:
         """
         if not isinstance(room, str) or not room:
             raise TypeError(f"a room is a non-empty str, not {room!r}")
-        if self._sockets is None:
-            raise RuntimeError(f"{self!r} is not served by an endpoint")
-        if self._rooms is None:
-            self._rooms = set()
-        self._rooms.add(room)
+        if self._sockets is None:  # made by hand: ended from the start
+            raise ConnectionClosed(f"{self!r} is closed: it may not join {room!r}")
         self._sockets._join(self, room)
 
     def leave(self, room: str) -> None:
         """Leave a room; leaving a room it is not in does nothing."""
-        if self._rooms and room in self._rooms:
-            self._rooms.discard(room)
-            if self._sockets is not None:
-                self._sockets._leave(self, room)
+        if self._sockets is not None:
+            self._sockets._leave(self, room)
 
     def send(self, message: Reply, compress: bool = True) -> None:
         """Send a message, converted as a handler's return value is.
@@ -1096,9 +1163,9 @@ class Connection:
         queued. The connection ends when the client answers with its own close
         frame, or after ``WEBSOCKETS_CLOSE_TIMEOUT`` seconds (default 5).
         Messages that arrive meanwhile are discarded. Closing a closed
-        connection does nothing. ``code`` must be one a server may send
-        (1000-1003, 1007-1014, 3000-4999) and the UTF-8 ``reason`` at most 123
-        bytes, or ``ValueError`` is raised::
+        connection does nothing, from any thread. ``code`` must be one a
+        server may send (1000-1003, 1007-1014, 3000-4999) and the UTF-8
+        ``reason`` at most 123 bytes, or ``ValueError`` is raised::
 
             @sockets.on_message("^QUIT")
             def quit(message):
@@ -1108,38 +1175,48 @@ class Connection:
             raise ValueError(f"close code {code} may not be sent: use 1000-1003, 1007-1014 or 3000-4999")
         if len(reason.encode("utf-8")) > 123:
             raise ValueError("a close reason is at most 123 bytes of UTF-8")
-        if self._thread is not None and _get_ident() != self._thread:
-            self._loop.run_callback_threadsafe(self._close, code, reason)
-        else:
+        if _get_ident() == self._thread:
             self._close(code, reason)
+        else:
+            self._hand_to_loop(self._close, code, reason)  # nothing to do once it has ended
 
-    # -- internals: the life of a connection ----------------------------------
-    #
-    # All I/O happens in the event loop of the thread that serves the
-    # connection, in callbacks: the socket is non-blocking, a read watcher
-    # parses what arrives as it arrives, answers pings and queues messages in
-    # the inbox, and the view's greenlet only takes messages from the inbox and
-    # runs handlers. So pings are answered and pongs heard while a handler
-    # runs, however long, and an idle connection costs no greenlet beyond its
-    # view's. Writes go straight to the socket; what it does not take waits in
-    # a buffer that a write watcher, made at the first short write, drains.
+    # -- internals: the life cycle (see the table at the head of this section) ----
 
-    def _start(self, pending: bytes) -> None:
-        """Begin reading: called in the view's greenlet, right after the 101."""
-        self._hub = gevent.get_hub()
-        self._loop = self._hub.loop
-        self._thread = _get_ident()
-        self._timeout = self._sock.gettimeout()
-        self._sock.settimeout(0.0)
-        self._tls_pending = getattr(self._sock, "pending", None)
-        self._reader = self._loop.io(self._sock.fileno(), 1)
-        self._heard_at = self._now()
-        if pending:
-            self._proto.receive_data(pending)
-        self._pump()  # parses what came with the handshake, and starts the reader
-        interval = self._settings.ping_interval
-        if interval:
-            self._keepalive_timer = self._call_later(interval, self._check_alive, False)
+    def _become(self, life: _Life) -> None:
+        """Move the life cycle on, and do what entering ``life`` takes."""
+        if life is _ENDED:
+            with _handoff_lock:  # no thread hands anything to the event loop after this
+                self._life = life
+            self._release()
+            return
+        self._life = life
+        if life is _CLOSING:
+            self._arm_close_timer()
+            self._wake_senders()
+        elif life is _CLOSED:
+            self._stop_reading()
+            self._stop_timers()
+            self._wake_senders()
+            if self._waiter is not None:
+                self._wake()
+
+    def _follow_protocol(self) -> None:
+        """The protocol core closed or failed: follow it, unless its close frame is held (FINISHING)."""
+        state, life = self._proto.state, self._life
+        if state is _P_CLOSED and (life is _OPEN or life is _CLOSING):
+            self._become(_CLOSED)
+        elif state is _P_CLOSING and life is _OPEN:  # a protocol error: our close frame is out
+            self._become(_CLOSING)
+
+    def _hand_to_loop(self, function: Callable[..., Any], *args: Any) -> bool:
+        """From another thread: run ``function(*args)`` in the connection's event loop; False once it has ended."""
+        with _handoff_lock:
+            if self._life is _ENDED:  # its loop may be gone with its thread (Werkzeug's)
+                return False
+            self._loop.run_callback_threadsafe(function, *args)
+            return True
+
+    # -- internals: receiving --------------------------------------------------
 
     def _on_readable(self) -> None:  # in the event loop: must never block
         try:
@@ -1149,13 +1226,17 @@ class Connection:
         except OSError:
             data = b""
         if data:
-            self._heard_at = self._now()
+            self._keepalive.heard_at = self._now()
             self._proto.receive_data(data)
         else:
             self._proto.receive_eof()
         self._pump()
         if self._tls_pending is not None and self._reading and self._tls_pending():
-            self._loop.run_callback(self._on_readable)  # decrypted bytes the socket no longer signals
+            self._loop.run_callback(self._read_pending)  # decrypted bytes the socket no longer signals
+
+    def _read_pending(self) -> None:  # in the event loop
+        if self._reading:  # not paused, nor ended, meanwhile
+            self._on_readable()
 
     def _pump(self) -> None:
         """Turn received bytes into messages in the inbox, up to its bound."""
@@ -1173,28 +1254,24 @@ class Connection:
             elif kind == _OP_CLOSE or kind == _FAILED:
                 if kind == _FAILED:
                     logger.info("closing %r with %d: %s", self, *data)
-                if inbox and self._held is None:  # replies to the messages before it go first
-                    self._held = b""
+                if inbox and self._life is _OPEN:  # replies to the messages before it go first
+                    self._become(_FINISHING)
         output = proto.data_to_send()  # close frames: now, or once the handlers are done
-        if output:
-            if self._held is not None:
-                self._held += output
-            else:
-                self._write(output)
-        state = proto.state
-        if state is _CLOSED:
-            self._stop_reading()
-            if self._held is None:
-                self._stop_timers()
+        if self._life is _FINISHING:
+            self._held += output
         else:
-            if state is _CLOSING and self._held is None:
-                self._arm_close_timer()  # after a protocol error
-            if len(inbox) >= _INBOX_MESSAGES or self._inbox_size >= self._settings.inbox_bytes:
-                self._stop_reading()  # the handlers lag behind: TCP pushes back on the client
-            elif not self._reading:
-                self._reading = True
-                self._reader.start(self._on_readable)
-        if self._waiter is not None and (inbox or state is _CLOSED):
+            if output:
+                self._write(output)
+            if proto.state is not _P_OPEN:
+                self._follow_protocol()
+        if proto.state is _P_CLOSED:
+            self._stop_reading()
+        elif len(inbox) >= _INBOX_MESSAGES or self._inbox_size >= self._settings.inbox_bytes:
+            self._stop_reading()  # the handlers lag behind: TCP pushes back on the client
+        elif not self._reading:
+            self._reading = True
+            self._reader.start(self._on_readable)
+        if self._waiter is not None and inbox:
             self._wake()
 
     def _stop_reading(self) -> None:
@@ -1215,7 +1292,8 @@ class Connection:
             self._resumer.start(self._resume_reading)
 
     def _resume_reading(self) -> None:  # in the event loop
-        if self._proto.state is not _CLOSED and not self._reading and self._held is None:
+        life = self._life
+        if (life is _OPEN or life is _CLOSING) and not self._reading:
             self._pump()
 
     def _messages(self) -> Iterator[Message]:
@@ -1225,27 +1303,24 @@ class Connection:
             if inbox:
                 message = inbox.pop(0)
                 self._inbox_size -= len(message)
-                if not inbox and not self._reading and self._proto.state is _OPEN:
+                if not inbox and not self._reading and self._life is _OPEN:
                     self._resume_soon()  # reading stopped at the inbox's bound
                 yield message
-            elif self._held is not None:
+            elif self._life is _FINISHING:
                 self._release_held()
-            elif self._proto.state is _CLOSED:
+            elif self._life is _CLOSED:
                 return
             else:
                 self._wait()
 
     def _release_held(self) -> None:
-        """Send the close frame held behind the messages the handlers were still on."""
-        data, self._held = self._held, None
+        """Send the close frame held behind the messages the handlers were on: FINISHING is over."""
+        data, self._held = self._held, b""
+        self._become(_CLOSING if self._proto.state is _P_CLOSING else _CLOSED)
         if data:
             self._write(data)
-        if self._proto.state is _CLOSING:
-            self._arm_close_timer()
-            if not self._reading:
-                self._resume_soon()  # to read the client's close frame
-        elif self._out is None:
-            self._stop_timers()
+        if self._life is _CLOSING and not self._reading:
+            self._resume_soon()  # to read the peer's close frame
 
     def _wait(self) -> None:
         """Let the event loop run until :meth:`_wake`."""
@@ -1262,80 +1337,84 @@ class Connection:
         else:  # only the event loop may switch to a waiting greenlet
             self._loop.run_callback(_switch_if_alive, waiter)
 
-    # -- internals: sending --------------------------------------------------
+    # -- internals: sending ----------------------------------------------------
 
     def _send_reply(self, reply: Reply, who: str | Callable[..., Any], compress: bool = True) -> None:
+        """Send a handler's reply or what ``send`` was given, converted (see ``_payload``)."""
+        if type(reply) is str:  # the common cases, without the detour
+            self._send_data(_OP_TEXT, reply.encode("utf-8"), compress)
+        elif type(reply) is bytes:
+            self._send_data(_OP_BINARY, reply, compress)
+        elif reply is not None:
+            content = _payload(reply, who)
+            if content is not None:
+                self._send_data(*content, compress)
+
+    def _send_data(self, opcode: int, payload: bytes, compress: bool = True) -> None:
+        """Send a message of this connection's own, waiting for room in the send buffer."""
+        if _get_ident() != self._thread:
+            self._send_from_thread(self._send_data, opcode, payload, compress)
+            return
         deflate = self._proto.deflate
-        if deflate is None or not compress:
-            frame = _encode(reply, who)
-            if frame is not None:
-                self._send_frame(frame, wait=True)
-            return
-        content = _message(reply, who)
-        if content is None:
-            return
-        opcode, payload = content
-        if len(payload) < deflate.min_size:
-            self._send_frame(_frame(opcode, payload), wait=True)
-        elif len(payload) > _COMPRESS_PIECE and gevent.getcurrent() is not self._hub:
-            # Long: compressed here, and in pieces in a greenlet, on its own
-            # (other messages may go out meanwhile).
-            compressed = _compress(payload, deflate.send_bits, pause=_pause())
-            self._send_frame(_frame(_RSV1 | opcode, compressed), wait=True, sent=payload)
-        else:
-            self._send_compressed(opcode, payload)
+        if deflate is not None and compress and len(payload) > _COMPRESS_PIECE and gevent.getcurrent() is not self._hub:
+            # Long: compressed on its own, in pieces between which other greenlets run (and other
+            # messages may go out), then sent as a broadcast's message would be.
+            message = _Prepared(opcode, payload)
+            message.deflated(deflate.send_bits, _pause())
+            self._send_prepared((message,), wait=True)
+        elif self._make_room(len(payload), wait=True):
+            self._write(self._proto.encode(opcode, payload, compress))
 
-    def _send_frame(self, frame: bytes, wait: bool, sent: bytes | None = None) -> bool:
-        """Send or queue a whole frame; return whether it was accepted.
+    def _send_prepared(self, messages: Sequence[_Prepared], wait: bool = False) -> bool:
+        """Send messages prepared for many connections, in one write; whether they were taken.
 
-        When the buffer is full, ``wait`` waits for room (in a greenlet);
-        otherwise the connection is closed as too slow and the frame dropped.
-        ``sent`` is the payload of a frame compressed on its own: the
-        messages after it may refer to it.
+        The one way the endpoint and the message queue send. Without ``wait``
+        it never waits: a client whose send buffer is full is closed as too
+        slow, and from another thread the messages are handed to the
+        connection's event loop.
         """
-        if self._thread is not None and _get_ident() != self._thread:
-            if not wait:  # a broadcast from another thread: hand it over, never wait
-                if self._proto.state is not _OPEN:
-                    raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
-                self._loop.run_callback_threadsafe(self._offer, frame, sent)
-                return True
-            return self._send_from_thread(self._send_frame, frame, wait, sent)
-        if not self._make_room(len(frame), wait):
+        if _get_ident() != self._thread:
+            if wait:
+                return self._send_from_thread(self._send_prepared, messages, True)
+            if self.closed or not self._hand_to_loop(self._offer, messages):
+                raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
+            return True
+        size = len(messages[0].payload) if len(messages) == 1 else sum(len(m.payload) for m in messages)
+        if not self._make_room(size, wait):
             return False
-        if sent is not None:
-            self._proto.deflate.sent(sent)  # type: ignore[union-attr]
-        self._write(frame)
+        prepared = self._proto.prepared
+        self._write(prepared(messages[0]) if len(messages) == 1 else b"".join([prepared(m) for m in messages]))
         return True
 
-    def _send_compressed(self, opcode: int, payload: bytes) -> bool:
-        """Compress a message after those before it, and send it: nothing may go out in between."""
-        if self._thread is not None and _get_ident() != self._thread:
-            return self._send_from_thread(self._send_compressed, opcode, payload)
-        if not self._make_room(len(payload), wait=True):  # its compressed size is not known yet
-            return False
-        self._write(_frame(_RSV1 | opcode, self._proto.deflate.compress(payload)))  # type: ignore[union-attr]
-        return True
+    def _offer(self, messages: Sequence[_Prepared]) -> None:  # a broadcast from another thread, in the loop
+        try:
+            self._send_prepared(messages)
+        except ConnectionClosed:
+            pass
 
     def _make_room(self, size: int, wait: bool) -> bool:
         """Whether ``size`` more bytes fit the send buffer of this open connection.
 
         When they do not, ``wait`` waits for room (in a greenlet); otherwise,
-        or in the event loop, the client is closed as too slow.
+        or in the event loop, the client is closed as too slow. A message
+        counts as its payload's size.
         """
-        if self.closed:
+        life = self._life
+        if life is not _OPEN and life is not _FINISHING:
             raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
-        if self._out is not None and self._out_size + size > self._settings.max_send_buffer:
+        buffer = self._buffer
+        if buffer is not None and buffer.size and buffer.size + size > self._settings.max_send_buffer:
             if not wait or gevent.getcurrent() is self._hub:
                 self._too_slow()
                 return False
-            self._wait_for_room(size)
+            buffer.wait_for_room(size)
         return True
 
     def _write(self, data: bytes) -> None:
-        """Send ``data`` after what is queued, without ever blocking."""
-        if self._out is not None:
-            self._out.append(data)
-            self._out_size += len(data)
+        """Send ``data`` after what is buffered, without ever blocking."""
+        buffer = self._buffer
+        if buffer is not None and buffer.size:
+            buffer.append(data)
             return
         try:
             sent = self._sock.send(data)
@@ -1344,87 +1423,14 @@ class Connection:
         except OSError:
             self._drop()
             return
-        if sent < len(data):  # the socket's buffer is full: queue the rest, write when it has room
-            self._out = collections.deque([memoryview(data)[sent:]])
-            self._out_size = len(data) - sent
-            if self._writer is None:
-                self._writer = self._loop.io(self._sock.fileno(), 2)
-            self._writer.start(self._on_writable)
-            self._progress_at = self._now()
-            if self._settings.send_timeout is not None and self._send_timer is None:
-                self._send_timer = self._call_later(self._settings.send_timeout, self._check_progress)
+        if sent < len(data):  # the socket's buffer is full: the rest waits, written when it has room
+            if buffer is None:
+                buffer = self._buffer = _SendBuffer(self)
+            buffer.append(memoryview(data)[sent:])
 
-    def _on_writable(self) -> None:  # in the event loop
-        out = self._out
-        if out is None:
-            return
-        progress = False
-        try:
-            while out:
-                head = out[0]
-                sent = self._sock.send(head)
-                if not sent:
-                    break
-                progress = True
-                self._out_size -= sent
-                if sent < len(head):
-                    out[0] = memoryview(head)[sent:]
-                    break
-                out.popleft()
-        except _WOULD_BLOCK:
-            pass
-        except OSError:
-            self._drop()
-            return
-        if progress:
-            self._progress_at = self._now()
-        if not out:
-            self._out, self._out_size = None, 0
-            self._writer.stop()
-            if self._proto.state is _CLOSED and self._waiter is not None:
-                self._wake()
-        if self._room is not None and self._out_size <= self._settings.max_send_buffer // 2:
-            self._room.set()
-            self._room = None
-
-    def _wait_for_room(self, size: int) -> None:
-        """Wait until ``size`` more bytes fit in the buffer, or it is empty."""
-        while self._out is not None and self._out_size + size > self._settings.max_send_buffer:
-            if self._room is None:
-                self._room = gevent.event.Event()
-            self._room.wait()
-            if self._proto.state is not _OPEN:
-                raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
-
-    def _check_progress(self) -> None:  # a timer: has the socket taken nothing for the send timeout?
-        self._send_timer = None
-        if self._out is None or self._proto.state is _CLOSED:
-            return
-        timeout = self._settings.send_timeout
-        assert timeout is not None
-        stalled = self._now() - self._progress_at
-        if stalled < timeout:
-            self._send_timer = self._call_later(timeout - stalled, self._check_progress)
-            return
-        logger.info("closing %r: the client took nothing for %s s", self, timeout)
-        self._too_slow()
-        self._drop()
-
-    def _too_slow(self) -> None:
-        """Close a connection whose client does not read: its queued messages are dropped."""
-        if self._proto.state is not _OPEN:
-            return
-        logger.info("closing %r: the client is too slow (%d bytes wait to be sent)", self, self._out_size)
-        if self._out is not None and len(self._out) > 1:  # keep the frame the socket has begun to take
-            head = self._out[0]
-            self._out.clear()
-            self._out.append(head)
-            self._out_size = len(head)
-        self._close(1008, "client too slow")
-
-    def _send_from_thread(self, send: Callable[..., bool], *args: Any) -> bool:
+    def _send_from_thread(self, send: Callable[..., Any], *args: Any) -> bool:
         """Call ``send(*args)`` from another thread, in a greenlet of the connection's own loop; wait for it."""
-        if self._proto.state is not _OPEN:
+        if self.closed:
             raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
         done, outcome = _thread_lock(), []  # type: tuple[Any, list[Any]]
         done.acquire()
@@ -1437,42 +1443,57 @@ class Connection:
             finally:
                 done.release()
 
-        self._loop.run_callback_threadsafe(gevent.spawn, run)
-        while not done.acquire(timeout=0.5):
-            if self._hub is None:  # the connection ended before its loop ran the send
+        if not self._hand_to_loop(gevent.spawn, run):
+            raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
+        while not done.acquire(timeout=0.05):
+            if self._life is _ENDED:  # it ended before its loop ran the send
                 raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
         if isinstance(outcome[0], BaseException):
             raise outcome[0]
         return True
 
-    def _offer(self, frame: bytes, sent: bytes | None) -> None:  # a broadcast from another thread, in the loop
-        try:
-            self._send_frame(frame, wait=False, sent=sent)
-        except ConnectionClosed:
-            pass
+    def _too_slow(self) -> None:
+        """Close a connection whose client does not read: its buffered messages are dropped."""
+        if self._life is not _OPEN:
+            return
+        logger.info("closing %r: the client is too slow (%d bytes wait to be sent)", self, self.buffered_amount)
+        if self._buffer is not None:
+            self._buffer.trim()
+        self._close(1008, "client too slow")
 
-    # -- internals: closing --------------------------------------------------
+    def _wake_senders(self) -> None:
+        if self._buffer is not None:
+            self._buffer.wake_senders()
+
+    # What the endpoint and the message queue may ask of a connection.
+
+    def _window(self) -> tuple[int, int] | None:
+        """The window and size threshold of the messages it sends compressed, or ``None``."""
+        deflate = self._proto.deflate
+        return None if deflate is None else (deflate.send_bits, deflate.min_size)
+
+    def _backlogged(self) -> bool:
+        """Whether over half its send buffer is taken: the message queue waits for it to drain."""
+        return self.buffered_amount > self._settings.max_send_buffer // 2
+
+    # -- internals: closing ----------------------------------------------------
 
     def _close(self, code: int, reason: str) -> None:
         """Send a close frame; never blocks. Messages not yet handled are dropped."""
-        if self._held is not None:  # the client closed (or failed) already: answer it now
+        if self._life is _FINISHING:  # the peer closed (or failed) already: answer it now
             self._inbox.clear()
             self._inbox_size = 0
             self._release_held()
             return
-        if self._proto.state is not _OPEN:
+        if self._life is not _OPEN:
             return
         self._proto.send_close(code, reason)
         self._inbox.clear()
         self._inbox_size = 0
-        if self._sock is None or self._hub is None:  # never started
-            self._proto.abort()
-            return
+        self._become(_CLOSING)
         self._write(self._proto.data_to_send())
-        self._arm_close_timer()
-        if not self._reading and self._proto.state is not _CLOSED:
+        if self._life is _CLOSING and not self._reading:
             self._resume_soon()  # to read the client's close frame
-        self._wake_senders()
 
     def _arm_close_timer(self) -> None:
         if self._settings.close_timeout is not None and self._close_timer is None:
@@ -1480,9 +1501,9 @@ class Connection:
 
     def _on_close_timeout(self) -> None:  # a timer
         self._close_timer = None
-        if self._proto.state is _CLOSED:
+        if self._life is not _CLOSING:
             return
-        if self._held is None and self._proto.close_now():  # an oversized message that does not end
+        if self._proto.close_now():  # an oversized message that does not end
             self._write(self._proto.data_to_send())
             self._arm_close_timer()  # now for the client's close frame
             return
@@ -1491,26 +1512,17 @@ class Connection:
 
     def _drop(self) -> None:
         """Drop the TCP connection: the peer is gone, or took too long."""
-        if self._proto.state is _CLOSED and self._out is None:
+        if self._life is _ENDED or (self._life is _CLOSED and not self.buffered_amount):
             return
         self._proto.abort()
-        self._out, self._out_size, self._held = None, 0, None
+        self._held = b""
+        if self._buffer is not None:
+            self._buffer.clear()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self._stop_reading()
-        if self._writer is not None:
-            self._writer.stop()
-        self._stop_timers()
-        self._wake_senders()
-        if self._waiter is not None:
-            self._wake()
-
-    def _wake_senders(self) -> None:
-        if self._room is not None:
-            self._room.set()
-            self._room = None
+        self._become(_CLOSED)
 
     def _end(self, wait: bool) -> None:
         """Release everything, once the handlers are done; in the view's greenlet.
@@ -1518,31 +1530,34 @@ class Connection:
         With ``wait``, give the closing handshake and the last frames up to the
         close timeout to complete.
         """
-        if self._proto.state is _OPEN:
+        if self._life is _OPEN:
             self._close(1011, "internal error")  # a handler error propagated
-        if self._reader is None:  # never started
-            return
         try:
             if wait:
                 for _ in self._messages():  # until CLOSED: the peer's close frame, or the timeout
                     pass
-                if self._out is not None:
+                if self.buffered_amount:
                     with gevent.Timeout(self._settings.close_timeout, False):
-                        while self._out is not None and self._proto.state is _CLOSED:
-                            self._wait()
+                        while self.buffered_amount and self._life is _CLOSED:
+                            self._wait()  # woken when the buffer empties, or the client is dropped
         finally:
-            self._stop_reading()
-            self._stop_timers()
-            for watcher in (self._reader, self._writer, self._resumer):
-                if watcher is not None:
-                    watcher.close()
-            self._hub = self._reader = self._writer = self._resumer = None
-            self._out, self._out_size = None, 0
-            self._wake_senders()
-            try:
-                self._sock.settimeout(self._timeout)  # the server may still use it
-            except OSError:
-                pass
+            self._become(_ENDED)
+
+    def _release(self) -> None:
+        """ENDED: give back the watchers, the timers and the buffer; the socket its timeout."""
+        self._stop_reading()
+        self._stop_timers()
+        self._reader.close()
+        if self._resumer is not None:
+            self._resumer.close()
+        if self._buffer is not None:
+            self._buffer.close()
+        self._inbox.clear()
+        self._reader = self._resumer = self._buffer = None  # type: ignore[assignment]
+        try:
+            self._sock.settimeout(self._timeout)  # the server may still use it
+        except OSError:
+            pass
 
     def _linger(self) -> None:
         """Close our side of TCP, then read until the client closes its own; after ``_end``.
@@ -1566,55 +1581,209 @@ class Connection:
         except OSError:  # reset, or timed out
             pass
 
-    # -- internals: keepalive and timers --------------------------------------
-    #
-    # One timer per connection, and nobody waiting. When nothing has come from
-    # the client for a ping interval, it gets a ping; if nothing at all comes
-    # within the ping timeout after that, it is gone. While reading is paused
-    # because the handlers lag behind, the silence is ours, not the client's.
-
-    def _check_alive(self, pinged: bool) -> None:  # a timer
-        self._keepalive_timer = None
-        if self._proto.state is not _OPEN:
-            return
-        interval, timeout = self._settings.ping_interval, self._settings.ping_timeout
-        assert interval is not None
-        now = self._now()
-        if not self._reading:
-            self._heard_at = now
-        if pinged and self._heard_at < self._pinged_at:
-            self._on_readable()  # a loop held up by a slow handler may not have read yet
-            if self._proto.state is not _OPEN:
-                return
-            if self._heard_at < self._pinged_at:  # no answer to the ping
-                logger.info("closing %r: no answer to a ping within %s s", self, timeout)
-                self._close(1011, "keepalive ping timeout")
-                self._drop()  # a dead peer: the close frame goes out if it can, no waiting
-                return
-        silent = now - self._heard_at
-        if silent < interval:
-            self._keepalive_timer = self._call_later(interval - silent, self._check_alive, False)
-            return
-        self._write(_PING)  # silent for a whole interval
-        self._pinged_at = now
-        if timeout is None:
-            self._keepalive_timer = self._call_later(interval, self._check_alive, False)
-        else:
-            self._keepalive_timer = self._call_later(timeout, self._check_alive, True)
+    # -- internals: timers -----------------------------------------------------
 
     def _call_later(self, seconds: float, function: Callable[..., Any], *args: Any) -> Any:
+        """A timer in the connection's event loop (a callback, not a greenlet), or on the test's fake clock."""
         if self._clock is not None:
             return self._clock.call_later(seconds, function, *args)
-        timer = self._loop.timer(seconds)  # a callback in the event loop, not a greenlet
+        timer = self._loop.timer(seconds)
         timer.start(function, *args)
         return timer
 
     def _stop_timers(self) -> None:
-        for name in ("_keepalive_timer", "_close_timer", "_send_timer"):
-            timer = getattr(self, name)
-            if timer is not None:
-                setattr(self, name, None)
-                timer.close()
+        self._keepalive.stop()
+        if self._close_timer is not None:
+            self._close_timer.close()
+            self._close_timer = None
+
+
+class _Life(enum.Enum):
+    """Where a connection is in its life: the table at the head of this section."""
+
+    OPEN = "open"
+    FINISHING = "finishing"
+    CLOSING = "closing"
+    CLOSED = "closed"
+    ENDED = "ended"
+
+
+_OPEN, _FINISHING, _CLOSING, _CLOSED, _ENDED = _Life
+
+
+class _SendBuffer:
+    """What a connection's socket has not taken yet, and the back-pressure it puts on senders.
+
+    Made at the connection's first write that the socket did not take whole,
+    and kept. It owns the bytes that wait (``size`` of them), the event loop's
+    write watcher that drains them, the event that senders waiting for room
+    wait on (room: less than ``WEBSOCKETS_MAX_SEND_BUFFER``), and the send
+    timeout's timer: a client that takes nothing for
+    ``WEBSOCKETS_SEND_TIMEOUT`` seconds is closed as too slow and dropped.
+    """
+
+    __slots__ = ("_conn", "_chunks", "size", "_writer", "_room", "_progress_at", "_timer")
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._chunks: collections.deque = collections.deque()
+        self.size = 0
+        self._writer = conn._loop.io(conn._sock.fileno(), 2)
+        self._room: Any = None  # an Event for senders waiting for room, made when one waits
+        self._progress_at = 0.0  # when the socket last took something
+        self._timer: Any = None
+
+    def append(self, data: bytes | memoryview) -> None:
+        if not self._chunks:  # it was empty: drain it as the socket takes more
+            self._writer.start(self._on_writable)
+            conn = self._conn
+            self._progress_at = conn._now()
+            if conn._settings.send_timeout is not None and self._timer is None:
+                self._timer = conn._call_later(conn._settings.send_timeout, self._check_progress)
+        self._chunks.append(data)
+        self.size += len(data)
+
+    def _on_writable(self) -> None:  # in the event loop
+        chunks, sock = self._chunks, self._conn._sock
+        progress = False
+        try:
+            while chunks:
+                head = chunks[0]
+                sent = sock.send(head)
+                if not sent:
+                    break
+                progress = True
+                self.size -= sent
+                if sent < len(head):
+                    chunks[0] = memoryview(head)[sent:]
+                    break
+                chunks.popleft()
+        except _WOULD_BLOCK:
+            pass
+        except OSError:
+            self._conn._drop()
+            return
+        if progress:
+            self._progress_at = self._conn._now()
+        if not chunks:
+            self._writer.stop()
+            conn = self._conn
+            if conn._life is _CLOSED and conn._waiter is not None:
+                conn._wake()  # the end waits for the last bytes
+        if self._room is not None and self.size <= self._conn._settings.max_send_buffer // 2:
+            self.wake_senders()
+
+    def wait_for_room(self, size: int) -> None:
+        """Wait until ``size`` more bytes fit, or it is empty; raise ConnectionClosed if it closes meanwhile."""
+        conn = self._conn
+        while self.size and self.size + size > conn._settings.max_send_buffer:
+            if self._room is None:
+                self._room = gevent.event.Event()
+            self._room.wait()
+            if conn.closed:
+                raise ConnectionClosed(f"{conn!r} is closed ({conn.close_code})")
+
+    def wake_senders(self) -> None:
+        if self._room is not None:
+            self._room.set()
+            self._room = None
+
+    def _check_progress(self) -> None:  # a timer: has the socket taken nothing for the send timeout?
+        self._timer = None
+        conn = self._conn
+        if not self._chunks or conn._life is _CLOSED or conn._life is _ENDED:
+            return
+        timeout = conn._settings.send_timeout
+        assert timeout is not None
+        stalled = conn._now() - self._progress_at
+        if stalled < timeout:
+            self._timer = conn._call_later(timeout - stalled, self._check_progress)
+            return
+        logger.info("closing %r: the client took nothing for %s s", conn, timeout)
+        conn._too_slow()
+        conn._drop()
+
+    def trim(self) -> None:
+        """Drop what waits, but the frame the socket has begun to take (the client is too slow)."""
+        if len(self._chunks) > 1:
+            head = self._chunks[0]
+            self._chunks.clear()
+            self._chunks.append(head)
+            self.size = len(head)
+
+    def clear(self) -> None:
+        """Drop everything that waits (the connection is dropped)."""
+        self._chunks.clear()
+        self.size = 0
+        self._writer.stop()
+
+    def close(self) -> None:
+        """The connection has ended: release the watcher and the timer, and let waiting senders fail."""
+        self.clear()
+        self._writer.close()
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
+        self.wake_senders()
+
+
+class _Keepalive:
+    """A connection's keepalive: it pings a silent client, and drops it when a ping goes unanswered.
+
+    It owns the keepalive timer, when bytes last came from the client
+    (``heard_at``) and when the last ping went. One timer per connection, and
+    nobody waiting: when nothing has come from the client for a ping interval,
+    it gets a ping; if nothing at all comes within the ping timeout after that,
+    it is gone. While reading is paused because the handlers lag behind, the
+    silence is ours, not the client's.
+    """
+
+    __slots__ = ("_conn", "_timer", "heard_at", "_pinged_at")
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._timer: Any = None
+        self.heard_at = self._pinged_at = conn._now()
+
+    def start(self) -> None:
+        interval = self._conn._settings.ping_interval
+        if interval:
+            self._timer = self._conn._call_later(interval, self._check, False)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
+
+    def _check(self, pinged: bool) -> None:  # a timer
+        self._timer = None
+        conn = self._conn
+        if conn._life is not _OPEN:
+            return
+        interval, timeout = conn._settings.ping_interval, conn._settings.ping_timeout
+        assert interval is not None
+        now = conn._now()
+        if not conn._reading:
+            self.heard_at = now
+        if pinged and self.heard_at < self._pinged_at:
+            conn._on_readable()  # a loop held up by a slow handler may not have read yet
+            if conn._life is not _OPEN:
+                return
+            if self.heard_at < self._pinged_at:  # no answer to the ping
+                logger.info("closing %r: no answer to a ping within %s s", conn, timeout)
+                conn._close(1011, "keepalive ping timeout")
+                conn._drop()  # a dead peer: the close frame goes out if it can, no waiting
+                return
+        silent = now - self.heard_at
+        if silent < interval:
+            self._timer = conn._call_later(interval - silent, self._check, False)
+            return
+        conn._write(conn._proto.ping(b"keepalive"))  # silent for a whole interval
+        self._pinged_at = now
+        if timeout is None:
+            self._timer = conn._call_later(interval, self._check, False)
+        else:
+            self._timer = conn._call_later(timeout, self._check, True)
 
 
 def _pause() -> Callable[[], Any] | None:
@@ -1633,6 +1802,9 @@ _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 # The real thread's identity and lock, even where gevent's monkey-patching made threads greenlets.
 _get_ident = gevent.monkey.get_original("_thread", "get_ident")
 _thread_lock = gevent.monkey.get_original("_thread", "allocate_lock")
+#: Held while a thread hands work to a connection's event loop, and while a connection ends:
+#: no thread reaches for a loop that its connection's end may destroy.
+_handoff_lock = _thread_lock()
 
 
 # ---------------------------------------------------------------------------
@@ -2142,7 +2314,7 @@ class Publisher:
 
     def broadcast(self, message: Reply, room: str | None = None, compress: bool = True) -> None:
         """Send ``message`` to every connection of the endpoint, or a room's (see ``WebSockets.broadcast``)."""
-        content = _message(message, "Publisher.broadcast()")
+        content = _payload(message, "Publisher.broadcast()")
         if content is not None:
             self._sequence += 1
             _publish(self._redis, self.endpoint, room, _entry(self._origin, self._sequence, *content, compress))
@@ -2298,12 +2470,12 @@ class _MessageQueue:
                         continue  # sent again after a failed write: delivered already
                     seen[(key, publisher)] = sequence
                     opcode = _OP_TEXT if fields[b"t"] == b"text" else _OP_BINARY
-                    batch.append((room, _Outgoing(opcode, fields[b"d"], compress=fields.get(b"c") != b"0")))
+                    batch.append((room, _Prepared(opcode, fields[b"d"], compress=fields.get(b"c") != b"0")))
             for part in _parts(batch, 256 * 1024):
                 self._sockets._compress_ahead([message for _, message in part])  # here, not in the event loop
                 self._hand_over(part)
 
-    def _hand_over(self, batch: list[tuple[str | None, _Outgoing]]) -> None:
+    def _hand_over(self, batch: list[tuple[str | None, _Prepared]]) -> None:
         """Deliver, at the pace the clients read: the rest waits in Redis, not in memory.
 
         A broadcast in this process cannot wait; these can. The next part goes
@@ -2317,18 +2489,16 @@ class _MessageQueue:
         self._loop.run_callback_threadsafe(self._deliver_paced, batch)
         self._delivered.acquire(timeout=10)  # the loop is gone if it takes that long
 
-    def _deliver_paced(self, batch: list[tuple[str | None, _Outgoing]]) -> None:  # in the loop
+    def _deliver_paced(self, batch: list[tuple[str | None, _Prepared]]) -> None:  # in the loop
         written = self._sockets._deliver_remote(batch)
-        if any(conn._out_size > conn._settings.max_send_buffer // 2 for conn in written):
+        if any(conn._backlogged() for conn in written):
             gevent.spawn(self._wait_for_buffers, written)
         else:
             self._delivered.release()
 
     def _wait_for_buffers(self, written: list[Connection]) -> None:
         deadline = time.monotonic() + 0.1
-        while time.monotonic() < deadline and any(
-            conn._out_size > conn._settings.max_send_buffer // 2 for conn in written
-        ):
+        while time.monotonic() < deadline and any(conn._backlogged() for conn in written):
             gevent.sleep(0.005)
         self._delivered.release()
 
@@ -2363,7 +2533,7 @@ class _MessageQueue:
 
 
 def _parts(batch: list[Any], size: int) -> Iterator[list[Any]]:
-    """Cut a batch of ``(room, _Outgoing)`` into parts of about ``size`` bytes of payload."""
+    """Cut a batch of ``(room, _Prepared)`` into parts of about ``size`` bytes of payload."""
     part: list[Any] = []
     total = 0
     for item in batch:
@@ -2462,7 +2632,7 @@ class WebSocketTestClient:
 
     @property
     def closed(self) -> bool:
-        return self._proto.state is not _OPEN
+        return self._proto.state is not _P_OPEN
 
     @property
     def close_code(self) -> int | None:
@@ -2487,7 +2657,7 @@ class WebSocketTestClient:
 
         With compression agreed, it goes compressed unless ``compress=False``.
         """
-        if self._proto.state is not _OPEN:
+        if self._proto.state is not _P_OPEN:
             raise ConnectionClosed(f"the connection is closed: {self.close_code} {self.close_reason}")
         self._sock.sendall(self._proto.message(message, compress))
 
@@ -2502,10 +2672,10 @@ class WebSocketTestClient:
         """
         try:
             with gevent.Timeout(timeout, TimeoutError(f"no message within {timeout} s")):
-                while not self._messages and self._proto.state is not _CLOSED:
+                while not self._messages and self._proto.state is not _P_CLOSED:
                     self._read()
         finally:
-            if self._proto.state is _CLOSED and not self._messages:
+            if self._proto.state is _P_CLOSED and not self._messages:
                 self._finish()
         if not self._messages:
             raise ConnectionClosed(f"the endpoint closed the connection: {self.close_code} {self.close_reason}")
@@ -2517,11 +2687,11 @@ class WebSocketTestClient:
         Its ``on_close`` hooks have run when this returns. A handler error
         that propagated (``app.testing``) is raised here.
         """
-        if self._proto.state is _OPEN:
+        if self._proto.state is _P_OPEN:
             self._proto.send_close(code, reason)
             self._sock.sendall(self._proto.data_to_send())
         with gevent.Timeout(5, False):
-            while self._proto.state is not _CLOSED:
+            while self._proto.state is not _P_CLOSED:
                 self._read()
         self._finish()
 
@@ -2632,14 +2802,21 @@ class _Settings(NamedTuple):
 def _settings(app: Flask) -> _Settings:
     """The app's settings, checked again when its config changed; a ``ValueError`` names a bad key."""
     get = app.config.get
-    raw = [get(key) for key in _CONFIG_DEFAULTS]
+    raw = [_snapshot(get(key)) for key in _CONFIG_DEFAULTS]
     cached = app.extensions.get("flask_websockets.settings")
     if cached is None or cached[0] != raw:
         settings = _check_settings({key: get(key, default) for key, default in _CONFIG_DEFAULTS.items()})
-        # A copy of any list, so that changing the app's list in place is noticed.
-        cached = [list(value) if isinstance(value, (list, set)) else value for value in raw], settings
-        app.extensions["flask_websockets.settings"] = cached
+        cached = app.extensions["flask_websockets.settings"] = raw, settings
     return cached[1]  # type: ignore[no-any-return]
+
+
+def _snapshot(value: Any) -> Any:
+    """A value to compare with the next handshake's: a copy of a collection, so that a change in place shows."""
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    if isinstance(value, (set, frozenset)):
+        return frozenset(value)
+    return value
 
 
 def _check_settings(values: dict[str, Any]) -> _Settings:
@@ -2689,17 +2866,7 @@ def _check_settings(values: dict[str, Any]) -> _Settings:
 _DEFAULT_SETTINGS = _check_settings(dict(_CONFIG_DEFAULTS))
 
 
-def _encode(value: Reply, who: str | Callable[..., Any]) -> bytes | None:
-    """The frame for a sent message or a handler's reply, or ``None`` for ``None``."""
-    if type(value) is str:  # the common cases, without the detour
-        return _frame(_OP_TEXT, value.encode("utf-8"))
-    if type(value) is bytes:
-        return _frame(_OP_BINARY, value)
-    message = _message(value, who)
-    return None if message is None else _frame(*message)
-
-
-def _message(value: Reply, who: str | Callable[..., Any]) -> tuple[int, bytes] | None:
+def _payload(value: Reply, who: str | Callable[..., Any]) -> tuple[int, bytes] | None:
     """``(opcode, payload)`` for a sent message or a handler's reply, or ``None`` for ``None``.
 
     ``who`` is the sending function's name, or the handler, for the error message.
@@ -2754,7 +2921,8 @@ class _State(enum.Enum):
     CLOSED = "closed"  # close frames exchanged, or the connection failed or was lost
 
 
-_OPEN, _CLOSING, _CLOSED = _State.OPEN, _State.CLOSING, _State.CLOSED
+# The protocol core's states, P for protocol (a connection's own life cycle is a _Life).
+_P_OPEN, _P_CLOSING, _P_CLOSED = _State.OPEN, _State.CLOSING, _State.CLOSED
 
 
 class _Protocol:
@@ -2808,7 +2976,7 @@ class _Protocol:
         self.client = client
         self.max_size = max_size
         self.deflate = deflate  # permessage-deflate, if agreed
-        self.state = _OPEN
+        self.state = _P_OPEN
         self.close_code: int | None = None  # this end's, if it closed first; else the peer's (1006: lost)
         self.close_reason = ""
         self._buf: bytes = b""  # received bytes, parsed up to _pos
@@ -2846,15 +3014,15 @@ class _Protocol:
 
     def abort(self) -> None:
         """This end drops the connection: nothing more is read or sent."""
-        if self.state is _OPEN:
+        if self.state is _P_OPEN:
             self.close_code = 1006
-        self.state = _CLOSED
+        self.state = _P_CLOSED
         self._buf, self._pos, self._message, self._decoder, self._output = b"", 0, None, None, []
         self._deferred = self._inflater = None
 
     def next_event(self) -> tuple[int, Any] | None:
         """The next event, or ``None`` until more data arrives (or for good, once CLOSED)."""
-        while self.state is not _CLOSED:
+        while self.state is not _P_CLOSED:
             if self._left:
                 event = self._receive_payload()
                 if event is not None or self._left:
@@ -2875,7 +3043,7 @@ class _Protocol:
             if b0 & 0x08 and length <= 125 and len(buf) < end + length:
                 return self._end_of_input()  # control frames are handled whole
             mask = buf[start:end] if end > start else None
-            if self.state is _CLOSING:
+            if self.state is _P_CLOSING:
                 event = self._frame_while_closing(b0, length, end)
             elif (
                 (b0 == 0x81 or b0 == 0x82) and b1 & 0x80 == self._mask_bit and not self._opcode
@@ -2901,9 +3069,9 @@ class _Protocol:
     def _end_of_input(self) -> tuple[int, Any] | None:
         """No event until more data arrives; if none will, the connection is over."""
         if self._eof:  # the peer hung up: after its close frame, or not (1006)
-            if self.state is _OPEN:
+            if self.state is _P_OPEN:
                 self.close_code = 1006
-            self.state = _CLOSED
+            self.state = _P_CLOSED
         return None
 
     def _frame(self, b0: int, b1: int, length: int, mask: bytes | None, end: int) -> tuple[int, Any] | None:
@@ -3064,17 +3232,17 @@ class _Protocol:
             code, reason = _parse_close(payload)
         except _ProtocolError as error:
             return self._fail(error.code, error.reason, skip=None)
-        if self.state is _OPEN:  # the peer starts the closing handshake: answer it
+        if self.state is _P_OPEN:  # the peer starts the closing handshake: answer it
             self.close_code, self.close_reason = code, reason
             self._output.append(self._close_frame(1000 if code == 1005 else code, ""))
-        self.state = _CLOSED
+        self.state = _P_CLOSED
         return opcode, (code, reason)
 
     def _frame_while_closing(self, b0: int, length: int, end: int) -> tuple[int, Any] | None:
         """After our close frame: skip every frame but the peer's close frame."""
         if b0 & 0x0F == _OP_CLOSE and length <= 125:
             self._pos = end + length
-            self.state = _CLOSED
+            self.state = _P_CLOSED
             return _OP_CLOSE, (self.close_code, self.close_reason)  # its content no longer matters
         self._pos = end
         self._fin = b0 & 0x80 if b0 & 0x0F < _OP_CLOSE else 0  # a control frame ends no message
@@ -3091,7 +3259,7 @@ class _Protocol:
         the close frame waits for the end of the message (``fin``: this frame
         is its last).
         """
-        if self.state is _OPEN:
+        if self.state is _P_OPEN:
             self.close_code, self.close_reason = code, reason
             if defer:
                 self._deferred = self._close_frame(code, reason)
@@ -3099,9 +3267,9 @@ class _Protocol:
                 self._output.append(self._close_frame(code, reason))
         self._opcode, self._message, self._decoder, self._inflater = 0, None, None, None
         if skip is None:
-            self.state = _CLOSED
+            self.state = _P_CLOSED
         else:
-            self.state = _CLOSING
+            self.state = _P_CLOSING
             self._fin, self._left, self._skip = fin, skip, True
             if not skip:
                 self._skipped_frame()
@@ -3119,8 +3287,8 @@ class _Protocol:
 
     def send_close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake: the close frame waits in :meth:`data_to_send`."""
-        if self.state is _OPEN:
-            self.state = _CLOSING
+        if self.state is _P_OPEN:
+            self.state = _P_CLOSING
             self.close_code, self.close_reason = code, reason
             self._output.append(self._close_frame(code, reason))
 
@@ -3132,21 +3300,44 @@ class _Protocol:
         self._output.clear()
         return data
 
-    def frame(self, opcode: int, payload: Any, rsv: int = 0) -> bytes:
-        """A whole frame from this end: masked for a client, as RFC 6455 requires."""
-        return _encode_frame(opcode, payload, rsv=rsv, mask=os.urandom(4) if self.client else None)
-
     def message(self, message: str | bytes, compress: bool = True) -> bytes:
-        """The frame of a whole text (``str``) or binary message.
+        """The frame of a whole text (``str``) or binary message from this end (see :meth:`encode`)."""
+        if isinstance(message, str):
+            return self.encode(_OP_TEXT, message.encode("utf-8"), compress)
+        return self.encode(_OP_BINARY, message, compress)
 
-        With permessage-deflate agreed, it is compressed, unless ``compress``
-        is false or it is shorter than the agreement's ``min_size``.
+    def encode(self, opcode: int, payload: bytes, compress: bool = True) -> bytes:
+        """The frame of a whole message from this end: ``_OP_TEXT`` (UTF-8) or ``_OP_BINARY``.
+
+        With permessage-deflate agreed, it is compressed after the messages
+        before it, unless ``compress`` is false or it is shorter than the
+        agreement's ``min_size``. Send frames in the order they were made.
         """
-        opcode, payload = (_OP_TEXT, message.encode("utf-8")) if isinstance(message, str) else (_OP_BINARY, message)
         deflate = self.deflate
         if deflate is not None and compress and len(payload) >= deflate.min_size:
             return self.frame(opcode, deflate.compress(payload), rsv=_RSV1)
-        return self.frame(opcode, payload)
+        if self.client:
+            return self.frame(opcode, payload)
+        return _frame(opcode, payload)
+
+    def prepared(self, message: _Prepared) -> bytes:
+        """The frame of a message prepared for many ends: framed (and compressed) once for all of them."""
+        deflate = self.deflate
+        if self.client:  # a client masks each frame: nothing to share
+            return self.encode(message.opcode, message.payload, message.compress)
+        if deflate is None or not message.compress or len(message.payload) < deflate.min_size:
+            return message.plain()
+        frame = message.deflated(deflate.send_bits)
+        deflate.sent(message.payload)
+        return frame
+
+    def ping(self, payload: bytes = b"") -> bytes:
+        """A ping frame; the peer's pong comes as an event."""
+        return self.frame(_OP_PING, payload)
+
+    def frame(self, opcode: int, payload: Any, rsv: int = 0) -> bytes:
+        """A whole frame from this end: masked for a client, as RFC 6455 requires."""
+        return _encode_frame(opcode, payload, rsv=rsv, mask=os.urandom(4) if self.client else None)
 
     def _close_frame(self, code: int, reason: str) -> bytes:
         return self.frame(_OP_CLOSE, _close_payload(code, reason))
@@ -3192,13 +3383,6 @@ def _close_payload(code: int, reason: str) -> bytes:
     if len(encoded) > 123:
         encoded = encoded[:123].decode("utf-8", "ignore").encode("utf-8")
     return code.to_bytes(2, "big") + encoded
-
-
-def _close_frame(code: int, reason: str) -> bytes:
-    return _frame(_OP_CLOSE, _close_payload(code, reason))
-
-
-_PING = _frame(_OP_PING, b"keepalive")
 
 
 def _parse_close(payload: bytes) -> tuple[int, str]:
@@ -3396,12 +3580,12 @@ def _deflate_params(items: list[str]) -> dict[str, int | None] | None:
     return params
 
 
-class _Outgoing:
-    """One message for many connections: framed once, and compressed once per window size.
+class _Prepared:
+    """A message prepared once for many connections: framed once, compressed once per window size.
 
-    Compressed on its own, it refers to no earlier message, so that one
-    compression serves every connection with that window, whatever each
-    sent before.
+    :meth:`_Protocol.prepared` takes it. Compressed on its own, it refers to
+    no earlier message, so that one compression serves every connection with
+    that window, whatever each sent before; each then adds it to its window.
     """
 
     __slots__ = ("opcode", "payload", "compress", "_plain", "_deflated")
@@ -3411,19 +3595,14 @@ class _Outgoing:
         self._plain: bytes | None = None
         self._deflated: dict[int, bytes] = {}
 
-    def frame(self, deflate: _Deflate | None) -> tuple[bytes, bytes | None]:
-        """The frame for a connection with ``deflate``, and the payload its window takes in, if compressed."""
-        if deflate is None or not self.compress or len(self.payload) < deflate.min_size:
-            if self._plain is None:
-                self._plain = _frame(self.opcode, self.payload)
-            return self._plain, None
-        frame = self._deflated.get(deflate.send_bits)
-        if frame is None:
-            frame = self.prepare(deflate.send_bits)
-        return frame, self.payload
+    def plain(self) -> bytes:
+        """Its frame as it is."""
+        if self._plain is None:
+            self._plain = _frame(self.opcode, self.payload)
+        return self._plain
 
-    def prepare(self, bits: int, pause: Callable[[], Any] | None = None) -> bytes:
-        """Compress it for connections with a ``bits`` window, ahead of :meth:`frame`."""
+    def deflated(self, bits: int, pause: Callable[[], Any] | None = None) -> bytes:
+        """Its frame compressed with a ``2**bits`` window; ``pause`` lets others run while a long one is."""
         frame = self._deflated.get(bits)
         if frame is None:
             frame = self._deflated[bits] = _frame(_RSV1 | self.opcode, _compress(self.payload, bits, pause=pause))

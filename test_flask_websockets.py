@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -955,6 +956,43 @@ def test_failing_on_close_hook_is_logged_and_others_still_run(caplog):
     run(app)
     assert events == ["second"]
     assert "ZeroDivisionError" in caplog.text
+
+
+def test_each_on_close_hook_runs_even_when_one_raises_with_errors_propagating():
+    app, sockets = make_app()
+    app.testing = True  # errors propagate
+    events = []
+    sockets.on_close(lambda: events.append("first"))
+    sockets.on_close(lambda: 1 / 0)
+    sockets.on_close(lambda: events.append("third"))
+    client_ = sockets.test_client()
+    with pytest.raises(ZeroDivisionError):
+        client_.close()
+    assert events == ["first", "third"]
+    assert sockets._connections == set()
+
+
+@pytest.mark.parametrize("origins", [list, tuple, set, frozenset])
+def test_settings_are_checked_once_whatever_the_type_of_allowed_origins(origins, monkeypatch):
+    checks = []
+    check = flask_websockets._check_settings
+    monkeypatch.setattr(flask_websockets, "_check_settings", lambda values: checks.append(1) or check(values))
+    app, sockets = make_app()
+    app.config["WEBSOCKETS_ALLOWED_ORIGINS"] = origins(["https://a.example"])
+    sockets.on_message(lambda message: message)
+    for _ in range(3):
+        with sockets.test_client(headers={"Origin": "https://a.example"}) as client_:
+            client_.send("hi")
+            assert client_.receive() == "hi"
+    assert len(checks) == 2, "once at init_app, once after the change: not at every handshake"
+    if origins in (list, set):  # changed in place: noticed
+        allowed = app.config["WEBSOCKETS_ALLOWED_ORIGINS"]
+        allowed.append("https://b.example") if origins is list else allowed.add("https://b.example")
+        with sockets.test_client(headers={"Origin": "https://b.example"}):
+            pass
+        assert len(checks) == 3
+    with pytest.raises(HandshakeRefused):
+        sockets.test_client(headers={"Origin": "https://c.example"})
 
 
 def test_broadcast_reaches_every_open_connection_and_drops_dead_ones():
@@ -2467,6 +2505,254 @@ def test_a_room_is_a_non_empty_str():
         client.send("x")
         gevent.idle()
     assert len(caught) == 3 and "non-empty str" in caught[0]
+
+
+# ---------------------------------------------------------------------------
+# Concurrency: threads against connections that come and go
+# ---------------------------------------------------------------------------
+
+
+def kept_connection_app():
+    """An app that keeps each connection (as a view would from ``sockets.connections``) and tells when it ended."""
+    app, sockets = make_app()
+    kept, ended = [], threading.Event()
+
+    @sockets.on_open
+    def keep():
+        kept.append(ws._get_current_object())
+        ws.join("lobby")
+
+    @sockets.on_message
+    def echo(message):
+        return message
+
+    @app.teardown_request
+    def done(error):  # after the view returned: the connection's loop may be gone (Werkzeug's threads)
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            ended.set()
+
+    return app, sockets, kept, ended
+
+
+@pytest.mark.parametrize("server", ["flask_websockets", "werkzeug"])
+def test_every_call_from_another_thread_on_an_ended_connection_is_defined(server):
+    """close() does nothing, send() and join() raise ConnectionClosed, and the connection stays out of every room.
+
+    Under Werkzeug (``flask run``) each connection's event loop is destroyed
+    with its thread: a call that reached for it raised ``ValueError``.
+    """
+    app, sockets, kept, ended = kept_connection_app()
+    with serving(app, server) as url:
+        c = client(url)
+        c.send("hi")
+        assert c.recv() == "hi"
+        c.close()
+        assert ended.wait(5)
+        [conn] = kept
+        assert conn.closed and conn.close_code == 1000
+        outcome = {}
+
+        def from_a_thread():
+            try:
+                conn.close()  # does nothing
+                conn.close(4000, "again")
+                conn.leave("lobby")  # does nothing
+                for call in (lambda: conn.send("late"), lambda: conn.join("kitchen")):
+                    with pytest.raises(ConnectionClosed):
+                        call()
+                outcome["ok"] = True
+            except BaseException as error:  # the test's own thread: report it
+                outcome["error"] = error
+
+        thread = threading.Thread(target=from_a_thread)
+        start = time.monotonic()
+        thread.start()
+        thread.join(5)
+        assert outcome == {"ok": True}, outcome
+        assert time.monotonic() - start < 1, "a send to an ended connection raises at once"
+        assert "kitchen" not in conn.rooms
+        assert sockets._rooms == {} and sockets._connections == set()
+        assert sockets.broadcast("anyone?", room="kitchen") == 0 and sockets.broadcast("anyone?") == 0
+
+
+def test_join_from_a_handler_after_the_close_raises_and_the_room_stays_empty():
+    app, sockets = make_app()
+    caught = []
+
+    @sockets.on_message("^QUIT")
+    def quit(message):
+        ws.close()
+        try:
+            ws.join("kitchen")
+        except ConnectionClosed as error:
+            caught.append(str(error))
+
+    @sockets.on_close
+    def joins_too_late():
+        with pytest.raises(ConnectionClosed):
+            ws.join("attic")
+        caught.append("on_close")
+
+    with sockets.test_client() as client_:
+        client_.send("QUIT")
+        with pytest.raises(ConnectionClosed):
+            client_.receive()
+    assert len(caught) == 2 and caught[1] == "on_close"
+    assert sockets._rooms == {}
+
+
+def churn(url, sockets, kept, seconds, errors, clients=40):
+    """Threads that send, broadcast, close, join and leave while clients connect and go, for ``seconds``.
+
+    The threads pick among the open connections and the last few that were
+    ``kept`` (closed or ended, some of them). Each records any error but
+    ``ConnectionClosed``. Returns how many clients came and went.
+    """
+    stop = threading.Event()
+
+    def worker(seed):
+        rng = random.Random(seed)
+        while not stop.is_set():
+            conns = sockets.connections + kept[-10:]
+            conn = rng.choice(conns) if conns else None
+            action = rng.randrange(7)
+            try:
+                if action == 0:
+                    sockets.broadcast(f"all {seed}")
+                elif action == 1:
+                    sockets.broadcast(b"room", room=f"r{rng.randrange(5)}")
+                elif conn is None:
+                    time.sleep(0.001)
+                elif action == 2:
+                    conn.send(f"to one {seed}")
+                elif action == 3:
+                    conn.join(f"r{rng.randrange(5)}")
+                elif action == 4:
+                    conn.leave(f"r{rng.randrange(5)}")
+                elif action == 5 and rng.random() < 0.05:
+                    conn.close(4000 + seed, "churn")
+                else:
+                    conn.send(b"\x00" * rng.randrange(1, 70000))
+            except ConnectionClosed:
+                pass
+            except BaseException as error:  # noqa: BLE001 - the test reports every other error
+                errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(seed,), daemon=True) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    checked = 0
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline or checked < clients:
+            c = client(url, skip_utf8_validation=True)
+            if checked % 3 == 0:
+                c.sock.close()  # gone without a word
+            else:
+                with contextlib.suppress(websocket.WebSocketException, OSError):
+                    c.send("ping")
+                    c.close(timeout=1)
+            checked += 1
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    return checked
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", ["flask_websockets", "werkzeug"])
+def test_eight_threads_send_broadcast_close_and_join_while_connections_come_and_go(server, caplog):
+    app, sockets, kept, ended = kept_connection_app()
+    errors = []
+    with serving(app, server) as url:
+        churn(url, sockets, kept, seconds=3, errors=errors)
+        wait_until(lambda: not sockets._connections, timeout=10)
+        assert errors == []
+        assert sockets._rooms == {}, "every connection left every room it was in"
+        c = client(url)
+        c.send("still serving")
+        assert c.recv() == "still serving"
+        c.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+GUNICORN_CHURN_APP = """\
+import json, random, threading
+import gevent, gevent.threadpool
+from flask import Flask
+from flask_websockets import ConnectionClosed, WebSockets, ws
+
+app = Flask(__name__)
+sockets = WebSockets(app)
+errors, finished, kept = [], [], []
+
+@sockets.on_open
+def lobby():
+    ws.join("lobby")
+    kept.append(ws._get_current_object())
+
+@sockets.on_message
+def echo(message):
+    return message
+
+def churn(seed, seconds):
+    rng = random.Random(seed)
+    deadline = __import__("time").monotonic() + seconds
+    while __import__("time").monotonic() < deadline:
+        conns = sockets.connections + kept[-10:]
+        try:
+            if not conns:
+                gevent.sleep(0.001) if seed % 2 else __import__("time").sleep(0.001)
+                continue
+            conn = rng.choice(conns)
+            [lambda: sockets.broadcast("all"), lambda: sockets.broadcast(b"r", room="r1"), lambda: conn.send("one"),
+             lambda: conn.join("r1"), lambda: conn.leave("r1"),
+             lambda: rng.random() < 0.05 and conn.close(4000, "churn")][rng.randrange(6)]()
+            gevent.sleep(0) if seed % 2 else __import__("time").sleep(0.0001)  # a greenlet lets the server run
+        except ConnectionClosed:
+            pass
+        except BaseException as error:
+            errors.append(repr(error))
+    finished.append(seed)
+
+@app.post("/churn")
+def start():
+    pool = gevent.threadpool.ThreadPool(4)  # real threads
+    for seed in range(4):
+        pool.spawn(churn, seed, 3)
+        gevent.spawn(churn, seed + 1, 3)  # and greenlets
+    return "started"
+
+@app.get("/state")
+def state():
+    return json.dumps({"errors": errors, "finished": len(finished), "registered": len(sockets._connections),
+                       "rooms": sorted(sockets._rooms)})
+"""
+
+
+@pytest.mark.slow
+def test_under_gunicorn_threads_and_greenlets_churn_while_connections_come_and_go(tmp_path):
+    (tmp_path / "gapp.py").write_text(GUNICORN_CHURN_APP)
+    port = free_port()
+    with process(gunicorn_command(port, "-w", "1", "gapp:app"), tmp_path) as proc:
+        connect_when_up(f"ws://127.0.0.1:{port}/", proc).close()
+        assert urlopen(f"http://127.0.0.1:{port}/churn", data=b"").read() == b"started"
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            c = client(f"ws://127.0.0.1:{port}/", skip_utf8_validation=True)
+            with contextlib.suppress(websocket.WebSocketException, OSError):
+                c.send("x")
+                c.sock.close() if random.random() < 0.3 else c.close(timeout=1)
+
+        def state():
+            return json.loads(urlopen(f"http://127.0.0.1:{port}/state").read())
+
+        wait_until(lambda: state()["finished"] == 8 and state()["registered"] == 0, 10)
+        assert state() == {"errors": [], "finished": 8, "registered": 0, "rooms": []}
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+        assert "Traceback" not in proc.stderr.read()
 
 
 # ---------------------------------------------------------------------------
