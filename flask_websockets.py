@@ -28,10 +28,14 @@ handshake, so ``request``, ``session``, ``g`` and ``current_app`` work in
 handlers as they do in views.
 
 This file is the whole library and its reference manual. It reads top to
-bottom: the current connection (``ws``), the extension (``WebSockets``), the
-connection object (``Connection``), serving (``WebSocketHandler``,
-``serve``, ``GunicornWorker``), how servers hand a connection over, and last
-the RFC 6455 protocol core, which knows nothing of Flask, gevent or sockets.
+bottom, a section each: the current connection (``ws``); the extension
+(``WebSockets``); the connection and its life cycle (``Connection``, with how
+it all works); serving (``WebSocketHandler``, ``serve``, ``GunicornWorker``);
+the handover, how servers hand a connection over; the message queue
+(``Publisher``); the test client (``WebSocketTestClient``); settings and
+replies; and last the RFC 6455 protocol core, which knows nothing of Flask,
+gevent or sockets. The extension uses the connection, the connection uses the
+protocol core, never the other way.
 """
 from __future__ import annotations
 
@@ -430,8 +434,8 @@ class WebSockets:
         It never waits for a client: each connection takes the message into
         its send buffer and returns. A client whose buffer would pass
         ``WEBSOCKETS_MAX_SEND_BUFFER`` does not get it and is closed as too
-        slow (1008, "client too slow"). A connection that is closed is skipped
-        and forgotten.
+        slow (1008, "client too slow"). A connection that is closed is skipped;
+        it leaves the connections and its rooms as it ends.
 
         With a message queue, the message also goes to every other process
         that serves this endpoint, never waiting for Redis either, and the
@@ -1038,7 +1042,7 @@ class Connection:
         self._close_timer: Any = None
         self._reading = False
         self._resumer: Any = None  # a zero-delay timer, made when reading first pauses
-        self._keepalive = _Keepalive(self)
+        self._keepalive = _Keepalive(self._now())
         if sock is None:
             self._life, self._hub, self._loop, self._thread, self._reader = _ENDED, None, None, None, None
             return
@@ -1051,7 +1055,7 @@ class Connection:
         sock.settimeout(0.0)
         self._tls_pending = getattr(sock, "pending", None)  # a TLS socket's bytes decrypted but not read
         self._reader = self._loop.io(sock.fileno(), 1)  # the read watcher
-        self._keepalive.start()
+        self._keepalive.start(self)
         if pending:
             self._proto.receive_data(pending)
         self._pump()  # parses what came with the handshake, and starts the reader
@@ -1735,29 +1739,28 @@ class _Keepalive:
     nobody waiting: when nothing has come from the client for a ping interval,
     it gets a ping; if nothing at all comes within the ping timeout after that,
     it is gone. While reading is paused because the handlers lag behind, the
-    silence is ours, not the client's.
+    silence is ours, not the client's. (It keeps no reference to its
+    connection, which its timer passes it: no cycle for the garbage collector.)
     """
 
-    __slots__ = ("_conn", "_timer", "heard_at", "_pinged_at")
+    __slots__ = ("_timer", "heard_at", "_pinged_at")
 
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
+    def __init__(self, now: float) -> None:
         self._timer: Any = None
-        self.heard_at = self._pinged_at = conn._now()
+        self.heard_at = self._pinged_at = now
 
-    def start(self) -> None:
-        interval = self._conn._settings.ping_interval
+    def start(self, conn: Connection) -> None:
+        interval = conn._settings.ping_interval
         if interval:
-            self._timer = self._conn._call_later(interval, self._check, False)
+            self._timer = conn._call_later(interval, self._check, conn, False)
 
     def stop(self) -> None:
         if self._timer is not None:
             self._timer.close()
             self._timer = None
 
-    def _check(self, pinged: bool) -> None:  # a timer
+    def _check(self, conn: Connection, pinged: bool) -> None:  # a timer
         self._timer = None
-        conn = self._conn
         if conn._life is not _OPEN:
             return
         interval, timeout = conn._settings.ping_interval, conn._settings.ping_timeout
@@ -1776,14 +1779,14 @@ class _Keepalive:
                 return
         silent = now - self.heard_at
         if silent < interval:
-            self._timer = conn._call_later(interval - silent, self._check, False)
+            self._timer = conn._call_later(interval - silent, self._check, conn, False)
             return
         conn._write(conn._proto.ping(b"keepalive"))  # silent for a whole interval
         self._pinged_at = now
         if timeout is None:
-            self._timer = conn._call_later(interval, self._check, False)
+            self._timer = conn._call_later(interval, self._check, conn, False)
         else:
-            self._timer = conn._call_later(timeout, self._check, True)
+            self._timer = conn._call_later(timeout, self._check, conn, True)
 
 
 def _pause() -> Callable[[], Any] | None:
@@ -2802,21 +2805,14 @@ class _Settings(NamedTuple):
 def _settings(app: Flask) -> _Settings:
     """The app's settings, checked again when its config changed; a ``ValueError`` names a bad key."""
     get = app.config.get
-    raw = [_snapshot(get(key)) for key in _CONFIG_DEFAULTS]
+    raw = [get(key) for key in _CONFIG_DEFAULTS]
     cached = app.extensions.get("flask_websockets.settings")
     if cached is None or cached[0] != raw:
         settings = _check_settings({key: get(key, default) for key, default in _CONFIG_DEFAULTS.items()})
-        cached = app.extensions["flask_websockets.settings"] = raw, settings
+        # A copy of a list, set or dict, of the same type (a list never equals a set): a change in place shows.
+        copies = [value.copy() if isinstance(value, (list, set, dict)) else value for value in raw]
+        cached = app.extensions["flask_websockets.settings"] = copies, settings
     return cached[1]  # type: ignore[no-any-return]
-
-
-def _snapshot(value: Any) -> Any:
-    """A value to compare with the next handshake's: a copy of a collection, so that a change in place shows."""
-    if isinstance(value, (list, tuple)):
-        return tuple(value)
-    if isinstance(value, (set, frozenset)):
-        return frozenset(value)
-    return value
 
 
 def _check_settings(values: dict[str, Any]) -> _Settings:

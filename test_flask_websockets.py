@@ -1061,6 +1061,57 @@ def test_handler_error_does_not_affect_other_connections():
         assert a.receive() == "fine too"
 
 
+def test_a_send_to_a_closed_connection_in_a_handler_is_dropped_quietly(caplog):
+    app, sockets = make_app()
+    sent = []
+
+    @sockets.on_message
+    def chatty(message):
+        ws.close(4000, "bye")
+        ws.send("after the close")  # raises ConnectionClosed, which the endpoint drops
+        sent.append("not reached")
+
+    with sockets.test_client() as client_:
+        client_.send("hi")
+        with pytest.raises(ConnectionClosed):
+            client_.receive()
+        assert client_.close_code == 4000
+    assert sent == [] and "Traceback" not in caplog.text and "Exception" not in caplog.text
+
+
+def test_errors_in_on_open_and_on_close_go_to_the_error_handlers():
+    app, sockets = make_app()
+    handled = []
+    sockets.on_open(lambda: 1 / 0)
+    sockets.on_close(lambda: {}["missing"])
+
+    @sockets.errorhandler(ArithmeticError)
+    def arithmetic(error):
+        handled.append(type(error).__name__)
+        return "on_open failed"
+
+    @sockets.errorhandler(LookupError)
+    def lookup(error):
+        handled.append(type(error).__name__)
+
+    with sockets.test_client() as client_:
+        assert client_.receive() == "on_open failed"  # handled: the connection goes on
+        client_.send("x")
+    assert handled == ["ZeroDivisionError", "KeyError"]
+
+
+def test_with_errors_propagating_a_failing_on_open_closes_with_1011_and_the_test_sees_it():
+    app, sockets = make_app()
+    app.testing = True
+    closes = []
+    sockets.on_open(lambda: 1 / 0)
+    sockets.on_close(lambda: closes.append(ws.close_code))
+    client_ = sockets.test_client()
+    with pytest.raises(ZeroDivisionError):
+        client_.receive()
+    assert client_.close_code == 1011 and closes == [1011]
+
+
 @pytest.mark.parametrize(
     "testing, propagate, raises",
     [(True, None, True), (False, True, True), (True, False, False), (False, None, False)],
@@ -2413,6 +2464,7 @@ def test_close_from_a_view_returns_at_once_even_when_the_client_reads_nothing():
     assert events == [(None, 4000, "kicked")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", ["flask_websockets", "werkzeug"])
 def test_send_and_broadcast_from_another_thread(server):
     """A native thread (here the test's own: the server runs in another) hands its sends over."""
@@ -2507,6 +2559,69 @@ def test_a_room_is_a_non_empty_str():
     assert len(caught) == 3 and "non-empty str" in caught[0]
 
 
+HOSTILE_ROOMS = ["x:all", "all", ":all", "room:x", "{braces}", "a b", "\u00e9t\u00e9 \U0001f600", "*", "\x00", "r" * 1024]
+
+
+def test_any_str_is_just_a_room_name_and_reaches_only_that_rooms_members():
+    app, sockets = rooms_app()
+    with sockets.test_client() as everyone, sockets.test_client() as member:
+        for room in HOSTILE_ROOMS:
+            member.send(f"JOIN {room}")
+            member.receive()
+        for room in HOSTILE_ROOMS:
+            assert sockets.broadcast(f"to {room}", room=room) == 1
+            assert member.receive() == f"to {room}"
+        with pytest.raises(TimeoutError):
+            everyone.receive(timeout=0.05)
+        assert sockets.broadcast("to a room nobody is in", room="x") == 0
+    assert sockets._rooms == {}
+
+
+def test_thousands_of_rooms_each_reach_only_their_members_and_all_are_left_at_the_end():
+    app, sockets = make_app()
+
+    @sockets.on_message("^JOIN (\\d+) (\\d+)")
+    def join_many(message):
+        _, start, step = message.split()
+        for n in range(int(start), 3000, int(step)):
+            ws.join(f"room {n}")
+        return str(len(ws.rooms))
+
+    with sockets.test_client() as odd, sockets.test_client() as every_third:
+        odd.send("JOIN 1 2")
+        every_third.send("JOIN 0 3")
+        assert (odd.receive(), every_third.receive()) == ("1500", "1000")
+        assert len(sockets._rooms) == 2000  # 500 rooms have both
+        for n in (0, 1, 3, 9, 2998, 2999):
+            expected = [c for c in (odd, every_third) if (c is odd and n % 2) or (c is every_third and n % 3 == 0)]
+            assert sockets.broadcast(f"to {n}", room=f"room {n}") == len(expected)
+            for c in expected:
+                assert c.receive() == f"to {n}"
+        with pytest.raises(TimeoutError):
+            odd.receive(timeout=0.05)
+    assert sockets._rooms == {} and sockets._connections == set()
+
+
+def test_rooms_after_the_close_are_those_it_was_in_and_leave_then_does_nothing():
+    app, sockets = rooms_app()
+    seen = []
+
+    @sockets.on_close
+    def gone():
+        seen.append(sorted(ws.rooms))
+        assert sockets.broadcast("left", room="kitchen") == 0, "a closed connection is out of its rooms"
+        ws.leave("kitchen")  # does nothing
+        seen.append(sorted(ws.rooms))
+
+    with sockets.test_client() as ann:
+        ann.send("JOIN kitchen")
+        ann.receive()
+        ann.send("JOIN hall")
+        ann.receive()
+    assert seen == [["hall", "kitchen"], ["hall"]]
+    assert sockets._rooms == {}
+
+
 # ---------------------------------------------------------------------------
 # Concurrency: threads against connections that come and go
 # ---------------------------------------------------------------------------
@@ -2534,6 +2649,7 @@ def kept_connection_app():
     return app, sockets, kept, ended
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", ["flask_websockets", "werkzeug"])
 def test_every_call_from_another_thread_on_an_ended_connection_is_defined(server):
     """close() does nothing, send() and join() raise ConnectionClosed, and the connection stays out of every room.
@@ -2760,6 +2876,7 @@ def test_under_gunicorn_threads_and_greenlets_churn_while_connections_come_and_g
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", ["flask_websockets", "werkzeug"])
 def test_blueprint_endpoint_under_its_url_prefix(server):
     bp = Blueprint("chat", __name__, url_prefix="/chat")
@@ -3222,6 +3339,7 @@ def demo_app(**kwargs):
     return app, sockets, events
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", SERVERS)
 def test_real_echo_text_binary_and_commands(server):
     app, sockets, events = demo_app()
@@ -3249,6 +3367,7 @@ def test_real_match_one():
         c.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", SERVERS)
 def test_real_status_updates_while_another_connection_stays_responsive(server):
     app, sockets, events = demo_app()
@@ -3266,6 +3385,7 @@ def test_real_status_updates_while_another_connection_stays_responsive(server):
         quick.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", SERVERS)
 def test_real_invalid_utf8_closes_with_1007(server):
     app, sockets, events = demo_app()
@@ -3276,6 +3396,7 @@ def test_real_invalid_utf8_closes_with_1007(server):
         wait_until(lambda: events == [1007])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", SERVERS)
 def test_real_close_codes_both_ways(server):
     app, sockets, events = demo_app()
@@ -3290,6 +3411,7 @@ def test_real_close_codes_both_ways(server):
         wait_until(lambda: sorted(events) == [3003, 4001])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", SERVERS)
 def test_real_abrupt_disconnect_runs_on_close_and_empties_registry(server):
     app, sockets, events = demo_app()
@@ -3303,6 +3425,7 @@ def test_real_abrupt_disconnect_runs_on_close_and_empties_registry(server):
         assert sockets._connections == set()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", SERVERS)
 def test_real_fifty_concurrent_clients_lose_and_reorder_nothing(server):
     app, sockets, events = demo_app()
@@ -3330,6 +3453,7 @@ def test_real_fifty_concurrent_clients_lose_and_reorder_nothing(server):
         assert sockets._connections == set()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", SERVERS)
 def test_real_oversized_message_closes_with_1009_and_server_keeps_serving(server):
     app, sockets, events = demo_app()
@@ -3408,6 +3532,7 @@ def read_close_then_eof(sock):
     return frame
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's memory from /proc")
 def test_real_memory_stays_bounded_whatever_the_client_sends(tmp_path):
     with echo_server_process(tmp_path) as (url, pid):
@@ -3471,6 +3596,7 @@ def test_real_a_client_flooding_echoes_starves_nobody(tmp_path):
                 thread.join(5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", SERVERS)
 def test_real_2_mib_in_17_fragments_closes_cleanly_with_1009(server):
     """As Chromium sends a 2 MiB message: the server skips the rest, reads the client's close, closes TCP."""
@@ -3491,6 +3617,7 @@ def test_real_2_mib_in_17_fragments_closes_cleanly_with_1009(server):
     ("GET", {"Transfer-Encoding": "chunked"}, 400),
     ("HEAD", {}, 405),
 ])  # fmt: skip
+@pytest.mark.slow
 def test_real_a_handshake_that_is_not_a_bodiless_get_is_refused_before_any_101(server, method, extra, status, capfd):
     app, sockets, events = demo_app()
     with serving(app, server) as url:
@@ -3510,6 +3637,7 @@ def test_real_a_handshake_that_is_not_a_bodiless_get_is_refused_before_any_101(s
     assert "Traceback" not in capfd.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", SERVERS)
 def test_real_keepalive_drops_a_silent_peer_and_keeps_a_live_one(server):
     app, sockets, events = demo_app()
@@ -3558,6 +3686,7 @@ def handshake_app():
     return app, sockets, events
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", ["flask_websockets", "werkzeug"])
 def test_refused_handshakes_get_an_http_status_and_no_101(server):
     app, sockets, events = handshake_app()
@@ -3584,6 +3713,7 @@ def test_refused_handshakes_with_gevent_websockets_handler_close_with_1008():
         assert events == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", ["flask_websockets", "werkzeug"])
 def test_malformed_handshakes_get_426_or_400(server):
     app, sockets, events = demo_app()
@@ -3644,6 +3774,7 @@ def test_origin_refusal_log_names_the_setting(caplog):
     assert record.levelname == "WARNING" and "WEBSOCKETS_ALLOWED_ORIGINS" in record.getMessage()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", ["flask_websockets", "werkzeug"])
 def test_subprotocol_negotiation(server):
     app = Flask(__name__)
@@ -3708,6 +3839,7 @@ def certificate(tmp_path_factory):
     return folder / "server.pem", folder / "ca.pem"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", SERVERS)
 def test_wss_echo_with_a_self_signed_certificate(server, certificate):
     pem, ca = certificate
@@ -3746,6 +3878,7 @@ def test_real_proxyfix_and_url_for():
         c.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", SERVERS)
 def test_real_http_index_and_websocket_share_the_root(server):
     app, sockets, events = demo_app()
@@ -3759,6 +3892,7 @@ def test_real_http_index_and_websocket_share_the_root(server):
         c.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", SERVERS[:2])
 def test_real_server_stop_closes_open_connections_with_1001(server):
     app, sockets, events = demo_app()
@@ -3840,6 +3974,7 @@ def data_frames(data):
     return [(bool(b0 & 0x40), b0 & 0x0F) for b0, _ in frame_headers(data) if b0 & 0x0F in (TEXT, BINARY)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", SERVERS)
 def test_real_the_websockets_library_compresses_both_ways_as_the_wire_shows(server):
     from websockets.sync.client import connect as websockets_connect
@@ -3880,6 +4015,7 @@ def offering_websocket(port, offer):
     return sock, answer and answer.group(1).decode()
 
 
+@pytest.mark.slow
 def test_real_broadcasts_through_redis_are_compressed_where_agreed_and_compress_false_travels(redis_server, tmp_path):
     compressing = QUEUE_APP.replace("sockets = ", 'app.config["WEBSOCKETS_COMPRESSION"] = True\nsockets = ')
     with queue_servers(tmp_path, redis_server.url, app=compressing) as (ports, procs):
@@ -3990,6 +4126,7 @@ def test_every_readme_snippet_is_tested():
     assert set(readme_snippets()) <= tested
 
 
+@pytest.mark.slow
 def test_readme_quickstart(tmp_path):
     """Copied into app.py and run with `python app.py`, on a free port instead of 5000."""
     source = readme_snippets()["quickstart"]
@@ -4032,6 +4169,7 @@ def test_readme_handlers(tmp_path):
         c.close()
 
 
+@pytest.mark.slow
 def test_readme_long_task(tmp_path):
     with serve_snippet("long-task", tmp_path) as (port, log):
         slow, other = client(f"ws://127.0.0.1:{port}/"), client(f"ws://127.0.0.1:{port}/")
@@ -4078,6 +4216,7 @@ def test_readme_chat(tmp_path):
         ann.close()
 
 
+@pytest.mark.slow
 def test_readme_chat_goes_on_while_a_client_reads_nothing(tmp_path):
     """Before bounded send buffers, every chatter blocked in broadcast() and was dropped by keepalive."""
     with serve_snippet("chat", tmp_path) as (port, log):
@@ -4130,6 +4269,7 @@ def test_readme_errors(tmp_path):
         c.close()
 
 
+@pytest.mark.slow
 def test_readme_limits(tmp_path):
     with serve_snippet("limits", tmp_path) as (port, log):
         c = client(f"ws://127.0.0.1:{port}/")
@@ -4139,6 +4279,7 @@ def test_readme_limits(tmp_path):
         assert recv_close(c) == (1009, "message over 65536 bytes")
 
 
+@pytest.mark.slow
 def test_readme_slow_clients(tmp_path):
     with serve_snippet("slow-clients", tmp_path) as (port, log):
         c = client(f"ws://127.0.0.1:{port}/")
@@ -4156,6 +4297,7 @@ def test_readme_slow_clients(tmp_path):
         c.close()
 
 
+@pytest.mark.slow
 def test_readme_compression(tmp_path):
     """The websockets library offers compression as browsers do; the wire shows what went compressed."""
     from websockets.sync.client import connect as websockets_connect
@@ -4216,6 +4358,7 @@ def nginx(server_block, tmp_path):
         proc.stderr.close()
 
 
+@pytest.mark.slow
 def test_readme_deploy(tmp_path):
     """The README's nginx server block, a real nginx, in front of the README's app."""
     program, app_port = run_snippet_as_a_program("deploy", tmp_path, 8000)
@@ -4253,6 +4396,7 @@ def test_readme_token_auth(tmp_path):
         assert "s3cr3t-t0ken" not in log(), "the token stays out of the access log"
 
 
+@pytest.mark.slow
 def test_readme_rooms(tmp_path):
     with serve_snippet("rooms", tmp_path) as (port, log):
         ann, bob, cid = (client(f"ws://127.0.0.1:{port}/?name={name}") for name in ("ann", "bob", "cid"))
@@ -4275,6 +4419,7 @@ def serve_snippet_with_queue(name, tmp_path, url):
     return process([sys.executable, "serve_snippet.py", str(path)], tmp_path, stdout=subprocess.PIPE)
 
 
+@pytest.mark.slow
 def test_readme_scaling_out_and_publisher(redis_server, tmp_path):
     """Two processes of the snippet, as two gunicorn workers would be; then the publisher script."""
     with serve_snippet_with_queue("scaling-out", tmp_path, redis_server.url) as one, serve_snippet_with_queue(
@@ -4319,6 +4464,7 @@ def test_readme_handshake(tmp_path):
         c.close()
 
 
+@pytest.mark.slow
 def test_readme_tls(tmp_path, certificate):
     pem, ca = certificate
     shutil.copy(pem, tmp_path / "cert.pem")  # the certificate and its key, in one file
@@ -4332,6 +4478,7 @@ def test_readme_tls(tmp_path, certificate):
         c.close()
 
 
+@pytest.mark.slow
 def test_readme_gevent(tmp_path):
     program, port = run_snippet_as_a_program("gevent", tmp_path, 5000)
     with program as proc:
@@ -4342,6 +4489,7 @@ def test_readme_gevent(tmp_path):
         c.close()
 
 
+@pytest.mark.slow
 def test_readme_targeted(tmp_path):
     with serve_snippet("targeted", tmp_path) as (port, log):
         base = f"http://127.0.0.1:{port}"
@@ -4368,6 +4516,7 @@ def test_readme_targeted(tmp_path):
         bob.close()
 
 
+@pytest.mark.slow
 def test_readme_blueprints(tmp_path):
     with serve_snippet("blueprints", tmp_path) as (port, log):
         game = client(f"ws://127.0.0.1:{port}/game/")
@@ -4387,6 +4536,7 @@ def test_readme_blueprints(tmp_path):
             c.close()
 
 
+@pytest.mark.slow
 def test_readme_errorhandlers(tmp_path):
     with serve_snippet("errorhandlers", tmp_path) as (port, log):
         c = client(f"ws://127.0.0.1:{port}/")
@@ -4403,6 +4553,7 @@ def test_readme_errorhandlers(tmp_path):
         assert "Traceback" not in log(), "handled errors are not logged"
 
 
+@pytest.mark.slow
 def test_readme_testing(tmp_path):
     """The README's test file, run by pytest as a user would run it."""
     (tmp_path / "test_chat.py").write_text(readme_snippets()["testing"])
@@ -4507,6 +4658,7 @@ def edit_version(path, version):
     os.utime(path, (later, later))  # an mtime the reloader cannot miss
 
 
+@pytest.mark.slow
 def test_serve_prints_its_url_and_stops_cleanly_on_ctrl_c(tmp_path):
     port = free_port()
     (tmp_path / "app.py").write_text(VERSIONED_APP.replace("PORT", str(port)).replace("RELOAD", "False"))
@@ -4564,6 +4716,7 @@ def stop_with_open_websockets(proc, port, signum, within):
         sock.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_serve_stops_with_1001_on_sigint_and_sigterm_every_time(signum, tmp_path):
     (tmp_path / "app.py").write_text(VERSIONED_APP.replace("PORT", "0").replace("RELOAD", "False"))
@@ -4590,6 +4743,7 @@ def gunicorn_command(port, *options):
     return args + list(options)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_gunicorn_workers_stop_with_1001_on_sigterm_and_sigint(signum, tmp_path):
     """A deploy's SIGTERM (graceful) or a SIGINT (quick): close frames at once, not a drop after 30 s."""
@@ -4612,6 +4766,7 @@ flask_websockets.serve(app, port=0, log=None, handshake_timeout=1.0, max_connect
 """
 
 
+@pytest.mark.slow
 def test_slow_header_clients_are_closed_at_the_handshake_deadline_and_others_are_served(tmp_path):
     (tmp_path / "app.py").write_text(SLOW_HEADERS_APP.replace("MAX", "None"))
     with process([sys.executable, "app.py"], tmp_path, stdout=subprocess.PIPE) as proc:
@@ -4633,6 +4788,7 @@ def test_slow_header_clients_are_closed_at_the_handshake_deadline_and_others_are
         echo_round_trip(f"ws://127.0.0.1:{port}", "still serving")
 
 
+@pytest.mark.slow
 def test_max_connections_holds_the_others_in_the_backlog(tmp_path):
     (tmp_path / "app.py").write_text(SLOW_HEADERS_APP.replace("MAX", "2"))
     with process([sys.executable, "app.py"], tmp_path, stdout=subprocess.PIPE) as proc:
@@ -4657,6 +4813,7 @@ HANDSHAKE_REQUEST = (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("headers, status", [(60 * 1024, b"101"), (70 * 1024, b"400"), (6 * 1024 * 1024, b"400")])
 def test_handshakes_over_64_kib_of_headers_get_400(headers, status):
     app, sockets, events = demo_app()
@@ -4681,6 +4838,7 @@ def test_a_plain_get_of_the_endpoint_explains_what_it_is():
     assert app.test_client().get("/").data == b"the page"
 
 
+@pytest.mark.slow
 def test_a_gunicorn_reload_closes_the_old_workers_websockets_with_1001(tmp_path):
     (tmp_path / "gapp.py").write_text(GUNICORN_APP.replace('f"echo {message}"', 'f"{os.getpid()}"') + "import os\n")
     port = free_port()
@@ -4818,6 +4976,7 @@ def assert_nothing_more(*clients):
         c.settimeout(5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("patch", [False, True], ids=["plain", "monkey-patched"])
 def test_broadcasts_and_rooms_reach_every_process_through_redis(patch, redis_server, tmp_path):
     with queue_servers(tmp_path, redis_server.url, patch=patch) as (ports, procs):
@@ -4851,6 +5010,7 @@ def test_broadcasts_and_rooms_reach_every_process_through_redis(patch, redis_ser
             assert "Traceback" not in proc.stderr.read()
 
 
+@pytest.mark.slow
 def test_a_publishers_order_is_kept_and_a_slow_client_delays_nobody(redis_server, tmp_path):
     with queue_servers(tmp_path, redis_server.url) as (ports, procs):
         # Readers that keep up: without wsaccel, websocket-client checks UTF-8 in Python at about 3 MB/s,
@@ -4886,6 +5046,7 @@ def test_a_broadcast_that_picks_connections_with_a_function_cannot_use_the_queue
         assert client.receive() == "hi"
 
 
+@pytest.mark.slow
 def test_gunicorn_workers_share_broadcasts_through_redis(redis_server, tmp_path):
     """The issue's case: under gunicorn -w 2, a broadcast from a POST reached 3 of 4 clients, then 1 of 4."""
     (tmp_path / "qapp.py").write_text(QUEUE_APP.replace("QUEUE_URL", redis_server.url))
@@ -4907,6 +5068,7 @@ def test_gunicorn_workers_share_broadcasts_through_redis(redis_server, tmp_path)
             c.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["restart keeping its data", "restart losing its data", "client kill"])
 def test_broadcasts_survive_a_redis_outage_exactly_once_and_in_order(fault, redis_server, tmp_path, caplog):
     with queue_servers(tmp_path, redis_server.url) as (ports, procs):
@@ -4945,6 +5107,7 @@ def test_broadcasts_survive_a_redis_outage_exactly_once_and_in_order(fault, redi
             assert logs[0].count("unreachable") == 1 and logs[0].count("reachable again") == 1, logs[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["serve(reload=True)", "flask run --debug"])
 def test_code_changes_reload(how, tmp_path):
     port = free_port()
@@ -4961,6 +5124,7 @@ def test_code_changes_reload(how, tmp_path):
         wait_for_version(url, proc, "v2")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["app.run(debug=True)", "flask run --debug"])
 def test_the_development_server_serves_websockets_and_logs_them_with_101(how, tmp_path):
     port = free_port()
@@ -4992,6 +5156,7 @@ def test_the_development_server_serves_websockets_and_logs_them_with_101(how, tm
     assert '"GET / HTTP/1.1" 101 -' in log and " 500 " not in log and "Traceback" not in log
 
 
+@pytest.mark.slow
 def test_gunicorn_with_two_workers(tmp_path):
     (tmp_path / "gapp.py").write_text(
         "import os\n"
@@ -5025,6 +5190,7 @@ def test_gunicorn_with_two_workers(tmp_path):
     assert access_log.count('"GET / HTTP/1.1" 101') == 10
 
 
+@pytest.mark.slow
 def test_example_py(tmp_path):
     """`python example.py` serves the page and every feature it shows."""
     with subprocess_server(["example.py", "--port", "0"], tmp_path) as (port, log):
@@ -5104,6 +5270,7 @@ def open_example(browser, expect, url):
     return page
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 @pytest.mark.parametrize("scheme", ["http", "https"])
 def test_browser_drives_the_example_page(scheme, chromium, certificate, tmp_path):
@@ -5151,6 +5318,7 @@ def test_browser_drives_the_example_page(scheme, chromium, certificate, tmp_path
         assert '"GET / HTTP/1.1" 101' in log(), "the access log has the websocket connections"
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_browser_a_2_mib_message_closes_cleanly_with_1009(chromium, tmp_path):
     """Chromium sends 2 MiB as 128 KB fragments; the server's 1009 must reach it cleanly, every time."""
@@ -5169,6 +5337,7 @@ def test_browser_a_2_mib_message_closes_cleanly_with_1009(chromium, tmp_path):
 
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_browser_exchanges_compressed_messages_with_the_example_as_the_wire_shows(chromium, tmp_path):
     browser, expect = chromium
@@ -5196,6 +5365,7 @@ def test_browser_exchanges_compressed_messages_with_the_example_as_the_wire_show
     assert data_frames(to_client) == [(False, TEXT), (False, TEXT), (True, TEXT), (True, BINARY)]
     assert len(to_server) < 3000 and len(to_client) < 3000, "300 KB of zeros and 4 KB of text took little room"
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_browser_sees_1001_when_the_server_is_stopped_with_ctrl_c(chromium, tmp_path):
     browser, expect = chromium
@@ -5513,6 +5683,7 @@ def test_every_docstring_example_is_checked():
     assert set(docstring_examples()) == set(DOCSTRING_CHECKS) | with_redis
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", sorted(DOCSTRING_CHECKS), ids=lambda key: f"{key[0]}-{key[1]}")
 def test_docstring_example(key, tmp_path):
     code, check = docstring_examples()[key], DOCSTRING_CHECKS[key]
@@ -5566,6 +5737,7 @@ def page_text(path):
     return " ".join(html.unescape(text).split())
 
 
+@pytest.mark.slow
 def test_docs_api_page_has_every_public_name_with_its_examples_and_no_private_one(built_docs):
     api = (built_docs / "api.html").read_text(encoding="utf-8")
     for name in flask_websockets.__all__:
@@ -5587,6 +5759,7 @@ def test_docs_pages_render_every_snippet(built_docs):
             assert " ".join(line.split()) in shown, f"snippet {name}: {line!r} is not on the site"
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_browser_reads_the_docs_index_and_api_with_no_broken_internal_link(chromium, built_docs):
     browser, expect = chromium
