@@ -911,7 +911,7 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 # handlers catch up: TCP pushes back on the client, and memory stays bounded.
 # Keepalive (``_Keepalive``) and the close timeout are timers in the same loop.
 #
-# Sending. The protocol core frames every message: ``_Protocol.message`` one of
+# Sending. The protocol core frames every message: ``_Protocol.encode`` one of
 # this connection's own, ``_Protocol.prepared`` a ``_Prepared`` message that a
 # broadcast framed once for many. The frame goes to the socket at once; what
 # the socket does not take waits in the connection's ``_SendBuffer``, bounded
@@ -934,19 +934,22 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 #                                                        CLOSED     the same, the held frame answering the peer's
 #   CLOSING    our close frame is out; what comes is     CLOSED     the peer's close frame, the close timeout, the
 #              skipped until the peer's                             connection lost
+#                                                        ENDED      the server stops: no time to wait for the peer
 #   CLOSED     no frame goes either way; what is         ENDED      the view's cleanup, once the handlers are done
-#              buffered still drains                                and the buffer is empty (or at the close timeout)
+#              buffered still drains                                and the buffer is empty (or at the close timeout,
+#                                                                   or the send timeout: the client reads nothing)
 #   ENDED      released: no event loop, watcher, timer   -
 #              or buffer; threads no longer reach it
 #
-# After CLOSED, ``on_close`` runs once, and the view returns to the server,
-# which closes the socket. The public methods, called from any thread:
+# Once ENDED, the connection leaves the endpoint's connections and rooms,
+# ``on_close`` runs once, and the view returns to the server, which closes the
+# socket. The public methods, called from any thread:
 #
 #               OPEN, FINISHING              CLOSING, CLOSED, ENDED
 #   send        sends (may wait for room)    raises ConnectionClosed
 #   close       starts the closing handshake does nothing
 #   join        enters the room              raises ConnectionClosed
-#   leave       leaves the room              leaves it (it left them all when it closed)
+#   leave       leaves the room              leaves it (it leaves them all as it ends)
 #   closed      False                        True
 
 
@@ -1111,8 +1114,9 @@ class Connection:
         """Enter a room: ``sockets.broadcast(message, room=room)`` reaches it.
 
         A room is a name, made when its first member joins. A connection may be
-        in any number of rooms, and leaves them all when it closes; joining a
-        room once it is closed raises :class:`ConnectionClosed`. With a message
+        in any number of rooms, and leaves them all as it ends, before its
+        ``on_close``; joining a room once it is closed raises
+        :class:`ConnectionClosed`. With a message
         queue, a room spans every process that serves the endpoint::
 
             @sockets.on_message("^JOIN (.+)")
@@ -1201,8 +1205,8 @@ class Connection:
             self._stop_reading()
             self._stop_timers()
             self._wake_senders()
-            if self._waiter is not None:
-                self._wake()
+            if self._waiter is not None:  # later: the view's end must not run inside this callback
+                self._wake(at_once=False)
 
     def _follow_protocol(self) -> None:
         """The protocol core closed or failed: follow it, unless its close frame is held (FINISHING)."""
@@ -1320,9 +1324,10 @@ class Connection:
     def _release_held(self) -> None:
         """Send the close frame held behind the messages the handlers were on: FINISHING is over."""
         data, self._held = self._held, b""
-        self._become(_CLOSING if self._proto.state is _P_CLOSING else _CLOSED)
         if data:
             self._write(data)
+        if self._life is _FINISHING:  # not dropped meanwhile
+            self._become(_CLOSING if self._proto.state is _P_CLOSING else _CLOSED)
         if self._life is _CLOSING and not self._reading:
             self._resume_soon()  # to read the peer's close frame
 
@@ -1334,9 +1339,10 @@ class Connection:
         finally:
             self._waiter = None
 
-    def _wake(self) -> None:
+    def _wake(self, at_once: bool = True) -> None:
+        """Wake the view's greenlet: at once from the event loop (messages wait), or at its next turn."""
         waiter, self._waiter = self._waiter, None
-        if gevent.getcurrent() is self._hub:
+        if at_once and gevent.getcurrent() is self._hub:
             waiter.switch()
         else:  # only the event loop may switch to a waiting greenlet
             self._loop.run_callback(_switch_if_alive, waiter)
@@ -1360,7 +1366,10 @@ class Connection:
             self._send_from_thread(self._send_data, opcode, payload, compress)
             return
         deflate = self._proto.deflate
-        if deflate is not None and compress and len(payload) > _COMPRESS_PIECE and gevent.getcurrent() is not self._hub:
+        if (
+            deflate is not None and compress and len(payload) > _COMPRESS_PIECE and len(payload) >= deflate.min_size
+            and gevent.getcurrent() is not self._hub and not self.closed
+        ):  # fmt: skip
             # Long: compressed on its own, in pieces between which other greenlets run (and other
             # messages may go out), then sent as a broadcast's message would be.
             message = _Prepared(opcode, payload)
@@ -1417,8 +1426,9 @@ class Connection:
     def _write(self, data: bytes) -> None:
         """Send ``data`` after what is buffered, without ever blocking."""
         buffer = self._buffer
-        if buffer is not None and buffer.size:
-            buffer.append(data)
+        if buffer is not None and buffer.size:  # after what waits (the watcher drains it)
+            buffer.chunks.append(data)
+            buffer.size += len(data)
             return
         try:
             sent = self._sock.send(data)
@@ -1436,8 +1446,7 @@ class Connection:
         """Call ``send(*args)`` from another thread, in a greenlet of the connection's own loop; wait for it."""
         if self.closed:
             raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
-        done, outcome = _thread_lock(), []  # type: tuple[Any, list[Any]]
-        done.acquire()
+        done, outcome = _Waker(), []  # type: tuple[_Waker, list[Any]]
 
         def run() -> None:
             try:
@@ -1445,13 +1454,16 @@ class Connection:
             except BaseException as error:  # raised again in the sending thread
                 outcome.append(error)
             finally:
-                done.release()
+                done.wake()
 
-        if not self._hand_to_loop(gevent.spawn, run):
-            raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
-        while not done.acquire(timeout=0.05):
-            if self._life is _ENDED:  # it ended before its loop ran the send
+        try:
+            if not self._hand_to_loop(gevent.spawn, run):
                 raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
+            while not done.wait(0.05):
+                if self._life is _ENDED:  # it ended before its loop ran the send
+                    raise ConnectionClosed(f"{self!r} is closed ({self.close_code})")
+        finally:
+            done.close()
         if isinstance(outcome[0], BaseException):
             raise outcome[0]
         return True
@@ -1626,11 +1638,11 @@ class _SendBuffer:
     ``WEBSOCKETS_SEND_TIMEOUT`` seconds is closed as too slow and dropped.
     """
 
-    __slots__ = ("_conn", "_chunks", "size", "_writer", "_room", "_progress_at", "_timer")
+    __slots__ = ("_conn", "chunks", "size", "_writer", "_room", "_progress_at", "_timer")
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
-        self._chunks: collections.deque = collections.deque()
+        self.chunks: collections.deque = collections.deque()
         self.size = 0
         self._writer = conn._loop.io(conn._sock.fileno(), 2)
         self._room: Any = None  # an Event for senders waiting for room, made when one waits
@@ -1638,17 +1650,17 @@ class _SendBuffer:
         self._timer: Any = None
 
     def append(self, data: bytes | memoryview) -> None:
-        if not self._chunks:  # it was empty: drain it as the socket takes more
+        if not self.chunks:  # it was empty: drain it as the socket takes more
             self._writer.start(self._on_writable)
             conn = self._conn
             self._progress_at = conn._now()
             if conn._settings.send_timeout is not None and self._timer is None:
                 self._timer = conn._call_later(conn._settings.send_timeout, self._check_progress)
-        self._chunks.append(data)
+        self.chunks.append(data)
         self.size += len(data)
 
     def _on_writable(self) -> None:  # in the event loop
-        chunks, sock = self._chunks, self._conn._sock
+        chunks, sock = self.chunks, self._conn._sock
         progress = False
         try:
             while chunks:
@@ -1695,7 +1707,7 @@ class _SendBuffer:
     def _check_progress(self) -> None:  # a timer: has the socket taken nothing for the send timeout?
         self._timer = None
         conn = self._conn
-        if not self._chunks or conn._life is _CLOSED or conn._life is _ENDED:
+        if not self.chunks or conn._life is _ENDED:
             return
         timeout = conn._settings.send_timeout
         assert timeout is not None
@@ -1703,21 +1715,21 @@ class _SendBuffer:
         if stalled < timeout:
             self._timer = conn._call_later(timeout - stalled, self._check_progress)
             return
-        logger.info("closing %r: the client took nothing for %s s", conn, timeout)
-        conn._too_slow()
+        logger.info("dropping %r: the client took nothing for %s s", conn, timeout)
+        conn._too_slow()  # a close frame, if it is still open (it will not be read)
         conn._drop()
 
     def trim(self) -> None:
         """Drop what waits, but the frame the socket has begun to take (the client is too slow)."""
-        if len(self._chunks) > 1:
-            head = self._chunks[0]
-            self._chunks.clear()
-            self._chunks.append(head)
+        if len(self.chunks) > 1:
+            head = self.chunks[0]
+            self.chunks.clear()
+            self.chunks.append(head)
             self.size = len(head)
 
     def clear(self) -> None:
         """Drop everything that waits (the connection is dropped)."""
-        self._chunks.clear()
+        self.chunks.clear()
         self.size = 0
         self._writer.stop()
 
@@ -1787,6 +1799,42 @@ class _Keepalive:
             self._timer = conn._call_later(interval, self._check, conn, False)
         else:
             self._timer = conn._call_later(timeout, self._check, conn, True)
+
+
+class _Waker:
+    """Wakes a thread waiting for another thread's event loop; its own loop, if it runs one, runs meanwhile.
+
+    A handler under Werkzeug's server (a thread and a loop per connection)
+    that sends to another thread's connection must not block its own loop:
+    that other thread may be sending to this connection at the same moment.
+    """
+
+    __slots__ = ("_event", "_watcher", "_lock")
+
+    def __init__(self) -> None:
+        self._event = self._watcher = self._lock = None  # type: Any
+        if _cv_socket.get(None) is not None or isinstance(gevent.getcurrent(), gevent.Greenlet):
+            self._event = gevent.event.Event()
+            self._watcher = gevent.get_hub().loop.async_()  # its send() is the one thread-safe way in
+            self._watcher.start(self._event.set)
+        else:  # a plain thread (a view's, a worker's): no loop of its own to keep running
+            self._lock = _thread_lock()
+            self._lock.acquire()
+
+    def wake(self) -> None:  # from the other thread
+        if self._watcher is not None:
+            self._watcher.send()
+        else:
+            self._lock.release()
+
+    def wait(self, timeout: float) -> bool:
+        if self._watcher is not None:
+            return bool(self._event.wait(timeout))
+        return bool(self._lock.acquire(timeout=timeout))
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
 
 
 def _pause() -> Callable[[], Any] | None:
@@ -3238,6 +3286,7 @@ class _Protocol:
         """After our close frame: skip every frame but the peer's close frame."""
         if b0 & 0x0F == _OP_CLOSE and length <= 125:
             self._pos = end + length
+            self.close_now()  # a 1009 that waited for the end of a message the peer gave up on
             self.state = _P_CLOSED
             return _OP_CLOSE, (self.close_code, self.close_reason)  # its content no longer matters
         self._pos = end

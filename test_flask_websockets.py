@@ -304,7 +304,7 @@ class FakeClock:
                 break
             timer = min(due, key=lambda t: t.when)
             self.time, timer.active = max(self.time, timer.when), False
-            timer.function(*timer.args)
+            gevent.get_hub().loop.run_callback(timer.function, *timer.args)  # in the event loop, as a timer runs
             gevent.idle()  # what the timer set off (a ping, a close) happens before time goes on
         self.time = end
         gevent.idle()
@@ -1418,6 +1418,16 @@ def test_an_oversized_message_fails_at_once_but_its_close_frame_waits_for_its_en
     assert events(proto, client_frame(BINARY, b"x" * 5000)[:100]) == [failure]
     assert proto.close_now() and parse_server_frames(proto.data_to_send())[0][:2] == ("close", 1009)
     assert not proto.close_now(), "only once"
+
+
+def test_the_deferred_1009_goes_out_when_the_client_closes_in_the_middle_of_the_oversized_message():
+    server = _Protocol(max_size=1000)
+    server.receive_data(client_frame(TEXT, b"y" * 1500, fin=False))
+    assert server.next_event() == (flask_websockets._FAILED, (1009, "message over 1000 bytes"))
+    assert server.next_event() is None and server.data_to_send() == b"", "deferred to the message's end"
+    server.receive_data(close(1000, "bye"))  # the client gives up on its message
+    assert server.next_event()[0] == CLOSE and server.state is _State.CLOSED
+    assert parse_server_frames(server.data_to_send()) == [("close", 1009, "message over 1000 bytes")]
 
 
 def test_after_its_close_frame_the_server_skips_whatever_arrives_until_the_clients():
@@ -2715,6 +2725,84 @@ def test_join_from_a_handler_after_the_close_raises_and_the_room_stays_empty():
             client_.receive()
     assert len(caught) == 2 and caught[1] == "on_close"
     assert sockets._rooms == {}
+
+
+def test_two_handlers_sending_to_each_others_connection_under_werkzeug_do_not_deadlock():
+    """Under flask run each connection has its thread and loop: a send to another waits for that loop."""
+    app, sockets = make_app()
+    barrier = threading.Barrier(2)
+
+    @sockets.on_message
+    def relay(message):
+        barrier.wait(5)  # both handlers at the same moment
+        for conn in sockets.connections:
+            if conn is not ws._get_current_object():
+                conn.send(f"from {message}")
+
+    with serving(app, "werkzeug") as url:
+        a, b = client(url), client(url)
+        wait_until(lambda: len(sockets.connections) == 2)
+        a.send("a")
+        b.send("b")
+        assert (a.recv(), b.recv()) == ("from b", "from a")
+
+
+def test_a_closed_client_that_reads_nothing_is_dropped_at_the_send_timeout_without_a_close_timeout():
+    app, sockets = make_app()
+    app.config.update(WEBSOCKETS_CLOSE_TIMEOUT=None, WEBSOCKETS_SEND_TIMEOUT=10, WEBSOCKETS_PING_INTERVAL=None)
+    sockets._clock = clock = FakeClock()
+    ended = []
+    sockets.on_close(lambda: ended.append(ws.close_code))
+    sockets.on_message(lambda message: [ws.send(b"x" * (512 * 1024)) for _ in range(8)] and None)
+    fake = connect(app)
+    fake.send("go")
+    gevent.sleep(0.1)  # the buffer is full: the handler waits for room
+    fake.feed(close(1000))  # the client closes, and reads nothing more
+    gevent.sleep(0.1)
+    clock.advance(10)
+    fake.greenlet.join(2)
+    assert fake.greenlet.dead and ended == [1000], "the send timeout applies once the connection is closed"
+    fake.sock.close()
+
+
+def test_no_timer_outlives_a_connection_that_ended_from_inside_a_timer():
+    """A keepalive ping whose write fails ends the connection: the view must not finish inside the timer."""
+    app, sockets = make_app()
+    app.config.update(WEBSOCKETS_PING_INTERVAL=1, WEBSOCKETS_PING_TIMEOUT=5)
+    sockets._clock = clock = FakeClock()
+    fake = connect(app)
+    gevent.idle()
+    [conn] = sockets._connections
+
+    class Resetting:  # the peer reset: sending fails, the rest is the real socket's
+        def __init__(self, sock):
+            self._sock = sock
+
+        def send(self, data):
+            raise ConnectionResetError(104, "reset by peer")
+
+        def __getattr__(self, name):
+            return getattr(self._sock, name)
+
+    conn._sock = Resetting(conn._sock)
+    clock.advance(1)  # the ping's write fails
+    fake.greenlet.join(2)
+    assert fake.greenlet.dead
+    assert [t for t in clock.timers if t.active] == [], "no timer left running for an ended connection"
+    fake.sock.close()
+
+
+def test_with_compression_a_long_message_under_the_size_threshold_is_never_compressed(monkeypatch):
+    compressed = []
+    real = flask_websockets._compress
+    monkeypatch.setattr(flask_websockets, "_compress", lambda payload, *a, **k: compressed.append(len(payload)) or real(payload, *a, **k))
+    app, sockets = make_app()
+    app.config.update(WEBSOCKETS_COMPRESSION=True, WEBSOCKETS_COMPRESSION_MIN_SIZE=8 << 20)
+    sockets.on_message(lambda message: "y" * (512 * 1024))
+    with sockets.test_client(compression=True) as client_:
+        client_.send("go")
+        assert len(client_.receive()) == 512 * 1024
+    assert [n for n in compressed if n > 2] == [], "only the client's own 'go' was compressed"
 
 
 def churn(url, sockets, kept, seconds, errors, clients=40):
@@ -4868,13 +4956,13 @@ def test_a_gunicorn_reload_closes_the_old_workers_websockets_with_1001(tmp_path)
 class RedisServer:
     """A redis-server of the test's own, on a free port, that the test stops and starts again."""
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, port=None):
         self.binary = shutil.which("redis-server") or next(
             (p for p in ("/usr/bin/redis-server",) if os.path.exists(p)), None
         )
         if self.binary is None:
             missing("redis-server: apt-get install redis-server", kind="redis")
-        self.port, self.dir, self.proc = free_port(), tmp_path / "redis", None
+        self.port, self.dir, self.proc = port or free_port(), tmp_path / "redis", None
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.start()
 
@@ -5105,6 +5193,536 @@ def test_broadcasts_survive_a_redis_outage_exactly_once_and_in_order(fault, redi
             logs.append(proc.stderr.read())
         if fault != "client kill":  # one warning for the outage, one when it is over: here, where it mattered
             assert logs[0].count("unreachable") == 1 and logs[0].count("reachable again") == 1, logs[0]
+
+
+# ---------------------------------------------------------------------------
+# The message queue at its edges: threads, order, hostile rooms, bounds, managed Redis
+# ---------------------------------------------------------------------------
+
+
+def free_port_pair():
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    while True:
+        port = free_port()
+        if port < 55535:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                    return port
+                except OSError:
+                    continue
+
+
+def redis_binary():
+    binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
+    if binary is None:
+        missing("redis-server: apt-get install redis-server", kind="redis")
+    return binary
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(Exception):
+            if predicate():
+                return
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+class RedisClusterServers:
+    """Three redis-server masters made a Redis Cluster by redis-cli, on free ports; stopped at the end."""
+
+    def __init__(self, tmp_path):
+        binary = redis_binary()
+        cli = shutil.which("redis-cli") or missing("redis-cli: apt-get install redis-server", kind="redis")
+        self.ports, self.procs = [free_port_pair() for _ in range(3)], []
+        for port in self.ports:
+            folder = tmp_path / f"cluster-{port}"
+            folder.mkdir()
+            args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", ""]
+            args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"]
+            self.procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL))
+        for port in self.ports:
+            wait_for(lambda port=port: self.command(port, "PING"), 10, f"redis-server on {port}")
+        create = [cli, "--cluster", "create", *[f"127.0.0.1:{port}" for port in self.ports]]
+        subprocess.run(create + ["--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        for port in self.ports:
+            wait_for(lambda port=port: b"cluster_state:ok" in self.command(port, "CLUSTER", "INFO"), 20, "the cluster")
+        self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+
+    @staticmethod
+    def command(port, *args):
+        import redis
+
+        with redis.Redis(port=port, socket_timeout=2) as client:
+            return client.execute_command(*args)
+
+    def stop(self):
+        for proc in self.procs:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture
+def redis_cluster(tmp_path):
+    servers = RedisClusterServers(tmp_path)
+    yield servers
+    servers.stop()
+
+
+class RedisSentinelServers:
+    """A master, its replica and a sentinel that watches them, on free ports; stopped at the end."""
+
+    def __init__(self, tmp_path):
+        binary = redis_binary()
+        self.master, self.replica, self.sentinel = free_port(), free_port(), free_port()
+        self.procs = {}
+        for name, port, extra in [("master", self.master, []), ("replica", self.replica, ["--replicaof", "127.0.0.1", str(self.master)])]:
+            folder = tmp_path / name
+            folder.mkdir()
+            args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", "", *extra]
+            self.procs[name] = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text(
+            f"port {self.sentinel}\nbind 127.0.0.1\ndir {tmp_path}\n"
+            f"sentinel monitor mymaster 127.0.0.1 {self.master} 1\n"
+            "sentinel down-after-milliseconds mymaster 1000\n"
+            "sentinel failover-timeout mymaster 3000\n"
+        )
+        self.procs["sentinel"] = subprocess.Popen([binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL)
+        wait_for(lambda: self.command(self.replica, "INFO", "replication")["master_link_status"] == "up", 10, "the replica")
+        wait_for(lambda: self.master_port() == self.master, 10, "the sentinel")
+        self.url = f"redis+sentinel://127.0.0.1:{self.sentinel}/0/mymaster"
+
+    @staticmethod
+    def command(port, *args):
+        import redis
+
+        with redis.Redis(port=port, socket_timeout=2, decode_responses=True) as client:
+            return client.execute_command(*args)
+
+    def master_port(self):
+        return int(self.command(self.sentinel, "SENTINEL", "get-master-addr-by-name", "mymaster")[1])
+
+    def kill_master(self):
+        self.procs["master"].kill()
+        self.procs["master"].wait(10)
+
+    def stop(self):
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture
+def redis_sentinel(tmp_path):
+    servers = RedisSentinelServers(tmp_path)
+    yield servers
+    servers.stop()
+
+
+THREADS_APP = QUEUE_APP.replace(
+    '''if __name__ == "__main__":''',
+    '''@app.post("/threads")
+def from_threads():
+    import sys, threading
+
+    sys.setswitchinterval(1e-5)  # threads take turns often: a race shows up every run
+
+    def burst(t):
+        for i in range(300):
+            sockets.broadcast(f"{t} {i}")
+
+    threads = [threading.Thread(target=burst, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return "sent"
+
+
+if __name__ == "__main__":''',
+)
+
+
+def receive_all(c, count, timeout=20):
+    c.settimeout(timeout)
+    return [c.recv() for _ in range(count)]
+
+
+def assert_each_thread_in_order(messages, threads=8, each=300):
+    assert len(messages) == threads * each and len(set(messages)) == threads * each, "exactly once"
+    for t in range(threads):
+        assert [m for m in messages if m.split()[0] == str(t)] == [f"{t} {i}" for i in range(each)]
+
+
+@pytest.mark.slow
+def test_one_publisher_shared_by_eight_threads_loses_nothing_and_keeps_each_threads_order(redis_server, tmp_path):
+    with queue_servers(tmp_path, redis_server.url) as (ports, procs):
+        c = client(f"ws://127.0.0.1:{ports[1]}/", skip_utf8_validation=True)
+        c.send("PID")
+        c.recv()
+        publisher = flask_websockets.Publisher(redis_server.url)
+
+        def burst(t):
+            for i in range(300):
+                publisher.broadcast(f"{t} {i}")
+
+        threads = [threading.Thread(target=burst, args=(t,)) for t in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert_each_thread_in_order(receive_all(c, 2400))
+        assert_nothing_more(c)
+        publisher.close()
+
+
+@pytest.mark.slow
+def test_broadcasts_from_eight_threads_of_a_server_reach_the_other_process_exactly_once(redis_server, tmp_path):
+    with queue_servers(tmp_path, redis_server.url, app=THREADS_APP) as (ports, procs):
+        here, there = (client(f"ws://127.0.0.1:{port}/", skip_utf8_validation=True) for port in ports)
+        for c in (here, there):
+            c.send("PID")
+            c.recv()
+        assert urlopen(f"http://127.0.0.1:{ports[0]}/threads", data=b"", timeout=30).read() == b"sent"
+        assert_each_thread_in_order(receive_all(here, 2400))
+        assert_each_thread_in_order(receive_all(there, 2400))
+        assert_nothing_more(here, there)
+
+
+@pytest.mark.slow
+def test_a_publishers_order_holds_across_rooms_and_everyone(redis_server, tmp_path):
+    with queue_servers(tmp_path, redis_server.url) as (ports, procs):
+        member = client(f"ws://127.0.0.1:{ports[1]}/")
+        member.send("JOIN kitchen")
+        assert member.recv() == "joined kitchen"
+        publisher = flask_websockets.Publisher(redis_server.url)
+        for i in range(20):
+            publisher.broadcast(f"m{i}", room="kitchen" if i % 2 else None)
+        assert [member.recv() for _ in range(20)] == [f"m{i}" for i in range(20)]
+        for i in range(20):  # and from the other server process, through its queue
+            post(ports[0], text=f"n{i}", **({"room": "kitchen"} if i % 2 else {}))
+        assert [member.recv() for _ in range(20)] == [f"n{i}" for i in range(20)]
+        publisher.close()
+
+
+@pytest.mark.slow
+def test_any_room_name_reaches_only_that_rooms_members_on_every_process(redis_server, tmp_path):
+    with queue_servers(tmp_path, redis_server.url) as (ports, procs):
+        bystander = client(f"ws://127.0.0.1:{ports[1]}/")  # in no room
+        members = {room: client(f"ws://127.0.0.1:{ports[1]}/") for room in HOSTILE_ROOMS}
+        for room, c in members.items():
+            c.send(f"JOIN {room}")
+            assert c.recv() == f"joined {room}"
+        bystander.send("PID")
+        bystander.recv()
+        publisher = flask_websockets.Publisher(redis_server.url)
+        for room in members:
+            publisher.broadcast(f"to {room}", room=room)
+            post(ports[0], text=f"via {room}", room=room)
+        for room, c in members.items():  # two publishers: no order between them
+            assert sorted([c.recv(), c.recv()]) == [f"to {room}", f"via {room}"]
+        assert_nothing_more(bystander, *members.values())
+        publisher.broadcast("everyone")
+        assert all(c.recv() == "everyone" for c in [bystander, *members.values()])
+        publisher.close()
+
+
+@pytest.mark.slow
+def test_reads_name_a_few_streams_however_many_rooms_have_members(redis_server, tmp_path):
+    """Every read used to name the stream of every room with a member in the process."""
+    import redis
+
+    with queue_servers(tmp_path, redis_server.url, count=1) as (ports, procs):
+        c = client(f"ws://127.0.0.1:{ports[0]}/")
+        for n in range(300):
+            c.send(f"JOIN room {n}")
+            c.recv()
+        with redis.Redis(port=redis_server.port, socket_timeout=5) as monitor_client:
+            with monitor_client.monitor() as monitor:
+                reads = []
+                while len(reads) < 3:
+                    command = monitor.next_command()["command"]
+                    if command.upper().startswith("XREAD "):
+                        reads.append(command)
+        assert all(read.count("flask_websockets") <= 8 for read in reads), reads[0][:300]
+
+
+@pytest.mark.slow
+def test_a_thousand_short_lived_publishers_leave_no_state_in_a_server(redis_server):
+    app, sockets = make_app(message_queue=redis_server.url)
+    with sockets.test_client() as client_:
+        sockets.broadcast("warm up")
+        assert client_.receive() == "warm up"
+
+        def publishers(n):
+            for i in range(n):
+                publisher = flask_websockets.Publisher(redis_server.url)
+                publisher.broadcast(f"p{i}")
+                publisher.close()
+            for i in range(n):
+                assert client_.receive(timeout=10) == f"p{i}"
+
+        publishers(100)
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.take_snapshot()
+        publishers(1000)
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+        grown = sum(
+            stat.size_diff
+            for stat in after.compare_to(before, "filename")
+            if stat.traceback[0].filename.endswith("flask_websockets.py")
+        )
+        assert grown < 20_000, f"{grown} bytes kept for 1,000 publishers"
+    import redis
+
+    with redis.Redis(port=redis_server.port) as r:
+        keys = [key for key in r.scan_iter("flask_websockets*")]
+        assert all(r.type(key) == b"stream" or 0 < r.ttl(key) <= 3600 for key in keys), "what is not a stream expires"
+
+
+class Blackhole:
+    """A TCP server on a port that accepts connections and never answers: a Redis that hangs."""
+
+    def __init__(self, port=None):
+        self.server = socket.create_server(("127.0.0.1", port or 0))
+        self.port = self.server.getsockname()[1]
+        self.conns, self.stopped = [], False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.server.accept()
+                self.conns.append(conn)
+
+    def close(self):
+        self.server.close()
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+        self.thread.join(5)
+
+
+OUTAGE_APP = QUEUE_APP.replace(
+    '''if __name__ == "__main__":''',
+    '''@app.post("/many")
+def many():
+    start, count = int(request.form["start"]), int(request.form["count"])
+    for i in range(start, start + count):
+        sockets.broadcast(f"m{i}")
+    return "sent"
+
+
+if __name__ == "__main__":''',
+)
+
+
+@pytest.mark.slow
+def test_while_redis_hangs_the_outbox_keeps_the_last_10000_and_sends_them_once_in_order(tmp_path):
+    blackhole = Blackhole()
+    url = f"redis://127.0.0.1:{blackhole.port}/0"
+    redis = None
+    try:
+        with queue_servers(tmp_path, url, app=OUTAGE_APP) as (ports, procs):
+            there = client(f"ws://127.0.0.1:{ports[1]}/", skip_utf8_validation=True)
+            there.send("PID")
+            there.recv()
+            for start in range(0, 15_000, 1_000):  # while the writer waits for an answer that never comes
+                post_form(ports[0], "/many", start=start, count=1000)
+                time.sleep(0.3)
+            blackhole.close()
+            redis = RedisServer(tmp_path, port=blackhole.port)  # Redis is back
+            assert receive_all(there, 10_000, timeout=30) == [f"m{i}" for i in range(5_000, 15_000)]
+            assert_nothing_more(there)
+    finally:
+        blackhole.close()
+        if redis is not None:
+            redis.stop()
+
+
+def post_form(port, path, **form):
+    return urlopen(f"http://127.0.0.1:{port}{path}", data=urllib.parse.urlencode(form).encode(), timeout=30).read()
+
+
+@pytest.mark.slow
+def test_a_publisher_facing_a_redis_that_hangs_raises_connection_error_in_its_timeout():
+    import redis
+
+    blackhole = Blackhole()
+    try:
+        publisher = flask_websockets.Publisher(f"redis://127.0.0.1:{blackhole.port}/0", timeout=0.5)
+        start = time.monotonic()
+        with pytest.raises(redis.ConnectionError, match=f"127.0.0.1:{blackhole.port}"):
+            publisher.broadcast("hello?")
+        assert time.monotonic() - start < 2
+        publisher.close()
+    finally:
+        blackhole.close()
+
+
+def test_a_queue_without_redis_py_fails_when_the_extension_is_set_up(monkeypatch):
+    monkeypatch.setitem(sys.modules, "redis", None)  # as if not installed
+    app = Flask(__name__)
+    app.config["WEBSOCKETS_MESSAGE_QUEUE"] = "redis://127.0.0.1:6379/0"
+    with pytest.raises(ImportError, match=r'pip install "Flask-Websockets\[redis\]"'):
+        WebSockets(app)
+    with pytest.raises(ImportError, match=r'pip install "Flask-Websockets\[redis\]"'):
+        WebSockets(Flask(__name__), message_queue="redis://127.0.0.1:6379/0")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://localhost:6379",
+        "redis",
+        "redis+cluster://",
+        "redis+sentinel://localhost:26379",
+        "redis+sentinel://localhost:26379/0",
+        "redis+sentinel://localhost:26379/zero/mymaster",
+        42,
+    ],
+)
+def test_a_bad_queue_url_is_refused_at_set_up_by_argument_and_by_key(url):
+    with pytest.raises(ValueError, match="message_queue"):
+        WebSockets(Flask(__name__), message_queue=url)
+    app = Flask(__name__)
+    app.config["WEBSOCKETS_MESSAGE_QUEUE"] = url
+    with pytest.raises(ValueError, match="WEBSOCKETS_MESSAGE_QUEUE"):
+        WebSockets(app)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://localhost:6379/0",
+        "rediss://user:secret@cache.example:6380/2",
+        "unix:///run/redis.sock",
+        "valkey://localhost:6379/0",
+        "valkeys://localhost:6380",
+        "redis+cluster://10.0.0.1:7000,10.0.0.2:7000",
+        "rediss+cluster://:secret@10.0.0.1:7000",
+        "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/0/mymaster",
+        "redis+sentinel://user:secret@10.0.0.1:26379/1/mymaster",
+    ],
+)
+def test_queue_urls_of_every_kind_are_accepted(url):
+    WebSockets(Flask(__name__), message_queue=url)
+
+
+def test_log_lines_name_the_queues_host_and_port_and_never_its_password(caplog):
+    port = free_port()  # nothing listens there
+    app, sockets = make_app(message_queue=f"redis://:hunter2@127.0.0.1:{port}/0")
+    with caplog.at_level(logging.WARNING, logger="flask_websockets"):
+        with sockets.test_client():
+            wait_until(lambda: "unreachable" in caplog.text)
+    assert f"127.0.0.1:{port}" in caplog.text and "hunter2" not in caplog.text
+
+
+def test_the_first_broadcasts_of_eight_threads_make_one_queue(redis_server, monkeypatch):
+    made = []
+    real = flask_websockets._MessageQueue
+
+    class Counted(real):
+        def __init__(self, *args, **kwargs):
+            made.append(self)
+            time.sleep(0.05)  # a slow start: the other threads arrive meanwhile
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(flask_websockets, "_MessageQueue", Counted)
+    app, sockets = make_app(message_queue=redis_server.url)
+    barrier = threading.Barrier(8)
+
+    def first_broadcast():
+        barrier.wait()
+        sockets.broadcast("hi")
+
+    threads = [threading.Thread(target=first_broadcast) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(made) == 1
+
+
+@pytest.mark.slow
+def test_valkey_urls_work_as_redis_urls(redis_server, tmp_path):
+    url = redis_server.url.replace("redis://", "valkey://")
+    with queue_servers(tmp_path, url) as (ports, procs):
+        there = client(f"ws://127.0.0.1:{ports[1]}/")
+        there.send("PID")
+        there.recv()
+        assert post(ports[0], text="hi") == b"0"
+        assert there.recv() == "hi"
+        publisher = flask_websockets.Publisher(url)
+        publisher.broadcast("from a valkey:// publisher")
+        assert there.recv() == "from a valkey:// publisher"
+        publisher.close()
+
+
+@pytest.mark.slow
+def test_redis_cluster_carries_broadcasts_and_rooms_between_processes(redis_cluster, tmp_path):
+    with queue_servers(tmp_path, redis_cluster.url) as (ports, procs):
+        here, there = (client(f"ws://127.0.0.1:{port}/") for port in ports)
+        there.send("JOIN kitchen")
+        assert there.recv() == "joined kitchen"
+        here.send("PID")
+        here.recv()
+        publisher = flask_websockets.Publisher(redis_cluster.url)
+        for i in range(40):  # 40 publishers' worth of traffic: spread over the masters' slots
+            other = flask_websockets.Publisher(redis_cluster.url)
+            other.broadcast(f"p{i}", room="kitchen")
+            other.close()
+        assert sorted(there.recv() for _ in range(40)) == sorted(f"p{i}" for i in range(40))
+        for i in range(10):
+            publisher.broadcast(f"m{i}", room="kitchen" if i % 2 else None)
+        assert [there.recv() for _ in range(10)] == [f"m{i}" for i in range(10)]
+        assert [here.recv() for _ in range(5)] == [f"m{i}" for i in range(0, 10, 2)]
+        post(ports[0], text="from a server")
+        assert here.recv() == there.recv() == "from a server"
+        assert_nothing_more(here, there)
+        used = [RedisClusterServers.command(port, "DBSIZE") for port in redis_cluster.ports]
+        assert sum(1 for keys in used if keys) >= 2, f"the endpoint's traffic spread over the masters: {used}"
+        publisher.close()
+
+
+@pytest.mark.slow
+def test_through_a_sentinel_failover_traffic_flows_on_the_promoted_master(redis_sentinel, tmp_path):
+    import redis
+
+    url = redis_sentinel.url
+    with queue_servers(tmp_path, url) as (ports, procs):
+        here, there = (client(f"ws://127.0.0.1:{port}/") for port in ports)
+        for c in (here, there):
+            c.send("PID")
+            c.recv()
+        publisher = flask_websockets.Publisher(url)
+        publisher.broadcast("before")
+        assert here.recv() == there.recv() == "before"
+        redis_sentinel.kill_master()
+        wait_for(lambda: redis_sentinel.master_port() == redis_sentinel.replica, 20, "the failover")
+        deadline = time.monotonic() + 20
+        while True:  # the publisher's call fails until its client finds the new master
+            try:
+                publisher.broadcast("after")
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        here.settimeout(20)
+        there.settimeout(20)
+        assert here.recv() == there.recv() == "after"
+        post(ports[0], text="from a server, after")
+        assert there.recv() == "from a server, after"
+        publisher.close()
 
 
 @pytest.mark.slow
