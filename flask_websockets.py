@@ -56,6 +56,7 @@ import socket
 import ssl
 import struct
 import sys
+import threading
 import time
 import urllib.parse
 import uuid
@@ -208,6 +209,8 @@ class WebSockets:
         self.path = path
         self.subprotocols = list(subprotocols)
         self.endpoint = endpoint
+        if message_queue is not None:
+            _check_queue_url(message_queue, "WebSockets(message_queue=...)")
         self.message_queue = message_queue
         self._apps: list[Flask] = []
         self._error_handlers: dict[type[BaseException], Callable[[Any], Reply]] = {}
@@ -250,7 +253,9 @@ class WebSockets:
     def _set_up(self, app: Flask) -> None:
         for key, default in _CONFIG_DEFAULTS.items():
             app.config.setdefault(key, default)
-        _settings(app)  # a bad value fails here, at start-up, naming its key
+        settings = _settings(app)  # a bad value fails here, at start-up, naming its key
+        if self.message_queue or settings.message_queue:
+            _import_redis()  # so does a queue without redis-py, which would serve one process quietly
         app.extensions.setdefault("websockets", self)
         if _close_unserved_upgrade not in app.after_request_funcs.get(None, []):
             app.after_request(_close_unserved_upgrade)
@@ -495,16 +500,19 @@ class WebSockets:
                     message.deflated(bits, pause)
 
     def _message_queue(self) -> _MessageQueue | None:
-        """This process's queue for the endpoint: made at first use, again after a fork."""
-        if self._queue is not None and self._queue.pid == os.getpid():
-            return self._queue
-        if self._queue_checked and self._queue is None:
+        """This process's queue for the endpoint: made at first use, again after a fork; one, whichever thread asks."""
+        queue = self._queue
+        if queue is not None and queue.pid == os.getpid():
+            return queue
+        if self._queue_checked and queue is None:
             return None
-        app = current_app._get_current_object() if current_app else (self._apps[0] if self._apps else None)  # type: ignore[attr-defined]
-        url = self.message_queue or (app and _settings(app).message_queue)
-        self._queue_checked = True
-        self._queue = _MessageQueue(url, self, self._rooms) if url else None
-        return self._queue
+        with _queue_lock:
+            if self._queue is None or self._queue.pid != os.getpid():
+                app = current_app._get_current_object() if current_app else (self._apps[0] if self._apps else None)  # type: ignore[attr-defined]
+                url = self.message_queue or (app and _settings(app).message_queue)
+                self._queue = _MessageQueue(url, self) if url else None
+                self._queue_checked = True
+            return self._queue
 
     def _deliver_remote(self, batch: list[tuple[str | None, _Prepared]]) -> list[Connection]:
         """Messages from other processes, in order: to this process's connections, each in one write."""
@@ -546,8 +554,6 @@ class WebSockets:
             members = self._rooms.get(room)
             if members is None:
                 members = self._rooms[room] = set()
-                if self._queue is not None:
-                    self._queue.watch(room)
             members.add(conn)
 
     def _leave(self, conn: Connection, room: str) -> None:
@@ -562,8 +568,6 @@ class WebSockets:
             members.discard(conn)
             if not members:
                 del self._rooms[room]
-                if self._queue is not None:
-                    self._queue.unwatch(room)
 
     # -- testing --------------------------------------------------------------
 
@@ -2322,19 +2326,48 @@ class _Dropped(_Upgraded):
 # The message queue: scaling out through Redis
 # ---------------------------------------------------------------------------
 #
-# An endpoint's broadcasts travel through Redis Streams: one stream for the
-# whole endpoint and one per room (``_stream``). Each process reads the
-# endpoint's stream and those of the rooms it has members in, so it gets only
-# what it can deliver. A stream keeps its last entries: a process that lost
-# Redis for a while reads on from the last entry it saw, and gets what was
-# published meanwhile, once and in order. All Redis I/O runs in two real
-# threads per process, never in gevent's loop, with or without
+# How it works. An endpoint's broadcasts travel through a fixed number of
+# Redis streams, its shards (``_SHARDS``). A publisher (the queue of a server
+# process, or a ``Publisher``) writes all its messages to one shard, picked by
+# its id, so a connection gets what one publisher sends in the order it was
+# sent, rooms and everyone mixed. A message's room is a field of its entry,
+# never part of a key: any name is only a name. Every process reads every
+# shard of the endpoint and keeps what has members here. So its cost grows with
+# the endpoint's traffic, never with the rooms it serves: a read is one XREAD
+# over all the shards, or on a Redis Cluster, which refuses a command over keys
+# in different slots, one XREAD per shard, each in a thread of its own. Each
+# shard's keys share a hash tag (``{websocket:3}``), so that every command is
+# legal on a cluster, and the shards, in different slots, spread an endpoint's
+# traffic over its masters.
+#
+# Exactly once. Each entry carries its publisher's id and a sequence number,
+# and is added by a Lua script only if its number is above the last one that
+# publisher wrote: a batch written again after a write whose answer was lost
+# adds nothing twice. Readers keep no state per publisher. A process that lost
+# Redis reads on from the last entry it saw (from the start of a stream that
+# Redis lost with its data), and what it published meanwhile waits in its
+# outbox, at most ``_STREAM_LENGTH`` messages, the newest.
+#
+# What Redis keeps: per shard a stream of about ``_STREAM_LENGTH`` entries, and
+# per publisher a key with its last number, for ``_PUBLISHER_TTL`` seconds
+# after its last message. All Redis I/O runs in real threads (a writer, and a
+# reader per group of shards), never in gevent's loop, with or without
 # monkey-patching: ``broadcast`` only hands the message over.
 
-#: Entries each stream keeps: 10 s of 1,000 broadcasts a second, at least.
+#: Streams per endpoint. Every process reads all of them; each publisher writes to one.
+_SHARDS = 8
+#: Entries each stream keeps (about), and messages an outbox keeps while Redis is away.
 _STREAM_LENGTH = 10_000
-#: A room's stream is deleted a day after its last message.
-_ROOM_TTL = 24 * 3600
+#: Seconds a publisher's last sequence number is kept in Redis after its last message.
+_PUBLISHER_TTL = 3600
+#: Adds an entry unless its publisher wrote that number already. KEYS: the stream, the
+#: publisher's key; ARGV: the number, the key's TTL, the stream's length, the entry's fields.
+_PUBLISH_SCRIPT = """\
+if tonumber(ARGV[1]) <= tonumber(redis.call('GET', KEYS[2]) or '0') then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
+return 1
+"""
 
 
 class Publisher:
@@ -2342,7 +2375,7 @@ class Publisher:
 
     From a Celery task, a cron script or a shell: no gevent, no Flask app, only
     redis-py (``pip install "Flask-Websockets[redis]"``) and the servers'
-    message queue. ``endpoint`` is the name of the endpoint to reach, as in
+    message queue URL. ``endpoint`` is the name of the endpoint to reach, as in
     ``url_for``::
 
         from flask_websockets import Publisher
@@ -2351,84 +2384,113 @@ class Publisher:
         news.broadcast("the servers restart at 2:00")
         news.broadcast(b"\\x89PNG...", room="kitchen")
 
-    ``broadcast`` takes what a handler may return, returns once Redis has the
-    message, and raises redis-py's ``ConnectionError`` when Redis cannot be
-    reached: retrying is the caller's call. Every process that serves the
-    endpoint delivers the messages of one publisher in the order it sent them.
+    ``broadcast`` takes what a handler may return, and returns once Redis has
+    the message. When Redis cannot be reached within ``timeout`` seconds, it
+    raises redis-py's ``ConnectionError`` (a timeout too): retrying is the
+    caller's call, and a message sent again after a failure is delivered once.
+    Every process that serves the endpoint delivers what one publisher sends
+    in the order it was sent, rooms and everyone mixed. One publisher may be
+    shared by threads: their messages go one at a time, each thread's in its
+    order.
     """
 
-    def __init__(self, url: str, endpoint: str = "websocket") -> None:
+    def __init__(self, url: str, endpoint: str = "websocket", timeout: float = 5.0) -> None:
         self.endpoint = endpoint
-        self._redis = _redis_client(url)
-        self._origin = uuid.uuid4().hex.encode()
+        self._where = _check_queue_url(url, "Publisher(url)")
+        self._redis = _redis_client(url, timeout)
+        self._origin = uuid.uuid4().hex
+        self._keys = _shard_keys(endpoint, _shard_of(self._origin), self._origin)
         self._sequence = 0
+        self._lock = threading.Lock()  # a number and its write, one thread at a time
 
     def broadcast(self, message: Reply, room: str | None = None, compress: bool = True) -> None:
         """Send ``message`` to every connection of the endpoint, or a room's (see ``WebSockets.broadcast``)."""
         content = _payload(message, "Publisher.broadcast()")
-        if content is not None:
+        if content is None:
+            return
+        _check_room(room, "Publisher.broadcast()")
+        redis = _import_redis()
+        with self._lock:
             self._sequence += 1
-            _publish(self._redis, self.endpoint, room, _entry(self._origin, self._sequence, *content, compress))
+            entry = _entry(self._origin, self._sequence, room, *content, compress)
+            try:
+                _publish(self._redis, self._keys, self._sequence, entry)
+            except (redis.TimeoutError, redis.exceptions.ClusterError, redis.exceptions.ReadOnlyError) as error:
+                raise redis.ConnectionError(f"message queue {self._where}: {error}") from error
 
     def close(self) -> None:
         """Close the connection to Redis."""
         self._redis.close()
 
 
-def _stream(endpoint: str, room: str | None) -> str:
-    return f"flask_websockets:{endpoint}:" + ("all" if room is None else f"room:{room}")
+def _shard_of(origin: str) -> int:
+    return zlib.crc32(origin.encode()) % _SHARDS
 
 
-def _entry(origin: bytes, sequence: int, opcode: int, payload: bytes, compress: bool = True) -> dict[bytes, bytes]:
-    """A stream entry, format 1: no pickle, text and binary as they are."""
-    kind = b"text" if opcode == _OP_TEXT else b"binary"
-    entry = {b"v": b"1", b"o": origin, b"n": str(sequence).encode(), b"t": kind, b"d": payload}
-    if not compress:
-        entry[b"c"] = b"0"  # never compressed: it carries a secret
-    return entry
+def _shard_keys(endpoint: str, shard: int, origin: str = "") -> tuple[str, str]:
+    """A shard's stream, and a publisher's key beside it: one hash tag, one cluster slot."""
+    tag = f"flask_websockets:{{{urllib.parse.quote(endpoint, safe='')}:{shard}}}"
+    return f"{tag}:stream", f"{tag}:publisher:{origin}"
 
 
-def _publish(redis: Any, endpoint: str, room: str | None, entry: dict[bytes, bytes]) -> None:
-    key = _stream(endpoint, room)
-    redis.xadd(key, entry, maxlen=_STREAM_LENGTH, approximate=True)
+def _entry(
+    origin: str, sequence: int, room: str | None, opcode: int, payload: bytes, compress: bool = True
+) -> list[Any]:
+    """A stream entry's fields and values, format 2: no pickle, text and binary as they are."""
+    entry: list[Any] = [b"v", b"2", b"o", origin, b"n", sequence, b"t", b"text" if opcode == _OP_TEXT else b"binary"]
     if room is not None:
-        redis.expire(key, _ROOM_TTL)
+        entry += [b"r", room.encode("utf-8")]
+    if not compress:
+        entry += [b"c", b"0"]  # never compressed: it carries a secret
+    return entry + [b"d", payload]
 
 
-def _redis_client(url: str) -> Any:
-    try:
-        import redis
-    except ImportError:
-        raise ImportError('a message queue needs redis-py: python -m pip install "Flask-Websockets[redis]"') from None
-    # A timeout over the reader's 200 ms blocks: a connection gone silent is noticed.
-    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+def _publish(redis: Any, keys: tuple[str, str], sequence: int, entry: list[Any]) -> None:
+    """Add an entry to a shard, unless its publisher wrote it already (a client or a pipeline)."""
+    # EVAL by name: a cluster's pipeline has no eval(), but routes the command by its keys.
+    redis.execute_command("EVAL", _PUBLISH_SCRIPT, 2, *keys, sequence, _PUBLISHER_TTL, _STREAM_LENGTH, *entry)
+
+
+def _check_room(room: Any, who: str) -> None:
+    if room is not None and (not isinstance(room, str) or not room):
+        raise TypeError(f"{who}: a room is a non-empty str, not {room!r}")
 
 
 class _MessageQueue:
-    """One process's link to an endpoint's streams: a writer thread and a reader thread."""
+    """One process's link to an endpoint's shards: a writer thread, and reader threads.
 
-    def __init__(self, url: str, sockets: WebSockets, rooms: dict[str, Any]) -> None:
+    The writer sends this process's broadcasts, in order, to its shard. A
+    reader reads a group of shards (all of them, or one on a Redis Cluster)
+    and hands what it reads to the event loop, at the pace the clients read.
+    """
+
+    def __init__(self, url: str, sockets: WebSockets) -> None:
         self.pid = os.getpid()  # threads do not survive a fork: a child makes its own queue
-        self._url, self._endpoint, self._sockets = url, sockets.endpoint, sockets
-        self._where = urllib.parse.urlsplit(url)._replace(netloc=urllib.parse.urlsplit(url).hostname or "").geturl()
-        self._origin = uuid.uuid4().hex.encode()
+        self._url, self._sockets = url, sockets
+        self._where = _check_queue_url(url, "message queue")
+        _import_redis()  # here, not in a thread: its absence is the app's error
+        self._origin = uuid.uuid4().hex
+        self._keys = _shard_keys(sockets.endpoint, _shard_of(self._origin), self._origin)
         self._sequence = 0
-        self._outbox: collections.deque = collections.deque()  # (room, entry), for the writer
+        self._outbox: collections.deque = collections.deque()  # (sequence, entry), for the writer
+        self._lock = _thread_lock()  # a number and its place in the outbox, one thread at a time
         self._work = _thread_lock()  # released when the outbox has something
         self._work.acquire()
-        # Rooms with members here, and since when (our clock): the reader reads their streams.
-        self._watched = {room: time.time() for room in rooms}
-        self._since = time.time()
+        self._since = time.time()  # what was published from now on is for this process
         self._failing: set[str] = set()  # the threads that cannot reach Redis: one warning per outage
+        self._dropped = 0  # broadcasts dropped from the outbox in this outage
         # Deliver in the loop of the thread that made the queue, if it runs one (under gevent's
-        # servers: every connection's); else from the reader thread (Werkzeug: each its own).
+        # servers: every connection's); else from the reader threads (Werkzeug: each its own).
         self._loop = gevent.get_hub().loop if gevent.getcurrent().parent is not None else None
-        self._delivered = _thread_lock()  # released by the loop once a batch is delivered
-        self._delivered.acquire()
         self._stopping = False
-        self._running = [_thread_lock(), _thread_lock()]  # each held while its thread runs
-        for running, loop in zip(self._running, (self._write_forever, self._read_forever)):
+        streams = [_shard_keys(sockets.endpoint, shard)[0] for shard in range(_SHARDS)]
+        groups = [[stream] for stream in streams] if _is_cluster(url) else [streams]
+        self._threads = [(self._write_forever, "writer")] + [(self._reader(group), "reader") for group in groups]
+        self._running = []  # a lock each, held while its thread runs
+        for loop, _ in self._threads:
+            running = _thread_lock()
             running.acquire()
+            self._running.append(running)
             _start_thread(self._run_thread, (loop, running))
         atexit.register(self._stop)
 
@@ -2439,92 +2501,124 @@ class _MessageQueue:
             running.release()
 
     def _stop(self) -> None:
-        """At exit, let both threads end their turn: one still running while the interpreter
+        """At exit, let every thread end its turn: one still running while the interpreter
         is torn down can crash it (seen with gevent 23.9). Redis keeps what was not read."""
         if os.getpid() != self.pid:  # a forked child's copy: its threads never ran here
             return
         self._stopping = True
-        try:
-            self._work.release()
-        except RuntimeError:  # released already
-            pass
+        self._wake_writer()
         for running in self._running:
             if running.acquire(timeout=1.0):
                 running.release()
 
     def publish(self, room: str | None, opcode: int, payload: bytes, compress: bool = True) -> None:
-        """Hand a broadcast over to the writer thread; never blocks."""
-        self._sequence += 1
-        if len(self._outbox) >= _STREAM_LENGTH:  # Redis has been gone a while: drop the oldest
+        """Hand a broadcast over to the writer thread; never blocks, from any thread."""
+        with self._lock:
+            self._sequence += 1
+            self._outbox.append((self._sequence, _entry(self._origin, self._sequence, room, opcode, payload, compress)))
+            self._trim_outbox()
+        self._wake_writer()
+
+    def _trim_outbox(self) -> None:  # under the lock
+        """Redis has been away a while: the oldest broadcasts go (a warning now, their count once it is back)."""
+        while len(self._outbox) > _STREAM_LENGTH:
+            if not self._dropped:
+                logger.warning("message queue %s: %d broadcasts wait, the oldest go", self._where, _STREAM_LENGTH)
             self._outbox.popleft()
-        self._outbox.append((room, _entry(self._origin, self._sequence, opcode, payload, compress)))
+            self._dropped += 1
+
+    def _wake_writer(self) -> None:
         try:
             self._work.release()
         except RuntimeError:  # released already
             pass
 
-    def watch(self, room: str) -> None:
-        self._watched[room] = time.time()
-
-    def unwatch(self, room: str) -> None:
-        self._watched.pop(room, None)
-
     def _write_forever(self) -> None:
         redis, backoff = None, 0.1
         while not self._stopping or self._outbox:
             self._work.acquire(timeout=1.0)
-            if not self._outbox:
+            with self._lock:
+                batch = list(self._outbox)
+                self._outbox.clear()
+            if not batch:
                 continue
-            batch = [self._outbox.popleft() for _ in range(len(self._outbox))]
             try:
                 redis = redis or _redis_client(self._url)
                 pipeline = redis.pipeline(transaction=False)
-                for room, entry in batch:
-                    _publish(pipeline, self._endpoint, room, entry)
+                for sequence, entry in batch:
+                    _publish(pipeline, self._keys, sequence, entry)
                 pipeline.execute()
             except Exception as error:  # noqa: BLE001 - whatever Redis does, retry later
-                self._outbox.extendleft(reversed(batch))  # in order, before what came since
+                with self._lock:
+                    self._outbox.extendleft(reversed(batch))  # in order, before what came since
+                    self._trim_outbox()
                 if self._stopping:  # the process is exiting: no later to retry in
                     break
                 redis, backoff = None, self._retry_later("writer", error, backoff)
                 continue
             self._recovered("writer")
             backoff = 0.1
+            if self._dropped:
+                logger.warning("message queue %s: %d broadcasts were dropped while it was away", self._where, self._dropped)
+                self._dropped = 0
 
-    def _read_forever(self) -> None:
-        redis, backoff, offset = None, 0.1, 0.0
-        last: dict[str, bytes] = {}  # stream -> the last entry read
-        seen: dict[tuple[str, bytes], int] = {}  # (stream, publisher) -> its last sequence delivered
+    def _reader(self, streams: list[str]) -> Callable[[], None]:
+        return lambda: self._read_forever(streams)
+
+    def _read_forever(self, streams: list[str]) -> None:
+        redis, backoff, origin = None, 0.1, self._origin.encode()
+        positions: dict[str, str] = {}  # stream -> the last entry read
         while not self._stopping:
             try:
                 if redis is None:
                     redis = _redis_client(self._url)
-                    seconds, microseconds = redis.time()
-                    offset = seconds + microseconds / 1e6 - time.time()  # Redis's clock, which makes entry ids
-                streams = self._streams(last, offset)
-                response = redis.xread(streams, count=1000, block=200)
+                    positions = self._positions(redis, streams, positions)
+                response = redis.xread(positions, count=1000, block=1000)
             except Exception as error:  # noqa: BLE001
                 redis, backoff = None, self._retry_later("reader", error, backoff)
                 continue
             self._recovered("reader")
             backoff = 0.1
-            batch = []
-            for key, entries in response or ():
-                key = key.decode()
-                room = None if key.endswith(":all") else key.split(":room:", 1)[1]
-                for entry_id, fields in entries:
-                    last[key] = entry_id
-                    publisher, sequence = fields.get(b"o"), int(fields.get(b"n", 0))
-                    if fields.get(b"v") != b"1" or publisher == self._origin:
-                        continue  # another format, or our own: delivered here at once
-                    if seen.get((key, publisher), 0) >= sequence:
-                        continue  # sent again after a failed write: delivered already
-                    seen[(key, publisher)] = sequence
-                    opcode = _OP_TEXT if fields[b"t"] == b"text" else _OP_BINARY
-                    batch.append((room, _Prepared(opcode, fields[b"d"], compress=fields.get(b"c") != b"0")))
-            for part in _parts(batch, 256 * 1024):
-                self._sockets._compress_ahead([message for _, message in part])  # here, not in the event loop
-                self._hand_over(part)
+            self._deliver(response or (), positions, origin)
+            del response  # nothing read is kept while the next read waits
+
+    def _deliver(self, response: Any, positions: dict[str, Any], origin: bytes) -> None:
+        """Deliver what a read gave, but this process's own messages (delivered at once), and note where it got."""
+        batch = []
+        for key, entries in response:
+            for entry_id, fields in entries:
+                positions[key.decode() if isinstance(key, bytes) else key] = entry_id
+                if fields.get(b"v") != b"2" or fields.get(b"o") == origin:
+                    continue  # another format, or our own
+                room = fields.get(b"r")
+                opcode = _OP_TEXT if fields[b"t"] == b"text" else _OP_BINARY
+                message = _Prepared(opcode, fields[b"d"], compress=fields.get(b"c") != b"0")
+                batch.append((None if room is None else room.decode("utf-8"), message))
+        for part in _parts(batch, 256 * 1024):
+            self._sockets._compress_ahead([message for _, message in part])  # here, not in the event loop
+            self._hand_over(part)
+
+    def _positions(self, redis: Any, streams: list[str], positions: dict[str, str]) -> dict[str, str]:
+        """Where to read each stream from, on (re)connecting.
+
+        From the last entry read; from the start of a stream that Redis lost
+        with its data (a restart without persistence, a failover to a replica
+        that had not caught up), whose newest entry is older than that; at
+        first, from when this queue began, in Redis's clock (which makes entry
+        ids), 50 ms early: the estimate is good to a round trip.
+        """
+        seconds, microseconds = redis.time()
+        start = f"{int((seconds + microseconds / 1e6 - (time.time() - self._since)) * 1000) - 50}-0"
+        fresh = {}
+        for stream in streams:
+            last = positions.get(stream)
+            if last is None:
+                fresh[stream] = start
+                continue
+            newest = redis.xrevrange(stream, count=1)
+            newest_id = newest[0][0] if newest else b"0-0"
+            fresh[stream] = last if _entry_id(newest_id) >= _entry_id(last) else "0-0"
+        return fresh
 
     def _hand_over(self, batch: list[tuple[str | None, _Prepared]]) -> None:
         """Deliver, at the pace the clients read: the rest waits in Redis, not in memory.
@@ -2537,31 +2631,23 @@ class _MessageQueue:
         if self._loop is None:
             self._sockets._deliver_remote(batch)
             return
-        self._loop.run_callback_threadsafe(self._deliver_paced, batch)
-        self._delivered.acquire(timeout=10)  # the loop is gone if it takes that long
+        delivered = _thread_lock()  # released by the loop once the batch is delivered
+        delivered.acquire()
+        self._loop.run_callback_threadsafe(self._deliver_paced, batch, delivered)
+        delivered.acquire(timeout=10)  # the loop is gone if it takes that long
 
-    def _deliver_paced(self, batch: list[tuple[str | None, _Prepared]]) -> None:  # in the loop
+    def _deliver_paced(self, batch: list[tuple[str | None, _Prepared]], delivered: Any) -> None:  # in the loop
         written = self._sockets._deliver_remote(batch)
         if any(conn._backlogged() for conn in written):
-            gevent.spawn(self._wait_for_buffers, written)
+            gevent.spawn(self._wait_for_buffers, written, delivered)
         else:
-            self._delivered.release()
+            delivered.release()
 
-    def _wait_for_buffers(self, written: list[Connection]) -> None:
+    def _wait_for_buffers(self, written: list[Connection], delivered: Any) -> None:
         deadline = time.monotonic() + 0.1
         while time.monotonic() < deadline and any(conn._backlogged() for conn in written):
             gevent.sleep(0.005)
-        self._delivered.release()
-
-    def _streams(self, last: dict[str, bytes], offset: float) -> dict[str, Any]:
-        """The streams to read, each from its last entry, or from when it began to matter here."""
-        wanted = {_stream(self._endpoint, None): self._since}
-        wanted.update((_stream(self._endpoint, room), since) for room, since in dict(self._watched).items())
-        for key in list(last):
-            if key not in wanted:  # a room with no member here any more
-                del last[key]
-        # 50 ms early: the estimate of Redis's clock is good to a round trip.
-        return {key: last.get(key) or f"{int((since + offset) * 1000) - 50}-0" for key, since in wanted.items()}
+        delivered.release()
 
     def _retry_later(self, thread: str, error: Exception, backoff: float) -> float:
         """Note that Redis failed ``thread``, wait twice ``backoff`` (up to 2 s), and return that."""
@@ -2583,6 +2669,11 @@ class _MessageQueue:
                 logger.warning("message queue %s reachable again", self._where)
 
 
+def _entry_id(entry_id: bytes | str) -> tuple[int, int]:
+    milliseconds, _, sequence = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
 def _parts(batch: list[Any], size: int) -> Iterator[list[Any]]:
     """Cut a batch of ``(room, _Prepared)`` into parts of about ``size`` bytes of payload."""
     part: list[Any] = []
@@ -2597,8 +2688,101 @@ def _parts(batch: list[Any], size: int) -> Iterator[list[Any]]:
         yield part
 
 
+# -- queue URLs ----------------------------------------------------------------
+
+#: The URL schemes of a message queue: a server (Valkey's are Redis's), a Redis
+#: Cluster, or the master that Redis Sentinel names; an ``s`` for TLS.
+_QUEUE_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis+cluster", "rediss+cluster",
+                  "redis+sentinel", "rediss+sentinel")  # fmt: skip
+
+
+def _check_queue_url(url: Any, what: str) -> str:
+    """Check a queue URL without connecting; return it as log lines show it: no password.
+
+    A ``ValueError`` names ``what`` (the setting or the argument) and the forms
+    that work.
+    """
+    scheme, separator, _ = url.partition("://") if isinstance(url, str) else (None, None, None)
+    try:
+        if not separator or scheme not in _QUEUE_SCHEMES:
+            raise ValueError("unknown scheme")
+        if "+" in scheme:
+            _nodes_and_path(url)
+        parts = urllib.parse.urlsplit(url)
+        netloc = parts.netloc.rpartition("@")[2]
+        return f"{scheme}://{netloc}{parts.path}"
+    except ValueError as error:
+        raise ValueError(
+            f"{what} must be None or a redis://, rediss://, unix://, valkey://, valkeys:// URL, a"
+            " redis+cluster://host:port[,host:port...] or a redis+sentinel://host:port[,host:port...]/db/service_name"
+            f" URL (rediss+ with TLS), not {url!r} ({error})"
+        ) from None
+
+
+def _nodes_and_path(url: str) -> tuple[list[tuple[str, int]], str | None, str | None, str]:
+    """A cluster's or a sentinel's URL: its nodes, user name, password, and path."""
+    scheme, _, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    nodes = []
+    for node in hosts.split(","):
+        host, colon, port = node.rpartition(":")
+        if not colon:
+            host, port = port, ""
+        if not host or (port and not port.isdigit()):
+            raise ValueError(f"not a host:port: {node!r}")
+        nodes.append((host, int(port) if port else 26379 if "sentinel" in scheme else 6379))
+    if "sentinel" in scheme:
+        db, _, service = path.partition("/")
+        if not db.isdigit() or not service or "/" in service:
+            raise ValueError("a sentinel URL ends with /db/service_name")
+    unquote = urllib.parse.unquote
+    return nodes, unquote(username) or None, unquote(password) or None, path
+
+
+def _is_cluster(url: str) -> bool:
+    return url.partition("://")[0].endswith("+cluster")
+
+
+def _redis_client(url: str, timeout: float = 5.0) -> Any:
+    """A redis-py client for a queue URL: a server, a Redis Cluster, or the master Sentinel names.
+
+    Its timeout (5 s) outlasts a reader's blocking read (1 s): a connection
+    gone silent is noticed.
+    """
+    redis = _import_redis()
+    options: dict[str, Any] = dict(socket_timeout=timeout, socket_connect_timeout=timeout)
+    scheme, _, rest = url.partition("://")
+    tls = scheme.startswith(("rediss", "valkeys"))
+    if scheme in ("valkey", "valkeys"):
+        url = ("rediss" if tls else "redis") + "://" + rest
+    if "+" not in scheme:
+        return redis.Redis.from_url(url, **options)
+    nodes, username, password, path = _nodes_and_path(url)
+    if scheme.endswith("+cluster"):
+        from redis.cluster import ClusterNode, RedisCluster
+
+        startup = [ClusterNode(host, port) for host, port in nodes]
+        return RedisCluster(startup_nodes=startup, username=username, password=password, ssl=tls, **options)
+    from redis.sentinel import Sentinel
+
+    db, _, service = path.partition("/")
+    sentinel = Sentinel(nodes, sentinel_kwargs=dict(options, ssl=tls), ssl=tls, **options)
+    return sentinel.master_for(service, db=int(db), username=username, password=password)
+
+
+def _import_redis() -> Any:
+    try:
+        import redis
+    except ImportError:
+        raise ImportError('a message queue needs redis-py: python -m pip install "Flask-Websockets[redis]"') from None
+    return redis
+
+
 _start_thread = gevent.monkey.get_original("_thread", "start_new_thread")
 _sleep = gevent.monkey.get_original("time", "sleep")
+_queue_lock = _thread_lock()  # one queue per endpoint and process, whichever threads ask at once
 
 
 # ---------------------------------------------------------------------------
@@ -2815,8 +2999,10 @@ _CONFIG_DEFAULTS: dict[str, Any] = {
     "WEBSOCKETS_MAX_SEND_BUFFER": 1 << 20,
     # Seconds a client may take nothing at all before it is closed as too slow.
     "WEBSOCKETS_SEND_TIMEOUT": 10.0,
-    # A Redis URL (redis://, rediss://, unix://): broadcasts reach the
-    # connections of every process that serves the endpoint with the same one.
+    # A Redis URL: broadcasts reach the connections of every process that
+    # serves the endpoint with the same one. redis://, rediss:// (TLS),
+    # unix://, valkey://, valkeys://, redis+cluster://host:port[,host:port...]
+    # or redis+sentinel://host:port[,host:port...]/db/service_name.
     "WEBSOCKETS_MESSAGE_QUEUE": None,
     # Whether to compress messages when the client offers to (permessage-deflate).
     "WEBSOCKETS_COMPRESSION": False,
@@ -2890,8 +3076,8 @@ def _check_settings(values: dict[str, Any]) -> _Settings:
     if isinstance(min_size, bool) or not isinstance(min_size, int) or not 0 <= min_size < 1e18:
         raise ValueError(f"WEBSOCKETS_COMPRESSION_MIN_SIZE must be a number of bytes, 0 or more, not {min_size!r}")
     queue = values["WEBSOCKETS_MESSAGE_QUEUE"]
-    if queue is not None and not (isinstance(queue, str) and queue.split("://")[0] in ("redis", "rediss", "unix")):
-        raise ValueError(f"WEBSOCKETS_MESSAGE_QUEUE must be None or a redis://, rediss:// or unix:// URL: {queue!r}")
+    if queue is not None:
+        _check_queue_url(queue, "WEBSOCKETS_MESSAGE_QUEUE")
     return _Settings(
         max_message_size=positive("WEBSOCKETS_MAX_MESSAGE_SIZE", integer=True),
         ping_interval=positive("WEBSOCKETS_PING_INTERVAL"),

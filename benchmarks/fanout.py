@@ -17,6 +17,15 @@ message.
   with ``message_queue``; the publisher is ``SocketIO(message_queue=...)``, and
   the clients speak Engine.IO 4 / Socket.IO 5 over a websocket.
 
+With ``--rooms 1,1000,10000`` it measures instead how the queue's cost grows
+with the rooms a process serves (Flask-Websockets only, ``--module`` for
+another checkout): the clients join rooms of ``--room-size`` members each
+(every room the same size, so every message makes as many deliveries), spread
+over the two server processes, and a publisher sends ``--rate`` messages a
+second for ``--seconds`` to random rooms. Reported per room count: server CPU
+per delivery, publish-to-receive p50/p99, and the servers' idle CPU (percent
+of a core, per process) with those rooms joined and nothing sent.
+
 The publisher sends ``--messages`` messages of 100 bytes as fast as it can,
 each with its send time; the clients, picows and uvloop in one process,
 record when each arrives. A private redis-server is
@@ -54,6 +63,12 @@ sockets = flask_websockets.WebSockets(app, path="/ws")
 @sockets.on_message("^PUBLISH ")
 def publish(message):
     sockets.broadcast(message[8:])
+
+@sockets.on_message("^JOINS ")
+def joins(message):
+    for room in message[6:].split(","):
+        flask_websockets.ws.join(room)
+    return f"joined {len(flask_websockets.ws.rooms)}"
 
 flask_websockets.serve(app, port=0, log=None)
 """
@@ -246,6 +261,118 @@ def measure(stack, args, redis):
                 proc.wait(10)
 
 
+# -- rooms: the queue's cost against the number of rooms -----------------------------
+
+
+async def rooms_clients_main(urls, rooms):
+    """Clients that join their rooms, then record each message's latency until the parent says stop."""
+    from picows import WSListener, WSMsgType, ws_connect
+
+    state = {"ready": 0, "latencies": []}
+
+    class Client(WSListener):
+        def __init__(self, joins):
+            self.joins = joins
+
+        def on_ws_connected(self, transport):
+            if self.joins:
+                transport.send(WSMsgType.TEXT, ("JOINS " + ",".join(self.joins)).encode())
+            else:
+                state["ready"] += 1
+
+        def on_ws_frame(self, transport, frame):
+            text = frame.get_payload_as_ascii_text()
+            if text.startswith("joined"):
+                state["ready"] += 1
+            else:
+                state["latencies"].append(time.time() - float(text.split(" ", 2)[1]))
+
+    for i in range(0, len(urls), 100):
+        batch = range(i, min(i + 100, len(urls)))
+        await asyncio.gather(*(ws_connect(lambda j=j: Client(rooms[j]), urls[j], enable_auto_ping=False) for j in batch))
+    while state["ready"] < len(urls):
+        await asyncio.sleep(0.05)
+    print("READY", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # the parent says when
+    print(json.dumps({"latencies": state["latencies"]}), flush=True)
+
+
+def measure_rooms(count, args, redis):
+    """Clients in ``count`` rooms of ``--room-size`` members over two processes; a publisher to random rooms."""
+    servers, ports = start_servers(OURS, 2, redis.url, args.module)
+    clients = publisher = None
+    try:
+        urls = [f"ws://127.0.0.1:{p}/ws" for p in ports for _ in range(args.clients // 2)]
+        rooms = [[] for _ in urls]
+        for r in range(count):  # room r: members r*size .. r*size+size-1, round the clients
+            for k in range(args.room_size):
+                rooms[(r * args.room_size + k) % len(urls)].append(f"room {r}")
+        code = (
+            "import json, sys, uvloop; sys.path.insert(0, %r); import fanout; "
+            "uvloop.run(fanout.rooms_clients_main(json.loads(sys.argv[1]), json.loads(sys.argv[2])))" % HERE
+        )
+        clients = subprocess.Popen(
+            [sys.executable, "-c", code, json.dumps(urls), json.dumps(rooms)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert clients.stdout.readline().strip() == "READY"
+        time.sleep(2)  # the joins settle
+        idle_before = [cpu_seconds(p.pid) for p in servers]
+        time.sleep(args.idle_seconds)
+        idle = [(cpu_seconds(p.pid) - b) / args.idle_seconds * 100 for p, b in zip(servers, idle_before)]
+        total = int(args.rate * args.seconds)
+        code = (
+            f"import random, sys, time; sys.path.insert(0, {args.module!r}); from flask_websockets import Publisher\n"
+            f"p, rng, pad = Publisher({redis.url!r}), random.Random(1), 'x' * 70\n"
+            "start = time.time()\n"
+            f"for i in range({total}):\n"
+            f"    time.sleep(max(0, start + i / {args.rate} - time.time()))\n"
+            f"    p.broadcast(f'{{i}} {{time.time():.6f}} {{pad}}', room=f'room {{rng.randrange({count})}}')\n"
+        )
+        cpu_before = sum(cpu_seconds(p.pid) for p in servers)
+        publisher = subprocess.Popen([sys.executable, "-c", code])
+        publisher.wait(args.seconds * 3 + 60)
+        time.sleep(3)  # the last ones arrive
+        cpu = sum(cpu_seconds(p.pid) for p in servers) - cpu_before
+        clients.stdin.write("\n")
+        clients.stdin.flush()
+        latencies = sorted(json.loads(clients.stdout.readline())["latencies"])
+
+        def p(q):
+            return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
+
+        return {
+            "rooms": count,
+            "per_client": len(rooms[0]),
+            "delivered": len(latencies),
+            "expected": total * args.room_size,
+            "p50_ms": p(0.5),
+            "p99_ms": p(0.99),
+            "cpu_us_per_delivery": cpu / max(len(latencies), 1) * 1e6,
+            "idle_cpu_percent": sum(idle) / len(idle),
+        }
+    finally:
+        for proc in [publisher, clients, *servers]:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
+
+
+def main_rooms(args, redis):
+    print("| rooms | rooms per client | delivered | p50 ms | p99 ms | server CPU µs/delivery | idle CPU % per process |")
+    print("|---|---|---|---|---|---|---|")
+    for _ in range(args.reps):
+        for count in [int(c) for c in args.rooms.split(",")]:
+            r = measure_rooms(count, args, redis)
+            print(
+                f"| {r['rooms']:,} | {r['per_client']} | {r['delivered']:,} of {r['expected']:,} | {r['p50_ms']:.1f}"
+                f" | {r['p99_ms']:.1f} | {r['cpu_us_per_delivery']:.1f} | {r['idle_cpu_percent']:.2f} |",
+                flush=True,
+            )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stacks", default="ours-redis,ours-local,socketio-redis")
@@ -254,8 +381,19 @@ def main():
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=120)
     parser.add_argument("--module", default=os.path.join(HERE, ".."), help="the checkout whose module to serve")
+    parser.add_argument("--rooms", help="room counts, e.g. 1,1000,10000: the rooms benchmark instead")
+    parser.add_argument("--room-size", type=int, default=100, help="members per room, for --rooms")
+    parser.add_argument("--rate", type=float, default=100, help="messages a second, for --rooms")
+    parser.add_argument("--seconds", type=float, default=10, help="of publishing, for --rooms")
+    parser.add_argument("--idle-seconds", type=float, default=10, help="of idle CPU measured, for --rooms")
     args = parser.parse_args()
     redis = Redis()
+    if args.rooms:
+        try:
+            main_rooms(args, redis)
+        finally:
+            redis.stop()
+        return
     try:
         print("| stack | clients | delivered | msgs/s | p50 ms | p99 ms | server CPU µs/delivery |")
         print("|---|---|---|---|---|---|---|")
