@@ -224,6 +224,7 @@ class WebSockets:
         # change them (Werkzeug's server has one per connection): under the lock.
         self._connections: set[Connection] = set()
         self._rooms: dict[str, set[Connection]] = {}
+        self._windows: dict[tuple[int, int], int] = {}  # compression windows in use: connections each
         self._lock = _thread_lock()
         self._queue: _MessageQueue | None = None  # started with the first connection, if configured
         self._queue_checked = False
@@ -456,6 +457,7 @@ class WebSockets:
         content = _payload(message, "broadcast()")
         if content is None:
             return 0
+        _check_room(room, "broadcast()")
         if isinstance(skip, LocalProxy):  # skip=ws: the connection behind it
             skip = skip._get_current_object()  # type: ignore[attr-defined]
         queue = None if local else self._message_queue()
@@ -492,10 +494,8 @@ class WebSockets:
 
     def _compress_ahead(self, messages: list[_Prepared], pause: Callable[[], Any] | None = None) -> None:
         """Compress messages for every window the connections agreed to, before they are delivered."""
-        windows = {conn._window() for conn in list(self._connections)}
-        windows.discard(None)
         for message in messages:
-            for bits, min_size in windows:  # type: ignore[misc]
+            for bits, min_size in list(self._windows):
                 if message.compress and len(message.payload) >= min_size:
                     message.deflated(bits, pause)
 
@@ -536,11 +536,20 @@ class WebSockets:
     def _add(self, conn: Connection) -> None:
         with self._lock:
             self._connections.add(conn)
+            window = conn._window()
+            if window is not None:
+                self._windows[window] = self._windows.get(window, 0) + 1
 
     def _forget(self, conn: Connection) -> None:
         """Take a connection that has closed out of the connections and every room; it keeps its ``rooms``."""
         with self._lock:
-            self._connections.discard(conn)
+            if conn in self._connections:
+                self._connections.discard(conn)
+                window = conn._window()
+                if window is not None:
+                    self._windows[window] -= 1
+                    if not self._windows[window]:
+                        del self._windows[window]
             for room in conn._rooms or ():
                 self._remove_member(conn, room)
 
@@ -1494,7 +1503,8 @@ class Connection:
 
     def _backlogged(self) -> bool:
         """Whether over half its send buffer is taken: the message queue waits for it to drain."""
-        return self.buffered_amount > self._settings.max_send_buffer // 2
+        buffer = self._buffer
+        return buffer is not None and buffer.size > self._settings.max_send_buffer // 2
 
     # -- internals: closing ----------------------------------------------------
 
@@ -2585,15 +2595,19 @@ class _MessageQueue:
     def _deliver(self, response: Any, positions: dict[str, Any], origin: bytes) -> None:
         """Deliver what a read gave, but this process's own messages (delivered at once), and note where it got."""
         batch = []
+        connections, rooms = self._sockets._connections, self._sockets._rooms  # read here, changed elsewhere
         for key, entries in response:
             for entry_id, fields in entries:
                 positions[key.decode() if isinstance(key, bytes) else key] = entry_id
                 if fields.get(b"v") != b"2" or fields.get(b"o") == origin:
                     continue  # another format, or our own
                 room = fields.get(b"r")
+                if room is not None:
+                    room = room.decode("utf-8")
+                if not (connections if room is None else room in rooms):
+                    continue  # nobody here to deliver it to: the event loop is not even woken
                 opcode = _OP_TEXT if fields[b"t"] == b"text" else _OP_BINARY
-                message = _Prepared(opcode, fields[b"d"], compress=fields.get(b"c") != b"0")
-                batch.append((None if room is None else room.decode("utf-8"), message))
+                batch.append((room, _Prepared(opcode, fields[b"d"], compress=fields.get(b"c") != b"0")))
         for part in _parts(batch, 256 * 1024):
             self._sockets._compress_ahead([message for _, message in part])  # here, not in the event loop
             self._hand_over(part)
@@ -2633,7 +2647,12 @@ class _MessageQueue:
             return
         delivered = _thread_lock()  # released by the loop once the batch is delivered
         delivered.acquire()
-        self._loop.run_callback_threadsafe(self._deliver_paced, batch, delivered)
+        try:
+            self._loop.run_callback_threadsafe(self._deliver_paced, batch, delivered)
+        except ValueError:  # the loop is gone (its thread ended): deliver from here from now on
+            self._loop = None
+            self._sockets._deliver_remote(batch)
+            return
         delivered.acquire(timeout=10)  # the loop is gone if it takes that long
 
     def _deliver_paced(self, batch: list[tuple[str | None, _Prepared]], delivered: Any) -> None:  # in the loop

@@ -2584,6 +2584,9 @@ def test_any_str_is_just_a_room_name_and_reaches_only_that_rooms_members():
         with pytest.raises(TimeoutError):
             everyone.receive(timeout=0.05)
         assert sockets.broadcast("to a room nobody is in", room="x") == 0
+        for room in ("", 3, b"kitchen"):
+            with pytest.raises(TypeError, match="broadcast"):
+                sockets.broadcast("hi", room=room)
     assert sockets._rooms == {}
 
 
@@ -5228,6 +5231,14 @@ def redis_binary():
     return binary
 
 
+def redis_command(port, *args, decode=False):
+    """One command to the Redis server on ``port``."""
+    import redis
+
+    with redis.Redis(port=port, socket_timeout=2, decode_responses=decode) as client:
+        return client.execute_command(*args)
+
+
 def wait_for(predicate, timeout, what):
     deadline = time.monotonic() + timeout
     while True:
@@ -5259,12 +5270,7 @@ class RedisClusterServers:
             wait_for(lambda port=port: b"cluster_state:ok" in self.command(port, "CLUSTER", "INFO"), 20, "the cluster")
         self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
 
-    @staticmethod
-    def command(port, *args):
-        import redis
-
-        with redis.Redis(port=port, socket_timeout=2) as client:
-            return client.execute_command(*args)
+    command = staticmethod(lambda port, *args: redis_command(port, *args, decode=False))
 
     def stop(self):
         for proc in self.procs:
@@ -5305,12 +5311,7 @@ class RedisSentinelServers:
         wait_for(lambda: self.command(self.sentinel, "SENTINEL", "replicas", "mymaster"), 30, "the sentinel to know the replica")
         self.url = f"redis+sentinel://127.0.0.1:{self.sentinel}/0/mymaster"
 
-    @staticmethod
-    def command(port, *args):
-        import redis
-
-        with redis.Redis(port=port, socket_timeout=2, decode_responses=True) as client:
-            return client.execute_command(*args)
+    command = staticmethod(lambda port, *args: redis_command(port, *args, decode=True))
 
     def master_port(self):
         return int(self.command(self.sentinel, "SENTINEL", "get-master-addr-by-name", "mymaster")[1])
@@ -5634,7 +5635,7 @@ def test_log_lines_name_the_queues_host_and_port_and_never_its_password(caplog):
     with caplog.at_level(logging.WARNING, logger="flask_websockets"):
         with sockets.test_client():
             wait_until(lambda: "unreachable" in caplog.text)
-    assert f"127.0.0.1:{port}" in caplog.text and "hunter2" not in caplog.text
+    assert f"message queue redis://127.0.0.1:{port}/0 unreachable" in caplog.text and "hunter2" not in caplog.text
 
 
 def test_the_first_broadcasts_of_eight_threads_make_one_queue(redis_server, monkeypatch):
@@ -5661,6 +5662,12 @@ def test_the_first_broadcasts_of_eight_threads_make_one_queue(redis_server, monk
     for thread in threads:
         thread.join(10)
     assert len(made) == 1
+
+    def published():  # every first broadcast went to Redis, none was left out while the queue was made
+        keys = [key for key in redis_server.command("KEYS", "flask_websockets*")]
+        return sum(redis_server.command("XLEN", key) for key in keys if redis_server.command("TYPE", key) == b"stream")
+
+    wait_until(lambda: published() == 8)
 
 
 @pytest.mark.slow

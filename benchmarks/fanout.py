@@ -26,6 +26,10 @@ second for ``--seconds`` to random rooms. Reported per room count: server CPU
 per delivery, publish-to-receive p50/p99, and the servers' idle CPU (percent
 of a core, per process) with those rooms joined and nothing sent.
 
+With ``--pin``, the servers and Redis run on core 0 and the clients and the
+publisher on core 1, as ``../shared/bench`` does: without it they share both
+cores, and the one client process bounds the fastest stack.
+
 The publisher sends ``--messages`` messages of 100 bytes as fast as it can,
 each with its send time; the clients, picows and uvloop in one process,
 record when each arrives. A private redis-server is
@@ -111,11 +115,23 @@ class Redis:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+#: With --pin: the servers and Redis on one core, the clients and the publisher on the other.
+SERVERS_CORE, CLIENTS_CORE = 0, 1
+PINNING = False
+
+
+def pin(proc, core):
+    if PINNING:
+        os.sched_setaffinity(proc.pid, {core})
+    return proc
+
+
 def start_servers(source, count, queue, module):
     procs, ports = [], []
     for _ in range(count):
         code = source.replace("__MODULE__", repr(module)).replace("__QUEUE__", repr(queue))
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        pin(proc, SERVERS_CORE)
         port = int(re.search(r":(\d+)/", proc.stdout.readline()).group(1))
         procs.append(proc)
         ports.append(port)
@@ -185,7 +201,7 @@ def run_clients(urls, protocol, count, timeout):
         % HERE
     )
     args = [sys.executable, "-c", code, json.dumps(urls), protocol, str(count), str(timeout)]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    return pin(subprocess.Popen(args, stdout=subprocess.PIPE, text=True), CLIENTS_CORE)
 
 
 # -- the publishers ----------------------------------------------------------------
@@ -215,7 +231,7 @@ def publish(stack, queue, ports, count, module):
             "        await asyncio.sleep(30)\n"
             "asyncio.run(main())\n"
         )
-    return subprocess.Popen([sys.executable, "-c", code])
+    return pin(subprocess.Popen([sys.executable, "-c", code]), CLIENTS_CORE)
 
 
 def measure(stack, args, redis):
@@ -307,16 +323,17 @@ def measure_rooms(count, args, redis):
         for r in range(count):  # room r: members r*size .. r*size+size-1, round the clients
             for k in range(args.room_size):
                 rooms[(r * args.room_size + k) % len(urls)].append(f"room {r}")
+        plan = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)  # too long for argv
+        with plan:
+            json.dump([urls, rooms], plan)
         code = (
             "import json, sys, uvloop; sys.path.insert(0, %r); import fanout; "
-            "uvloop.run(fanout.rooms_clients_main(json.loads(sys.argv[1]), json.loads(sys.argv[2])))" % HERE
+            "uvloop.run(fanout.rooms_clients_main(*json.load(open(sys.argv[1]))))" % HERE
         )
         clients = subprocess.Popen(
-            [sys.executable, "-c", code, json.dumps(urls), json.dumps(rooms)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
+            [sys.executable, "-c", code, plan.name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
+        pin(clients, CLIENTS_CORE)
         assert clients.stdout.readline().strip() == "READY"
         time.sleep(2)  # the joins settle
         idle_before = [cpu_seconds(p.pid) for p in servers]
@@ -332,7 +349,7 @@ def measure_rooms(count, args, redis):
             f"    p.broadcast(f'{{i}} {{time.time():.6f}} {{pad}}', room=f'room {{rng.randrange({count})}}')\n"
         )
         cpu_before = sum(cpu_seconds(p.pid) for p in servers)
-        publisher = subprocess.Popen([sys.executable, "-c", code])
+        publisher = pin(subprocess.Popen([sys.executable, "-c", code]), CLIENTS_CORE)
         publisher.wait(args.seconds * 3 + 60)
         time.sleep(3)  # the last ones arrive
         cpu = sum(cpu_seconds(p.pid) for p in servers) - cpu_before
@@ -386,8 +403,12 @@ def main():
     parser.add_argument("--rate", type=float, default=100, help="messages a second, for --rooms")
     parser.add_argument("--seconds", type=float, default=10, help="of publishing, for --rooms")
     parser.add_argument("--idle-seconds", type=float, default=10, help="of idle CPU measured, for --rooms")
+    parser.add_argument("--pin", action="store_true", help="servers and Redis on core 0, clients and publisher on 1")
     args = parser.parse_args()
+    global PINNING
+    PINNING = args.pin
     redis = Redis()
+    pin(redis.proc, SERVERS_CORE)
     if args.rooms:
         try:
             main_rooms(args, redis)
