@@ -1,16 +1,19 @@
-"""Flask-Websockets example: echo, commands, a long task, JSON and broadcast.
+"""Flask-Websockets example: echo, commands, a long task, JSON, broadcast and who is online.
 
     python example.py                 # http://127.0.0.1:5000
     python example.py --port 8000 --host 0.0.0.0 --reload
     python example.py --certfile cert.pem --keyfile key.pem   # https and wss
 
-Open the page in two tabs to see broadcasts reach both.
+Open the page in two tabs to see broadcasts reach both, and both listed as
+online; http://127.0.0.1:5000/?name=ann names the tab's user.
 """
 from gevent import monkey
 
 monkey.patch_all()  # first: makes time.sleep and other blocking calls cooperative
 
 import argparse  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
 import time  # noqa: E402
 
 from flask import Flask, jsonify, render_template_string, request  # noqa: E402
@@ -77,9 +80,24 @@ def notify(text):
     return sockets.broadcast(text)
 
 
+visitors = itertools.count(1)
+
+
 @sockets.on_open
 def greet():
+    ws.identify(request.args.get("name") or f"visitor {next(visitors)}")  # a real app: its signed-in user
     ws.send(f"welcome, {request.remote_addr}")
+    show_who_is_online()
+
+
+@sockets.on_close
+def left():
+    show_who_is_online()
+
+
+def show_who_is_online():
+    """Every tab gets the users online, each with their number of tabs."""
+    sockets.broadcast(json.dumps({"online": sockets.presence()}))
 
 
 PAGE = """<!doctype html>
@@ -126,6 +144,7 @@ PAGE = """<!doctype html>
   <div class="card">
     Connection: <span id="state" class="connecting">connecting</span>
     <button id="reconnect" class="secondary" hidden>Reconnect</button>
+    <div>Online now: <span id="online">nobody yet</span></div>
   </div>
 
   <div class="card">
@@ -159,6 +178,11 @@ function show(text, kind) {
   log.scrollTop = log.scrollHeight;
 }
 
+function showOnline(users) {
+  document.getElementById("online").textContent = Object.entries(users).sort()
+    .map(([user, tabs]) => tabs > 1 ? user + " (" + tabs + " tabs)" : user).join(", ") || "nobody";
+}
+
 function setState(name, detail) {
   state.className = name;
   state.textContent = detail ? name + " (" + detail + ")" : name;
@@ -167,12 +191,15 @@ function setState(name, detail) {
 
 function connect() {
   setState("connecting");
-  socket = new WebSocket(url);
+  socket = new WebSocket(url + location.search);  // ?name=ann: who this tab is
   socket.onopen = () => setState("open");
   socket.onmessage = (event) => {
     let data = event.data;
     try {
       const parsed = JSON.parse(data);
+      if (parsed && parsed.online) {
+        return showOnline(parsed.online);
+      }
       if (parsed && typeof parsed === "object") {
         return show("JSON " + JSON.stringify(parsed, null, 1), "received json");
       }

@@ -44,6 +44,7 @@ import base64
 import binascii
 import codecs
 import collections
+import contextlib
 import enum
 import functools
 import hashlib
@@ -224,6 +225,7 @@ class WebSockets:
         # change them (Werkzeug's server has one per connection): under the lock.
         self._connections: set[Connection] = set()
         self._rooms: dict[str, set[Connection]] = {}
+        self._users: dict[str, set[Connection]] = {}  # the connections of each identified user
         self._windows: dict[tuple[int, int], int] = {}  # compression windows in use: connections each
         self._lock = _thread_lock()
         self._queue: _MessageQueue | None = None  # started with the first connection, if configured
@@ -418,10 +420,13 @@ class WebSockets:
         skip: Connection | None = None,
         local: bool = False,
         compress: bool = True,
+        user: str | None = None,
     ) -> int:
-        """Send ``message`` to every open connection, or a room's; return how many here got it.
+        """Send ``message`` to every open connection, a room's or a user's; return how many here got it.
 
-        ``room`` picks the members of a room (see :meth:`Connection.join`), and
+        ``room`` picks the members of a room (see :meth:`Connection.join`),
+        ``user`` the connections of a user, every tab and device (see
+        :meth:`Connection.identify`), both the user's in the room, and
         ``skip`` leaves one connection out: the sender, for a chat. ``to`` picks
         the connections of this process with a function that takes a
         :class:`Connection`. It works from handlers, HTTP views, background
@@ -432,10 +437,10 @@ class WebSockets:
             def say(message):
                 sockets.broadcast(message, room=ws.state["room"], skip=ws)
 
-            @app.post("/notify/<int:user_id>")
+            @app.post("/notify/<user_id>")
             def notify(user_id):
-                n = sockets.broadcast(request.form["text"], to=lambda c: c.session.get("user_id") == user_id)
-                return f"sent to {n} of the user's tabs"
+                n = sockets.broadcast(request.form["text"], user=user_id)
+                return f"sent to {n} of the user's tabs here"
 
         It never waits for a client: each connection takes the message into
         its send buffer and returns. A client whose buffer would pass
@@ -458,6 +463,8 @@ class WebSockets:
         if content is None:
             return 0
         _check_room(room, "broadcast()")
+        if user is not None:
+            _check_user(user, "broadcast()")
         if isinstance(skip, LocalProxy):  # skip=ws: the connection behind it
             skip = skip._get_current_object()  # type: ignore[attr-defined]
         queue = None if local else self._message_queue()
@@ -469,10 +476,70 @@ class WebSockets:
         prepared = _Prepared(*content, compress=compress)
         if compress and len(prepared.payload) > _COMPRESS_PIECE:
             self._compress_ahead([prepared], _pause())  # in pieces, here rather than in the event loop
-        sent = self._deliver(prepared, room, to, skip)
+        sent = self._deliver(prepared, room, to, skip, user)
         if queue is not None:
-            queue.publish(room, *content, compress)
+            queue.publish(room, user, *content, compress)
         return sent
+
+    def disconnect(self, user: str | None = None, room: str | None = None, code: int = 1000, reason: str = "") -> int:
+        """Close the connections of a user, or of a room, on every process; return how many here.
+
+        Both given, the user's connections in the room. ``code`` and
+        ``reason`` are those of :meth:`Connection.close`, and each
+        connection's ``on_close`` runs as usual. With a message queue, every
+        process that serves the endpoint closes its own, a Redis round trip
+        later; a logout handled elsewhere uses :meth:`Publisher.disconnect`::
+
+            @app.post("/logout")
+            def logout():
+                sockets.disconnect(user=str(session.pop("user_id")), code=4001, reason="signed out")
+                return redirect("/")
+        """
+        _check_close(code, reason)
+        if user is None and room is None:
+            raise TypeError("disconnect() needs user= or room= (or both): whose connections to close")
+        _check_room(room, "disconnect()")
+        if user is not None:
+            _check_user(user, "disconnect()")
+        closed = 0
+        for conn in self._members(room, user):
+            if not conn.closed:
+                conn.close(code, reason)
+                closed += 1
+        queue = self._message_queue()
+        if queue is not None:
+            queue.publish_close(room, user, code, reason)
+        return closed
+
+    def presence(self, room: str | None = None) -> dict[str, int]:
+        """The identified users connected to the endpoint, or in a room, with their number of connections.
+
+        Across every process with a message queue (see "Users and presence" in
+        the documentation for how fresh); this process's own, exactly, without.
+        Connections that did not :meth:`~Connection.identify` are counted by
+        :meth:`count` only::
+
+            @sockets.on_message("^JOIN (.+)")
+            def join(message):
+                ws.join(message[5:])
+                sockets.broadcast(json.dumps(sorted(sockets.presence(message[5:]))), room=message[5:])
+        """
+        return self._presence(room, "presence()")[0]
+
+    def count(self, room: str | None = None) -> int:
+        """How many connections the endpoint or a room has, identified or not; across processes as :meth:`presence`."""
+        return self._presence(room, "count()")[1]
+
+    def _presence(self, room: str | None, who: str) -> tuple[dict[str, int], int]:
+        _check_room(room, who)
+        users, total = self._presence_here(room)
+        queue = self._message_queue()
+        if queue is not None:
+            for user, connections in _off_the_loop(queue.presence_elsewhere, room).items():
+                if user:
+                    users[user] = users.get(user, 0) + connections
+                total += connections
+        return users, total
 
     def _deliver(
         self,
@@ -480,9 +547,10 @@ class WebSockets:
         room: str | None,
         to: Callable[[Connection], bool] | None = None,
         skip: Connection | None = None,
+        user: str | None = None,
     ) -> int:
         sent = 0
-        for conn in self._members(room):
+        for conn in self._members(room, user):
             if conn is skip or (to is not None and not to(conn)):
                 continue
             try:
@@ -514,24 +582,41 @@ class WebSockets:
                 self._queue_checked = True
             return self._queue
 
-    def _deliver_remote(self, batch: list[tuple[str | None, _Prepared]]) -> list[Connection]:
-        """Messages from other processes, in order: to this process's connections, each in one write."""
+    def _deliver_remote(self, batch: list[tuple[str | None, str | None, Any]]) -> list[Connection]:
+        """What other processes sent, in order, to this process's connections: messages each in one write, closes."""
         writes: dict[Connection, list[_Prepared]] = {}
-        for room, message in batch:
-            for conn in self._members(room):
-                writes.setdefault(conn, []).append(message)
-        for conn, messages in writes.items():
-            try:
-                conn._send_prepared(messages)
-            except ConnectionClosed:
-                pass
-        return list(writes)
 
-    # -- the connections and their rooms ------------------------------------
+        def flush(conns: Iterable[Connection]) -> None:
+            for conn in conns:
+                messages = writes.pop(conn, None)
+                if messages:
+                    try:
+                        conn._send_prepared(messages)
+                    except ConnectionClosed:
+                        pass
 
-    def _members(self, room: str | None) -> list[Connection]:
-        """The connections of the endpoint, or of a room, in this process (a copy: any thread may change them)."""
-        return list(self._connections if room is None else self._rooms.get(room, ()))
+        written = set()
+        for room, user, item in batch:
+            members = self._members(room, user)
+            if isinstance(item, _Prepared):
+                for conn in members:
+                    writes.setdefault(conn, []).append(item)
+                    written.add(conn)
+            else:  # a disconnect: (code, reason), after the messages before it
+                flush(members)
+                for conn in members:
+                    conn.close(*item)
+        flush(list(writes))
+        return list(written)
+
+    # -- the connections, their rooms and their users ---------------------------
+
+    def _members(self, room: str | None, user: str | None = None) -> list[Connection]:
+        """The connections of the endpoint, a room, a user, or a user's in a room, in this process (a copy)."""
+        if user is None:
+            return list(self._connections if room is None else self._rooms.get(room, ()))
+        conns = list(self._users.get(user, ()))
+        return conns if room is None else [conn for conn in conns if room in (conn._rooms or ())]
 
     def _add(self, conn: Connection) -> None:
         with self._lock:
@@ -539,19 +624,25 @@ class WebSockets:
             window = conn._window()
             if window is not None:
                 self._windows[window] = self._windows.get(window, 0) + 1
+            self._present(None, None, 1)
 
     def _forget(self, conn: Connection) -> None:
-        """Take a connection that has closed out of the connections and every room; it keeps its ``rooms``."""
+        """Take a connection that has closed out of the connections, rooms and users; it keeps its ``rooms``."""
         with self._lock:
-            if conn in self._connections:
-                self._connections.discard(conn)
-                window = conn._window()
-                if window is not None:
-                    self._windows[window] -= 1
-                    if not self._windows[window]:
-                        del self._windows[window]
+            if conn not in self._connections:
+                return
+            self._connections.discard(conn)
+            window = conn._window()
+            if window is not None:
+                self._windows[window] -= 1
+                if not self._windows[window]:
+                    del self._windows[window]
+            user = conn._user_id
+            self._present(None, user, -1)
             for room in conn._rooms or ():
                 self._remove_member(conn, room)
+            if user is not None:
+                self._remove_from(self._users, user, conn)
 
     def _join(self, conn: Connection, room: str) -> None:
         with self._lock:  # not while _forget runs: a room must never keep a connection that has gone
@@ -559,24 +650,73 @@ class WebSockets:
                 raise ConnectionClosed(f"{conn!r} is closed ({conn.close_code}): it may not join {room!r}")
             if conn._rooms is None:
                 conn._rooms = set()
-            conn._rooms.add(room)
-            members = self._rooms.get(room)
-            if members is None:
-                members = self._rooms[room] = set()
-            members.add(conn)
+            if room not in conn._rooms:
+                conn._rooms.add(room)
+                self._rooms.setdefault(room, set()).add(conn)
+                self._present(room, conn._user_id, 1)
 
     def _leave(self, conn: Connection, room: str) -> None:
         with self._lock:
-            if conn._rooms and room in conn._rooms:
+            if conn._rooms and room in conn._rooms and conn in self._connections:
                 conn._rooms.discard(room)
                 self._remove_member(conn, room)
+            elif conn._rooms:  # it has ended: only its own record
+                conn._rooms.discard(room)
 
     def _remove_member(self, conn: Connection, room: str) -> None:  # under the lock
-        members = self._rooms.get(room)
+        self._remove_from(self._rooms, room, conn)
+        self._present(room, conn._user_id, -1)
+
+    def _identify(self, conn: Connection, user: str) -> None:
+        with self._lock:
+            if conn.closed:
+                raise ConnectionClosed(f"{conn!r} is closed ({conn.close_code}): it may not identify as {user!r}")
+            old = conn._user_id
+            if old == user:
+                return
+            if old is not None:
+                self._remove_from(self._users, old, conn)
+            self._users.setdefault(user, set()).add(conn)
+            conn._user_id = user
+            for room in [None, *(conn._rooms or ())]:
+                self._present(room, old, -1)
+                self._present(room, user, 1)
+
+    @staticmethod
+    def _remove_from(index: dict[str, set[Connection]], key: str, conn: Connection) -> None:  # under the lock
+        members = index.get(key)
         if members is not None:
             members.discard(conn)
             if not members:
-                del self._rooms[room]
+                del index[key]
+
+    def _present(self, room: str | None, user: str | None, change: int) -> None:  # under the lock
+        """Tell the message queue, if any, how this process's presence changed."""
+        if self._queue is not None:
+            self._queue.presence_changed(room, user, change)
+
+    def _presence_snapshot(self) -> dict[str | None, dict[str, int]]:  # under the lock
+        """This process's presence whole, for the message queue: per scope (``None``: the endpoint), per user id."""
+        snapshot: dict[str | None, dict[str, int]] = {}
+        for conn in self._connections:
+            user = conn._user_id or ""
+            for room in [None, *(conn._rooms or ())]:
+                users = snapshot.setdefault(room, {})
+                users[user] = users.get(user, 0) + 1
+        return snapshot
+
+    def _presence_here(self, room: str | None) -> tuple[dict[str, int], int]:
+        """This process's open connections of the endpoint or a room: connections per user, and how many in all."""
+        users: dict[str, int] = {}
+        total = 0
+        for conn in self._members(room):
+            if conn.closed:
+                continue
+            total += 1
+            user = conn._user_id
+            if user is not None:
+                users[user] = users.get(user, 0) + 1
+        return users, total
 
     # -- testing --------------------------------------------------------------
 
@@ -776,6 +916,25 @@ def _check_handler(func: F) -> F:
         # CO_COROUTINE | CO_ITERABLE_COROUTINE: gevent runs plain functions concurrently.
         raise TypeError(f"{_name(func)} is async: websocket handlers must be plain functions")
     return func
+
+
+def _check_user(user: Any, who: str) -> None:
+    if not isinstance(user, str):
+        raise TypeError(f"{who}: a user id is a str, not {type(user).__name__} {user!r:.40}")
+    if not user or len(user.encode("utf-8")) > 1024:
+        raise ValueError(f"{who}: a user id is 1 to 1,024 bytes of UTF-8, not {len(user.encode('utf-8'))}")
+
+
+def _check_room(room: Any, who: str) -> None:
+    if room is not None and (not isinstance(room, str) or not room):
+        raise TypeError(f"{who}: a room is a non-empty str, not {room!r:.40}")
+
+
+def _check_close(code: Any, reason: Any) -> None:
+    if isinstance(code, bool) or not isinstance(code, int) or not _is_valid_close_code(code):
+        raise ValueError(f"close code {code} may not be sent: use 1000-1003, 1007-1014 or 3000-4999")
+    if not isinstance(reason, str) or len(reason.encode("utf-8")) > 123:
+        raise ValueError("a close reason is at most 123 bytes of UTF-8")
 
 
 def _name(func: Callable[..., Any]) -> str:
@@ -1011,7 +1170,7 @@ class Connection:
         "request", "session", "environ", "path", "origin", "subprotocol", "_state", "_sockets", "_rooms",
         "_life", "_proto", "_sock", "_settings", "_clock", "_now", "_hub", "_loop", "_thread", "_timeout",
         "_tls_pending", "_reader", "_reading", "_resumer", "_inbox", "_inbox_size", "_waiter", "_held",
-        "_buffer", "_keepalive", "_close_timer",
+        "_buffer", "_keepalive", "_close_timer", "_user_id",
     )  # fmt: skip
 
     def __init__(
@@ -1043,6 +1202,7 @@ class Connection:
         self._state: dict | None = None  # made on first use: most connections never need one
         self._sockets = sockets  # its endpoint, which keeps the rooms' members
         self._rooms: set[str] | None = None
+        self._user_id: str | None = None
         self._settings = settings or _DEFAULT_SETTINGS
         self._proto = _Protocol(max_size=self._settings.max_message_size, deflate=deflate)
         self._sock = sock  # the upgraded TCP (or TLS) socket
@@ -1148,6 +1308,30 @@ class Connection:
         if self._sockets is not None:
             self._sockets._leave(self, room)
 
+    @property
+    def user_id(self) -> str | None:
+        """The user this connection belongs to (see :meth:`identify`), or ``None``."""
+        return self._user_id
+
+    def identify(self, user_id: str) -> None:
+        """Tie this connection to a user: ``broadcast(user=...)``, ``disconnect(user=...)`` and ``presence()`` know it.
+
+        From ``on_open`` or any handler, with the id your app knows the user
+        by, a non-empty ``str`` of at most 1 KiB; identifying again replaces
+        it. A user may have any number of connections (tabs, devices), on any
+        process. Once the connection is closed it raises
+        :class:`ConnectionClosed`::
+
+            @sockets.on_open
+            def who():
+                if "user_id" in session:
+                    ws.identify(str(session["user_id"]))  # or flask_login.current_user.get_id()
+        """
+        _check_user(user_id, "identify()")
+        if self._sockets is None:  # made by hand: ended from the start
+            raise ConnectionClosed(f"{self!r} is closed: it may not identify as {user_id!r}")
+        self._sockets._identify(self, user_id)
+
     def send(self, message: Reply, compress: bool = True) -> None:
         """Send a message, converted as a handler's return value is.
 
@@ -1192,10 +1376,7 @@ class Connection:
             def quit(message):
                 ws.close(1000, "bye")
         """
-        if not _is_valid_close_code(code):
-            raise ValueError(f"close code {code} may not be sent: use 1000-1003, 1007-1014 or 3000-4999")
-        if len(reason.encode("utf-8")) > 123:
-            raise ValueError("a close reason is at most 123 bytes of UTF-8")
+        _check_close(code, reason)
         if _get_ident() == self._thread:
             self._close(code, reason)
         else:
@@ -1851,6 +2032,17 @@ class _Waker:
             self._watcher.close()
 
 
+def _off_the_loop(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)``, which blocks (on Redis), run where it cannot stall an event loop.
+
+    In a greenlet or a handler, in a thread of gevent's pool while the loop
+    runs on; in a plain thread (a view's, a script's), right there.
+    """
+    if _cv_socket.get(None) is not None or isinstance(gevent.getcurrent(), gevent.Greenlet):
+        return gevent.get_hub().threadpool.apply(function, args)
+    return function(*args)
+
+
 def _pause() -> Callable[[], Any] | None:
     """What lets other greenlets run during a long computation, if any can: ``gevent.sleep``."""
     return gevent.sleep if isinstance(gevent.getcurrent(), gevent.Greenlet) else None
@@ -2381,7 +2573,7 @@ return 1
 
 
 class Publisher:
-    """Broadcast to an endpoint's connections from outside a server.
+    """Broadcast to an endpoint's connections from outside a server, and see who is online.
 
     From a Celery task, a cron script or a shell: no gevent, no Flask app, only
     redis-py (``pip install "Flask-Websockets[redis]"``) and the servers'
@@ -2393,15 +2585,19 @@ class Publisher:
         news = Publisher("redis://localhost:6379/0")     # endpoint="websocket"
         news.broadcast("the servers restart at 2:00")
         news.broadcast(b"\\x89PNG...", room="kitchen")
+        news.broadcast("your report is ready", user="42")
+        news.disconnect(user="42", code=4001, reason="password changed")
 
-    ``broadcast`` takes what a handler may return, and returns once Redis has
-    the message. When Redis cannot be reached within ``timeout`` seconds, it
-    raises redis-py's ``ConnectionError`` (a timeout too): retrying is the
-    caller's call, and a message sent again after a failure is delivered once.
-    Every process that serves the endpoint delivers what one publisher sends
-    in the order it was sent, rooms and everyone mixed. One publisher may be
+    ``broadcast`` and ``disconnect`` take what ``WebSockets.broadcast`` and
+    ``WebSockets.disconnect`` take, and return once Redis has the message.
+    When Redis cannot be reached within ``timeout`` seconds, they raise
+    redis-py's ``ConnectionError`` (a timeout too): retrying is the caller's
+    call, and a message sent again after a failure is delivered once. Every
+    process that serves the endpoint delivers what one publisher sends in the
+    order it was sent, rooms, users and everyone mixed. One publisher may be
     shared by threads: their messages go one at a time, each thread's in its
-    order.
+    order. ``presence`` and ``count`` are those of ``WebSockets``, from every
+    process.
     """
 
     def __init__(self, url: str, endpoint: str = "websocket", timeout: float = 5.0) -> None:
@@ -2413,24 +2609,60 @@ class Publisher:
         self._sequence = 0
         self._lock = threading.Lock()  # a number and its write, one thread at a time
 
-    def broadcast(self, message: Reply, room: str | None = None, compress: bool = True) -> None:
-        """Send ``message`` to every connection of the endpoint, or a room's (see ``WebSockets.broadcast``)."""
+    def broadcast(
+        self, message: Reply, room: str | None = None, compress: bool = True, user: str | None = None
+    ) -> None:
+        """Send ``message`` to every connection of the endpoint, a room's or a user's (see ``WebSockets.broadcast``)."""
         content = _payload(message, "Publisher.broadcast()")
         if content is None:
             return
         _check_room(room, "Publisher.broadcast()")
-        redis = _import_redis()
-        with self._lock:
-            self._sequence += 1
-            entry = _entry(self._origin, self._sequence, room, *content, compress)
-            try:
-                _publish(self._redis, self._keys, self._sequence, entry)
-            except (redis.TimeoutError, redis.exceptions.ClusterError, redis.exceptions.ReadOnlyError) as error:
-                raise redis.ConnectionError(f"message queue {self._where}: {error}") from error
+        if user is not None:
+            _check_user(user, "Publisher.broadcast()")
+        self._send(lambda sequence: _entry(self._origin, sequence, room, user, *content, compress))
+
+    def disconnect(self, user: str | None = None, room: str | None = None, code: int = 1000, reason: str = "") -> None:
+        """Close the connections of a user, or of a room, on every process (see ``WebSockets.disconnect``)."""
+        _check_close(code, reason)
+        if user is None and room is None:
+            raise TypeError("Publisher.disconnect() needs user= or room= (or both): whose connections to close")
+        _check_room(room, "Publisher.disconnect()")
+        if user is not None:
+            _check_user(user, "Publisher.disconnect()")
+        self._send(lambda sequence: _close_entry(self._origin, sequence, room, user, code, reason))
+
+    def presence(self, room: str | None = None) -> dict[str, int]:
+        """The identified users connected to the endpoint, or a room, on every process (see ``WebSockets.presence``)."""
+        _check_room(room, "Publisher.presence()")
+        return {user: n for user, n in self._query(room).items() if user}
+
+    def count(self, room: str | None = None) -> int:
+        """How many connections the endpoint, or a room, has on every process (see ``WebSockets.count``)."""
+        _check_room(room, "Publisher.count()")
+        return sum(self._query(room).values())
 
     def close(self) -> None:
         """Close the connection to Redis."""
         self._redis.close()
+
+    def _send(self, entry: Callable[[int], list[Any]]) -> None:
+        with self._lock:
+            self._sequence += 1
+            with self._reaching():
+                _publish(self._redis, self._keys, self._sequence, entry(self._sequence))
+
+    def _query(self, room: str | None) -> dict[str, int]:
+        with self._reaching():
+            return _presence_in(self._redis, self.endpoint, room)
+
+    @contextlib.contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """Every failure to reach Redis as redis-py's ``ConnectionError``, naming the queue."""
+        redis = _import_redis()
+        try:
+            yield
+        except (redis.TimeoutError, redis.exceptions.ClusterError, redis.exceptions.ReadOnlyError) as error:
+            raise redis.ConnectionError(f"message queue {self._where}: {error}") from error
 
 
 def _shard_of(origin: str) -> int:
@@ -2444,15 +2676,27 @@ def _shard_keys(endpoint: str, shard: int, origin: str = "") -> tuple[str, str]:
 
 
 def _entry(
-    origin: str, sequence: int, room: str | None, opcode: int, payload: bytes, compress: bool = True
+    origin: str, sequence: int, room: str | None, user: str | None, opcode: int, payload: bytes, compress: bool = True
 ) -> list[Any]:
-    """A stream entry's fields and values, format 2: no pickle, text and binary as they are."""
-    entry: list[Any] = [b"v", b"2", b"o", origin, b"n", sequence, b"t", b"text" if opcode == _OP_TEXT else b"binary"]
-    if room is not None:
-        entry += [b"r", room.encode("utf-8")]
+    """A message's stream entry, fields and values, format 2: no pickle, text and binary as they are."""
+    entry = _entry_head(origin, sequence, room, user) + [b"t", b"text" if opcode == _OP_TEXT else b"binary"]
     if not compress:
         entry += [b"c", b"0"]  # never compressed: it carries a secret
     return entry + [b"d", payload]
+
+
+def _close_entry(origin: str, sequence: int, room: str | None, user: str | None, code: int, reason: str) -> list[Any]:
+    """A disconnect's stream entry: its kind (``k``) says it is no message."""
+    return _entry_head(origin, sequence, room, user) + [b"k", b"close", b"code", code, b"why", reason.encode("utf-8")]
+
+
+def _entry_head(origin: str, sequence: int, room: str | None, user: str | None) -> list[Any]:
+    head: list[Any] = [b"v", b"2", b"o", origin, b"n", sequence]
+    if room is not None:
+        head += [b"r", room.encode("utf-8")]
+    if user is not None:
+        head += [b"u", user.encode("utf-8")]
+    return head
 
 
 def _publish(redis: Any, keys: tuple[str, str], sequence: int, entry: list[Any]) -> None:
@@ -2461,31 +2705,78 @@ def _publish(redis: Any, keys: tuple[str, str], sequence: int, entry: list[Any])
     redis.execute_command("EVAL", _PUBLISH_SCRIPT, 2, *keys, sequence, _PUBLISHER_TTL, _STREAM_LENGTH, *entry)
 
 
-def _check_room(room: Any, who: str) -> None:
-    if room is not None and (not isinstance(room, str) or not room):
-        raise TypeError(f"{who}: a room is a non-empty str, not {room!r}")
+# -- presence ----------------------------------------------------------------------
+#
+# Each process keeps its own share of the endpoint's presence in Redis: for the
+# endpoint and for each room with members there, a hash from user id ("" for
+# connections that did not identify) to that process's number of connections,
+# changed as connections identify, join, leave and end (``HINCRBY``, through the
+# writer thread), and written whole again after the writer lost Redis. A room's
+# hash is named by a digest of the room: names stay data. Each process stamps
+# its id in a sorted set every ``_HEARTBEAT`` seconds, in Redis's clock;
+# ``presence()`` adds up the hashes of the processes stamped within
+# ``_PRESENCE_STALE`` seconds, and its own process's connections, exactly. A
+# process killed without cleaning up stops counting once its stamp is that old,
+# and a later heartbeat of another process deletes its keys. All an endpoint's
+# presence keys share one hash tag: one cluster slot.
+
+#: Seconds between a process's heartbeats, and since the last one, when a process no longer counts.
+_HEARTBEAT, _PRESENCE_STALE = 5.0, 15.0
+_PRESENCE_SCRIPT = """\
+if redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2]) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+redis.call('SADD', KEYS[2], KEYS[1])
+"""
+
+
+def _presence_keys(endpoint: str, origin: str, room: str | None = None) -> tuple[str, str, str]:
+    """The processes' stamps; a process's hash for the endpoint or a room; the set of that process's hashes."""
+    tag = f"flask_websockets:{{{urllib.parse.quote(endpoint, safe='')}:presence}}"
+    scope = "endpoint" if room is None else "room:" + hashlib.sha256(room.encode("utf-8")).hexdigest()[:32]
+    return f"{tag}:processes", f"{tag}:{origin}:{scope}", f"{tag}:{origin}:hashes"
+
+
+def _presence_in(redis: Any, endpoint: str, room: str | None, exclude: str | None = None) -> dict[str, int]:
+    """Connections per user id ("" for unidentified) of the endpoint or a room, of every live process but one."""
+    processes = _presence_keys(endpoint, "")[0]
+    seconds, microseconds = redis.time()
+    live = redis.zrangebyscore(processes, (seconds - _PRESENCE_STALE) * 1000 + microseconds // 1000, "+inf")
+    origins = [origin.decode() for origin in live if origin.decode() != exclude]
+    pipeline = redis.pipeline(transaction=False)
+    for origin in origins:
+        pipeline.hgetall(_presence_keys(endpoint, origin, room)[1])
+    counts: dict[str, int] = {}
+    for share in pipeline.execute() if origins else ():
+        for user, connections in share.items():
+            user = user.decode("utf-8")
+            counts[user] = counts.get(user, 0) + int(connections)
+    return counts
 
 
 class _MessageQueue:
     """One process's link to an endpoint's shards: a writer thread, and reader threads.
 
-    The writer sends this process's broadcasts, in order, to its shard. A
-    reader reads a group of shards (all of them, or one on a Redis Cluster)
-    and hands what it reads to the event loop, at the pace the clients read.
+    The writer sends this process's broadcasts, in order, to its shard, and
+    keeps its share of the endpoint's presence. A reader reads a group of
+    shards (all of them, or one on a Redis Cluster) and hands what it reads to
+    the event loop, at the pace the clients read.
     """
 
     def __init__(self, url: str, sockets: WebSockets) -> None:
         self.pid = os.getpid()  # threads do not survive a fork: a child makes its own queue
-        self._url, self._sockets = url, sockets
+        self._url, self._sockets, self._endpoint = url, sockets, sockets.endpoint
         self._where = _check_queue_url(url, "message queue")
         _import_redis()  # here, not in a thread: its absence is the app's error
         self._origin = uuid.uuid4().hex
-        self._keys = _shard_keys(sockets.endpoint, _shard_of(self._origin), self._origin)
+        self._keys = _shard_keys(self._endpoint, _shard_of(self._origin), self._origin)
         self._sequence = 0
         self._outbox: collections.deque = collections.deque()  # (sequence, entry), for the writer
+        self._presence: dict[tuple[str | None, str], int] = {}  # changes not yet written: (room, user) -> delta
+        self._resync = True  # this process's presence is to be written whole (at first, after an outage)
+        self._heartbeat_at = 0.0  # when the next heartbeat is due (time.monotonic)
         self._lock = _thread_lock()  # a number and its place in the outbox, one thread at a time
-        self._work = _thread_lock()  # released when the outbox has something
+        self._work = _thread_lock()  # released when the writer has something to do
         self._work.acquire()
+        self._query: Any = None  # a client for presence(), made at first use
         self._since = time.time()  # what was published from now on is for this process
         self._failing: set[str] = set()  # the threads that cannot reach Redis: one warning per outage
         self._dropped = 0  # broadcasts dropped from the outbox in this outage
@@ -2493,15 +2784,15 @@ class _MessageQueue:
         # servers: every connection's); else from the reader threads (Werkzeug: each its own).
         self._loop = gevent.get_hub().loop if gevent.getcurrent().parent is not None else None
         self._stopping = False
-        streams = [_shard_keys(sockets.endpoint, shard)[0] for shard in range(_SHARDS)]
+        streams = [_shard_keys(self._endpoint, shard)[0] for shard in range(_SHARDS)]
         groups = [[stream] for stream in streams] if _is_cluster(url) else [streams]
-        self._threads = [(self._write_forever, "writer")] + [(self._reader(group), "reader") for group in groups]
         self._running = []  # a lock each, held while its thread runs
-        for loop, _ in self._threads:
+        for loop in [self._write_forever] + [self._reader(group) for group in groups]:
             running = _thread_lock()
             running.acquire()
             self._running.append(running)
             _start_thread(self._run_thread, (loop, running))
+        self._wake_writer()  # its first turn: this process's presence, and its heartbeat
         atexit.register(self._stop)
 
     def _run_thread(self, loop: Callable[[], None], running: Any) -> None:
@@ -2521,12 +2812,32 @@ class _MessageQueue:
             if running.acquire(timeout=1.0):
                 running.release()
 
-    def publish(self, room: str | None, opcode: int, payload: bytes, compress: bool = True) -> None:
+    # -- writing: broadcasts and presence --------------------------------------------
+
+    def publish(self, room: str | None, user: str | None, opcode: int, payload: bytes, compress: bool = True) -> None:
         """Hand a broadcast over to the writer thread; never blocks, from any thread."""
+        self._enqueue(lambda sequence: _entry(self._origin, sequence, room, user, opcode, payload, compress))
+
+    def publish_close(self, room: str | None, user: str | None, code: int, reason: str) -> None:
+        """Hand a disconnect over to the writer thread, after the broadcasts before it."""
+        self._enqueue(lambda sequence: _close_entry(self._origin, sequence, room, user, code, reason))
+
+    def _enqueue(self, entry: Callable[[int], list[Any]]) -> None:
         with self._lock:
             self._sequence += 1
-            self._outbox.append((self._sequence, _entry(self._origin, self._sequence, room, opcode, payload, compress)))
+            self._outbox.append((self._sequence, entry(self._sequence)))
             self._trim_outbox()
+        self._wake_writer()
+
+    def presence_changed(self, room: str | None, user: str | None, change: int) -> None:
+        """A connection of ``user`` (``None``: not identified) came to or left the endpoint or a room."""
+        key = (room, user or "")
+        with self._lock:
+            total = self._presence.get(key, 0) + change
+            if total:
+                self._presence[key] = total
+            else:
+                self._presence.pop(key, None)
         self._wake_writer()
 
     def _trim_outbox(self) -> None:  # under the lock
@@ -2548,20 +2859,30 @@ class _MessageQueue:
         while not self._stopping or self._outbox:
             self._work.acquire(timeout=1.0)
             with self._lock:
-                batch = list(self._outbox)
+                batch, changes = list(self._outbox), self._presence
                 self._outbox.clear()
-            if not batch:
+                self._presence = {}
+            heartbeat = time.monotonic() >= self._heartbeat_at
+            if not (batch or changes or heartbeat or self._resync):
                 continue
             try:
                 redis = redis or _redis_client(self._url)
+                if self._resync:
+                    changes = self._rewrite_presence(redis)
                 pipeline = redis.pipeline(transaction=False)
                 for sequence, entry in batch:
                     _publish(pipeline, self._keys, sequence, entry)
+                for (room, user), change in changes.items():
+                    _, share, hashes = _presence_keys(self._endpoint, self._origin, room)
+                    pipeline.execute_command("EVAL", _PRESENCE_SCRIPT, 2, share, hashes, user, change)
                 pipeline.execute()
+                if heartbeat:
+                    self._heartbeat(redis)
             except Exception as error:  # noqa: BLE001 - whatever Redis does, retry later
                 with self._lock:
                     self._outbox.extendleft(reversed(batch))  # in order, before what came since
                     self._trim_outbox()
+                    self._resync = True  # which changes Redis took is not known
                 if self._stopping:  # the process is exiting: no later to retry in
                     break
                 redis, backoff = None, self._retry_later("writer", error, backoff)
@@ -2569,8 +2890,68 @@ class _MessageQueue:
             self._recovered("writer")
             backoff = 0.1
             if self._dropped:
-                logger.warning("message queue %s: %d broadcasts were dropped while it was away", self._where, self._dropped)
+                logger.warning(
+                    "message queue %s: %d broadcasts were dropped while it was away", self._where, self._dropped
+                )
                 self._dropped = 0
+        self._withdraw(redis)
+
+    def _rewrite_presence(self, redis: Any) -> dict[tuple[str | None, str], int]:
+        """Write this process's presence whole (replacing what Redis had of it); return the changes since."""
+        with self._sockets._lock, self._lock:  # the registry and its changes, at one moment
+            snapshot = self._sockets._presence_snapshot()
+            self._presence = {}
+            self._resync = False
+        pipeline = redis.pipeline(transaction=False)
+        _, _, hashes = _presence_keys(self._endpoint, self._origin)
+        old = redis.smembers(hashes)
+        if old:
+            pipeline.delete(*old)
+        pipeline.delete(hashes)
+        for room, users in snapshot.items():
+            share = _presence_keys(self._endpoint, self._origin, room)[1]
+            pipeline.hset(share, mapping=users)
+            pipeline.sadd(hashes, share)
+        pipeline.execute()
+        self._heartbeat_at = 0.0  # stamp at once
+        return {}
+
+    def _heartbeat(self, redis: Any) -> None:
+        """Stamp this process alive, in Redis's clock; clear away what dead processes left."""
+        processes = _presence_keys(self._endpoint, "")[0]
+        seconds, microseconds = redis.time()
+        now = seconds * 1000 + microseconds // 1000
+        redis.zadd(processes, {self._origin: now})
+        for dead in redis.zrangebyscore(processes, "-inf", now - 4 * _PRESENCE_STALE * 1000):
+            _, _, hashes = _presence_keys(self._endpoint, dead.decode())
+            shares = redis.smembers(hashes)
+            redis.delete(*shares, hashes)
+            redis.zrem(processes, dead)
+        self._heartbeat_at = time.monotonic() + _HEARTBEAT
+
+    def _withdraw(self, redis: Any) -> None:
+        """The process is exiting: its connections no longer count (a best effort)."""
+        if redis is None or os.getpid() != self.pid:
+            return
+        try:
+            processes, _, hashes = _presence_keys(self._endpoint, self._origin)
+            redis.delete(*redis.smembers(hashes), hashes)
+            redis.zrem(processes, self._origin)
+        except Exception:  # noqa: BLE001 - a dead process's keys are cleared by the others
+            pass
+
+    def presence_elsewhere(self, room: str | None) -> dict[str, int]:
+        """Connections per user id ("" for unidentified) in every other live process; ``{}`` without Redis."""
+        try:
+            if self._query is None:
+                self._query = _redis_client(self._url)
+            return _presence_in(self._query, self._endpoint, room, exclude=self._origin)
+        except Exception as error:  # noqa: BLE001 - presence is then this process's
+            logger.warning("message queue %s: no presence from other processes (%s)", self._where, error)
+            self._query = None
+            return {}
+
+    # -- reading ---------------------------------------------------------------------
 
     def _reader(self, streams: list[str]) -> Callable[[], None]:
         return lambda: self._read_forever(streams)
@@ -2593,23 +2974,26 @@ class _MessageQueue:
             del response  # nothing read is kept while the next read waits
 
     def _deliver(self, response: Any, positions: dict[str, Any], origin: bytes) -> None:
-        """Deliver what a read gave, but this process's own messages (delivered at once), and note where it got."""
-        batch = []
-        connections, rooms = self._sockets._connections, self._sockets._rooms  # read here, changed elsewhere
+        """Deliver what a read gave, but this process's own entries (done at once), and note where it got."""
+        batch: list[tuple[str | None, str | None, Any]] = []
         for key, entries in response:
             for entry_id, fields in entries:
                 positions[key.decode() if isinstance(key, bytes) else key] = entry_id
                 if fields.get(b"v") != b"2" or fields.get(b"o") == origin:
                     continue  # another format, or our own
-                room = fields.get(b"r")
-                if room is not None:
-                    room = room.decode("utf-8")
-                if not (connections if room is None else room in rooms):
-                    continue  # nobody here to deliver it to: the event loop is not even woken
-                opcode = _OP_TEXT if fields[b"t"] == b"text" else _OP_BINARY
-                batch.append((room, _Prepared(opcode, fields[b"d"], compress=fields.get(b"c") != b"0")))
+                room, user = fields.get(b"r"), fields.get(b"u")
+                room, user = room and room.decode("utf-8"), user and user.decode("utf-8")
+                if not self._sockets._members(room, user):
+                    continue  # nobody here it is for: the event loop is not even woken
+                kind = fields.get(b"k")
+                if kind is None:
+                    opcode = _OP_TEXT if fields[b"t"] == b"text" else _OP_BINARY
+                    batch.append((room, user, _Prepared(opcode, fields[b"d"], compress=fields.get(b"c") != b"0")))
+                elif kind == b"close":
+                    batch.append((room, user, (int(fields[b"code"]), fields.get(b"why", b"").decode("utf-8"))))
+                # another kind: a later version's, which this one does not know
         for part in _parts(batch, 256 * 1024):
-            self._sockets._compress_ahead([message for _, message in part])  # here, not in the event loop
+            self._sockets._compress_ahead([item for _, _, item in part if isinstance(item, _Prepared)])
             self._hand_over(part)
 
     def _positions(self, redis: Any, streams: list[str], positions: dict[str, str]) -> dict[str, str]:
@@ -2634,7 +3018,7 @@ class _MessageQueue:
             fresh[stream] = last if _entry_id(newest_id) >= _entry_id(last) else "0-0"
         return fresh
 
-    def _hand_over(self, batch: list[tuple[str | None, _Prepared]]) -> None:
+    def _hand_over(self, batch: list[tuple[str | None, str | None, Any]]) -> None:
         """Deliver, at the pace the clients read: the rest waits in Redis, not in memory.
 
         A broadcast in this process cannot wait; these can. The next part goes
@@ -2655,7 +3039,7 @@ class _MessageQueue:
             return
         delivered.acquire(timeout=10)  # the loop is gone if it takes that long
 
-    def _deliver_paced(self, batch: list[tuple[str | None, _Prepared]], delivered: Any) -> None:  # in the loop
+    def _deliver_paced(self, batch: list[tuple[str | None, str | None, Any]], delivered: Any) -> None:  # in the loop
         written = self._sockets._deliver_remote(batch)
         if any(conn._backlogged() for conn in written):
             gevent.spawn(self._wait_for_buffers, written, delivered)
@@ -2694,12 +3078,12 @@ def _entry_id(entry_id: bytes | str) -> tuple[int, int]:
 
 
 def _parts(batch: list[Any], size: int) -> Iterator[list[Any]]:
-    """Cut a batch of ``(room, _Prepared)`` into parts of about ``size`` bytes of payload."""
+    """Cut a batch of ``(room, user, _Prepared or a close)`` into parts of about ``size`` bytes of payload."""
     part: list[Any] = []
     total = 0
     for item in batch:
         part.append(item)
-        total += len(item[1].payload)
+        total += len(item[2].payload) if isinstance(item[2], _Prepared) else 0
         if total >= size:
             yield part
             part, total = [], 0
@@ -3031,7 +3415,6 @@ _CONFIG_DEFAULTS: dict[str, Any] = {
     # takeover): smaller messages, and 4 KiB more per connection each way.
     "WEBSOCKETS_COMPRESSION_CONTEXT_TAKEOVER": True,
 }
-
 
 
 class _Settings(NamedTuple):

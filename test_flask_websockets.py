@@ -2569,7 +2569,8 @@ def test_a_room_is_a_non_empty_str():
     assert len(caught) == 3 and "non-empty str" in caught[0]
 
 
-HOSTILE_ROOMS = ["x:all", "all", ":all", "room:x", "{braces}", "a b", "\u00e9t\u00e9 \U0001f600", "*", "\x00", "r" * 1024]
+HOSTILE_ROOMS = ["x:all", "all", ":all", "room:x", "{braces}", "a b", "\u00e9t\u00e9 \U0001f600", "*", "\x00"]
+HOSTILE_ROOMS.append("r" * 1024)
 
 
 def test_any_str_is_just_a_room_name_and_reaches_only_that_rooms_members():
@@ -2798,7 +2799,11 @@ def test_no_timer_outlives_a_connection_that_ended_from_inside_a_timer():
 def test_with_compression_a_long_message_under_the_size_threshold_is_never_compressed(monkeypatch):
     compressed = []
     real = flask_websockets._compress
-    monkeypatch.setattr(flask_websockets, "_compress", lambda payload, *a, **k: compressed.append(len(payload)) or real(payload, *a, **k))
+    monkeypatch.setattr(
+        flask_websockets,
+        "_compress",
+        lambda payload, *a, **k: compressed.append(len(payload)) or real(payload, *a, **k),
+    )
     app, sockets = make_app()
     app.config.update(WEBSOCKETS_COMPRESSION=True, WEBSOCKETS_COMPRESSION_MIN_SIZE=8 << 20)
     sockets.on_message(lambda message: "y" * (512 * 1024))
@@ -4503,6 +4508,82 @@ def test_readme_rooms(tmp_path):
             c.close()
 
 
+def signed_in(port, name):
+    """A session cookie from the snippet's /login/<name>."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/login/{name}", timeout=5) as response:
+        return response.headers["Set-Cookie"].split(";", 1)[0]
+
+
+@pytest.mark.slow
+def test_readme_users_chat(tmp_path):
+    with serve_snippet("users-chat", tmp_path) as (port, log):
+        assert refused_status(f"ws://127.0.0.1:{port}/") == 401, "signed-in users only"
+        ann = client(f"ws://127.0.0.1:{port}/", cookie=signed_in(port, "ann"))
+        bob = client(f"ws://127.0.0.1:{port}/", cookie=signed_in(port, "bob"))
+        bob2 = client(f"ws://127.0.0.1:{port}/", cookie=signed_in(port, "bob"))
+        ann.send("JOIN kitchen")
+        assert json.loads(ann.recv()) == {"room": "kitchen", "online": ["ann"]}
+        both = {"room": "kitchen", "online": ["ann", "bob"]}
+        bob.send("JOIN kitchen")
+        assert json.loads(ann.recv()) == json.loads(bob.recv()) == both
+        bob2.send("JOIN kitchen")
+        assert json.loads(ann.recv()) == json.loads(bob.recv()) == json.loads(bob2.recv()) == both, "bob once"
+        bob.send("SAY hi")
+        assert ann.recv() == bob2.recv() == "bob: hi"
+        bob.close()
+        bob2.close()
+        assert json.loads(ann.recv()) == both, "bob still has a tab"
+        assert json.loads(ann.recv()) == {"room": "kitchen", "online": ["ann"]}
+        ann.close()
+
+
+@pytest.mark.slow
+def test_readme_users_logout(tmp_path):
+    (tmp_path / "logout_app.py").write_text(
+        readme_snippets()["users-logout"]
+        + '\n@app.get("/login/<name>")\ndef login(name):\n    session["user_id"] = name\n    return ""\n'
+    )
+    (tmp_path / "serve_snippet.py").write_text(SERVE_SNIPPET)
+    with subprocess_server(
+        [str(tmp_path / "serve_snippet.py"), str(tmp_path / "logout_app.py")], tmp_path, cwd=tmp_path
+    ) as (port, log):
+        ann_cookie = signed_in(port, "ann")
+        tabs = [client(f"ws://127.0.0.1:{port}/", cookie=ann_cookie) for _ in range(2)]
+        bob = client(f"ws://127.0.0.1:{port}/", cookie=signed_in(port, "bob"))
+        request_ = urllib.request.Request(f"http://127.0.0.1:{port}/logout", data=b"", headers={"Cookie": ann_cookie})
+        with contextlib.suppress(urllib.error.HTTPError):  # the redirect to / finds no page there
+            urllib.request.urlopen(request_, timeout=5).close()
+        for c in tabs:
+            assert recv_close(c) == (4001, "signed out")
+        bob.send("still here")
+        assert_nothing_more(bob)
+        bob.close()
+
+
+def test_readme_users_notify(redis_server):
+    app, sockets = make_app(message_queue=redis_server.url)
+    sockets.on_open(lambda: ws.identify(request.args["user"]))
+    namespace = {}
+    exec(readme_snippets()["users-notify"].replace("redis://localhost:6379/0", redis_server.url), namespace)
+    tab1, other = (sockets.test_client(query_string={"user": user}) for user in ("42", "7"))
+    with tab1, other:
+        wait_until(lambda: namespace["notifier"].count() == 2)
+        assert namespace["report_ready"]("42", "/reports/1") == 2
+        assert tab1.receive(timeout=10) == "your report is ready: /reports/1"
+        with pytest.raises(TimeoutError):
+            other.receive(timeout=0.3)
+    namespace["notifier"].close()
+
+
+def test_readme_users_testing(tmp_path):
+    (tmp_path / "test_users.py").write_text(readme_snippets()["users-testing"])
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_users.py"],
+        cwd=tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout + result.stderr
+
+
 def serve_snippet_with_queue(name, tmp_path, url):
     path = tmp_path / f"{name}.py"
     path.write_text(readme_snippets()[name].replace("redis://localhost:6379/0", url))
@@ -5036,9 +5117,37 @@ def say(message):
     room, text = message[4:].split(" ", 1)
     sockets.broadcast(text, room=room, skip=ws._get_current_object())
 
+@sockets.on_open
+def who():
+    if "user" in request.args:
+        ws.identify(request.args["user"])
+
+@sockets.on_message("^IDENTIFY (.+)")
+def identify(message):
+    ws.identify(message[9:])
+    return f"identified as {message[9:]}"
+
+@sockets.on_message("^LEAVE (.+)")
+def leave(message):
+    ws.leave(message[6:])
+    return f"left {message[6:]}"
+
 @app.post("/broadcast")
 def broadcast():
-    return str(sockets.broadcast(request.form["text"], room=request.form.get("room")))
+    form = request.form
+    return str(sockets.broadcast(form["text"], room=form.get("room"), user=form.get("user")))
+
+@app.post("/disconnect")
+def disconnect():
+    form = request.form
+    closed = sockets.disconnect(form.get("user"), form.get("room"), int(form["code"]), form["reason"])
+    return str(closed)
+
+@app.get("/presence")
+def presence():
+    import json
+    room = request.args.get("room")
+    return json.dumps({"presence": sockets.presence(room), "count": sockets.count(room)})
 
 if __name__ == "__main__":
     serve(app, port=0, log=None)
@@ -5225,7 +5334,9 @@ def free_port_pair():
 
 
 def redis_binary():
-    binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
+    binary = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+    )
     if binary is None:
         missing("redis-server: apt-get install redis-server", kind="redis")
     return binary
@@ -5260,12 +5371,21 @@ class RedisClusterServers:
             folder = tmp_path / f"cluster-{port}"
             folder.mkdir()
             args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", ""]
-            args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"]
+            args += [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+            ]
             self.procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL))
         for port in self.ports:
             wait_for(lambda port=port: self.command(port, "PING"), 10, f"redis-server on {port}")
         create = [cli, "--cluster", "create", *[f"127.0.0.1:{port}" for port in self.ports]]
-        subprocess.run(create + ["--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            create + ["--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60
+        )
         for port in self.ports:
             wait_for(lambda port=port: b"cluster_state:ok" in self.command(port, "CLUSTER", "INFO"), 20, "the cluster")
         self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
@@ -5292,7 +5412,10 @@ class RedisSentinelServers:
         binary = redis_binary()
         self.master, self.replica, self.sentinel = free_port(), free_port(), free_port()
         self.procs = {}
-        for name, port, extra in [("master", self.master, []), ("replica", self.replica, ["--replicaof", "127.0.0.1", str(self.master)])]:
+        for name, port, extra in [
+            ("master", self.master, []),
+            ("replica", self.replica, ["--replicaof", "127.0.0.1", str(self.master)]),
+        ]:
             folder = tmp_path / name
             folder.mkdir()
             args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", "", *extra]
@@ -5305,10 +5428,16 @@ class RedisSentinelServers:
             "sentinel failover-timeout mymaster 3000\n"
         )
         self.procs["sentinel"] = subprocess.Popen([binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL)
-        wait_for(lambda: self.command(self.replica, "INFO", "replication")["master_link_status"] == "up", 10, "the replica")
+        wait_for(
+            lambda: self.command(self.replica, "INFO", "replication")["master_link_status"] == "up", 10, "the replica"
+        )
         wait_for(lambda: self.master_port() == self.master, 10, "the sentinel")
         # It learns of the replica from the master's INFO (every 10 s at first): no failover before that.
-        wait_for(lambda: self.command(self.sentinel, "SENTINEL", "replicas", "mymaster"), 30, "the sentinel to know the replica")
+        wait_for(
+            lambda: self.command(self.sentinel, "SENTINEL", "replicas", "mymaster"),
+            30,
+            "the sentinel to know the replica",
+        )
         self.url = f"redis+sentinel://127.0.0.1:{self.sentinel}/0/mymaster"
 
     command = staticmethod(lambda port, *args: redis_command(port, *args, decode=True))
@@ -5335,8 +5464,8 @@ def redis_sentinel(tmp_path):
 
 
 THREADS_APP = QUEUE_APP.replace(
-    '''if __name__ == "__main__":''',
-    '''@app.post("/threads")
+    """if __name__ == "__main__":""",
+    """@app.post("/threads")
 def from_threads():
     import sys, threading
 
@@ -5354,7 +5483,7 @@ def from_threads():
     return "sent"
 
 
-if __name__ == "__main__":''',
+if __name__ == "__main__":""",
 )
 
 
@@ -5494,8 +5623,8 @@ def test_a_thousand_short_lived_publishers_leave_no_state_in_a_server(redis_serv
     import redis
 
     with redis.Redis(port=redis_server.port) as r:
-        keys = [key for key in r.scan_iter("flask_websockets*")]
-        assert all(r.type(key) == b"stream" or 0 < r.ttl(key) <= 3600 for key in keys), "what is not a stream expires"
+        keys = [key for key in r.scan_iter("flask_websockets*:publisher:*")]
+        assert len(keys) >= 1000 and all(0 < r.ttl(key) <= 3600 for key in keys), "a publisher's key expires"
 
 
 class Blackhole:
@@ -5524,8 +5653,8 @@ class Blackhole:
 
 
 OUTAGE_APP = QUEUE_APP.replace(
-    '''if __name__ == "__main__":''',
-    '''@app.post("/many")
+    """if __name__ == "__main__":""",
+    """@app.post("/many")
 def many():
     start, count = int(request.form["start"]), int(request.form["count"])
     for i in range(start, start + count):
@@ -5533,7 +5662,7 @@ def many():
     return "sent"
 
 
-if __name__ == "__main__":''',
+if __name__ == "__main__":""",
 )
 
 
@@ -5742,6 +5871,285 @@ def test_through_a_sentinel_failover_traffic_flows_on_the_promoted_master(redis_
         publisher.close()
 
 
+# ---------------------------------------------------------------------------
+# Users and presence
+# ---------------------------------------------------------------------------
+
+
+def users_app():
+    app, sockets = rooms_app()
+    closes = []
+
+    @sockets.on_open
+    def who():
+        if "user" in request.args:
+            ws.identify(request.args["user"])
+
+    @sockets.on_message("^IDENTIFY (.+)")
+    def identify(message):
+        ws.identify(message[9:])
+        return f"identified as {ws.user_id}"
+
+    @sockets.on_close
+    def gone():
+        closes.append((ws.user_id, ws.close_code, ws.close_reason))
+
+    return app, sockets, closes
+
+
+def tab(sockets, user=None):
+    return sockets.test_client(query_string={"user": user} if user else None)
+
+
+def test_a_user_is_reached_on_every_tab_and_nobody_else_in_one_process():
+    app, sockets, closes = users_app()
+    ann1, ann2, bob, anonymous = tab(sockets, "ann"), tab(sockets, "ann"), tab(sockets, "bob"), tab(sockets)
+    with ann1, ann2, bob, anonymous:
+        assert sockets.broadcast("for ann", user="ann") == 2
+        assert ann1.receive() == ann2.receive() == "for ann"
+        sender = next(conn for conn in sockets.connections if conn.user_id == "ann")
+        assert sockets.broadcast("not for the sender", user="ann", skip=sender) == 1
+        got = []
+        for c in (ann1, ann2):
+            with contextlib.suppress(TimeoutError):
+                got.append(c.receive(timeout=0.05))
+        assert got == ["not for the sender"]
+        for c in (bob, anonymous):
+            with pytest.raises(TimeoutError):
+                c.receive(timeout=0.05)
+        assert sockets.presence() == {"ann": 2, "bob": 1} and sockets.count() == 4
+        ann1.send("JOIN kitchen")
+        ann1.receive()
+        anonymous.send("JOIN kitchen")
+        anonymous.receive()
+        assert sockets.presence("kitchen") == {"ann": 1} and sockets.count("kitchen") == 2
+        assert sockets.broadcast("kitchen, ann", user="ann", room="kitchen") == 1
+        ann2.send("IDENTIFY carol")  # identifying again replaces
+        assert ann2.receive() == "identified as carol"
+        assert sockets.presence() == {"ann": 1, "bob": 1, "carol": 1}
+        assert sockets.presence("nowhere") == {} and sockets.count("nowhere") == 0
+    assert sockets.presence() == {} and sockets.count() == 0 and sockets._users == {}
+
+
+def test_presence_changes_at_once_when_a_tab_closes():
+    app, sockets, closes = users_app()
+    with tab(sockets, "ann"):
+        first = tab(sockets, "bob")
+        assert sockets.presence() == {"ann": 1, "bob": 1}
+        first.close()
+        assert sockets.presence() == {"ann": 1} and sockets.count() == 1
+
+
+def test_disconnect_closes_a_users_or_a_rooms_connections_with_its_code_and_reason():
+    app, sockets, closes = users_app()
+    ann1, ann2, bob, cid = tab(sockets, "ann"), tab(sockets, "ann"), tab(sockets, "bob"), tab(sockets, "cid")
+    for c in (ann2, cid):
+        c.send("JOIN kitchen")
+        c.receive()
+    assert sockets.disconnect(user="ann", room="kitchen", code=4002, reason="left the kitchen") == 1
+    with pytest.raises(ConnectionClosed):
+        ann2.receive()
+    assert (ann2.close_code, ann2.close_reason) == (4002, "left the kitchen")
+    assert sockets.disconnect(user="ann", code=4001, reason="signed out") == 1
+    with pytest.raises(ConnectionClosed):
+        ann1.receive()
+    assert (ann1.close_code, ann1.close_reason) == (4001, "signed out")
+    assert sockets.disconnect(room="kitchen", code=1001, reason="closing time") == 1
+    with pytest.raises(ConnectionClosed):
+        cid.receive()
+    assert not bob.closed and sockets.presence() == {"bob": 1}
+    bob.close()
+    assert sorted(closes) == [("ann", 4001, "signed out"), ("ann", 4002, "left the kitchen"), ("bob", 1000, ""),
+                              ("cid", 1001, "closing time")]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "call, error, words",
+    [
+        (lambda s, c: c.identify(3), TypeError, "identify()"),
+        (lambda s, c: c.identify(""), ValueError, "identify()"),
+        (lambda s, c: c.identify("u" * 1025), ValueError, "identify()"),
+        (lambda s, c: c.identify(b"ann"), TypeError, "identify()"),
+        (lambda s, c: s.broadcast("x", user=3), TypeError, "broadcast()"),
+        (lambda s, c: s.disconnect(user=""), ValueError, "disconnect()"),
+        (lambda s, c: s.disconnect(), TypeError, "disconnect()"),
+        (lambda s, c: s.disconnect(room=3), TypeError, "disconnect()"),
+        (lambda s, c: s.disconnect(user="ann", code=999), ValueError, "close code"),
+        (lambda s, c: s.presence(room=""), TypeError, "presence()"),
+        (lambda s, c: s.count(room=3), TypeError, "count()"),
+        (
+            lambda s, c: flask_websockets.Publisher("redis://127.0.0.1:1/0").broadcast("x", user=3),
+            TypeError,
+            "Publisher.broadcast()",
+        ),
+        (
+            lambda s, c: flask_websockets.Publisher("redis://127.0.0.1:1/0").disconnect(user=""),
+            ValueError,
+            "Publisher.disconnect()",
+        ),
+    ],
+)
+def test_bad_user_ids_and_arguments_are_refused_naming_the_function(call, error, words):
+    app, sockets, closes = users_app()
+    with tab(sockets) as client_:
+        client_.send("x")  # a handler's ws, kept
+        [conn] = sockets.connections
+        with pytest.raises(error, match=re.escape(words)):
+            call(sockets, conn)
+
+
+def test_a_user_id_of_1_kib_of_any_characters_is_just_an_id():
+    app, sockets, closes = users_app()
+    for user in ["\u00e9" * 512, "x:all", "{ann}", "*", "a b", "\x00"]:
+        with tab(sockets) as c:
+            c.send(f"IDENTIFY {user}")
+            assert c.receive() == f"identified as {user}"
+            assert sockets.presence() == {user: 1}
+            assert sockets.broadcast("hi", user=user) == 1 and c.receive() == "hi"
+
+
+def test_identify_once_closed_raises_and_the_connection_is_counted_nowhere():
+    app, sockets, closes = users_app()
+    caught = []
+
+    @sockets.on_message("^QUIT")
+    def quit(message):
+        ws.close()
+        try:
+            ws.identify("mallory")
+        except ConnectionClosed:
+            caught.append(ws.user_id)
+
+    with tab(sockets, "ann") as c:
+        c.send("QUIT")
+        with pytest.raises(ConnectionClosed):
+            c.receive()
+    assert caught == ["ann"] and sockets.presence() == {} and sockets._users == {}
+    assert Connection({}, None).user_id is None
+    with pytest.raises(ConnectionClosed):
+        Connection({}, None).identify("ann")
+
+
+def presence_of(port, room=None):
+    query = "" if room is None else "?" + urllib.parse.urlencode({"room": room})
+    return json.loads(urlopen(f"http://127.0.0.1:{port}/presence{query}").read())
+
+
+def expect_presence(ports, expected, room=None, within=1.0):
+    """Poll both processes until each reports ``expected`` ({"presence": ..., "count": ...}); return how long."""
+    start = time.monotonic()
+    while True:
+        seen = [presence_of(port, room) for port in ports]
+        if all(s == expected for s in seen):
+            return time.monotonic() - start
+        assert time.monotonic() - start < within, f"after {within} s: {seen}, expected {expected}"
+        time.sleep(0.01)
+
+
+def queue_url(kind, redis_server, redis_cluster):
+    return redis_server.url if kind == "standalone" else redis_cluster.url
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def any_redis(request, tmp_path):
+    """A standalone redis-server, or a three-master Redis Cluster: the queue URL."""
+    if request.param == "standalone":
+        server = RedisServer(tmp_path)
+        yield server.url
+        server.stop()
+    else:
+        cluster = RedisClusterServers(tmp_path)
+        yield cluster.url
+        cluster.stop()
+
+
+@pytest.mark.slow
+def test_a_user_with_tabs_on_two_processes_gets_each_message_once_and_is_signed_out_everywhere(any_redis, tmp_path):
+    with queue_servers(tmp_path, any_redis) as (ports, procs):
+        ann = [client(f"ws://127.0.0.1:{port}/?user=ann") for port in ports for _ in range(2)]
+        bob = [client(f"ws://127.0.0.1:{port}/?user=bob") for port in ports]
+        everyone = ann + bob
+        expect_presence(ports, {"presence": {"ann": 4, "bob": 2}, "count": 6})
+        assert post(ports[0], text="for ann", user="ann") == b"2", "two here, two elsewhere"
+        assert [c.recv() for c in ann] == ["for ann"] * 4
+        publisher = flask_websockets.Publisher(any_redis)
+        publisher.broadcast("ann, from a script", user="ann")
+        publisher.broadcast("bob, from a script", user="bob")
+        assert [c.recv() for c in ann] == ["ann, from a script"] * 4
+        assert [c.recv() for c in bob] == ["bob, from a script"] * 2
+        assert_nothing_more(*everyone)
+        assert publisher.presence() == {"ann": 4, "bob": 2} and publisher.count() == 6
+        urlopen(f"http://127.0.0.1:{ports[1]}/disconnect", data=b"user=ann&code=4001&reason=signed+out")
+        for c in ann:
+            assert recv_close(c) == (4001, "signed out")
+        expect_presence(ports, {"presence": {"bob": 2}, "count": 2})
+        publisher.disconnect(user="bob", code=4003, reason="banned")
+        for c in bob:
+            assert recv_close(c) == (4003, "banned")
+        expect_presence(ports, {"presence": {}, "count": 0})
+        publisher.close()
+
+
+@pytest.mark.slow
+def test_presence_and_counts_agree_on_both_processes_within_a_second_of_every_change(any_redis, tmp_path):
+    with queue_servers(tmp_path, any_redis) as (ports, procs):
+        here = client(f"ws://127.0.0.1:{ports[0]}/?user=ann")
+        there = client(f"ws://127.0.0.1:{ports[1]}/")
+        delays = [expect_presence(ports, {"presence": {"ann": 1}, "count": 2})]
+        there.send("IDENTIFY bob")
+        assert there.recv() == "identified as bob"
+        delays.append(expect_presence(ports, {"presence": {"ann": 1, "bob": 1}, "count": 2}))
+        for c in (here, there):
+            c.send("JOIN x:all")
+            c.recv()
+        delays.append(expect_presence(ports, {"presence": {"ann": 1, "bob": 1}, "count": 2}, room="x:all"))
+        here.send("LEAVE x:all")
+        here.recv()
+        delays.append(expect_presence(ports, {"presence": {"bob": 1}, "count": 1}, room="x:all"))
+        there.close()  # a clean close counts at once
+        delays.append(expect_presence(ports, {"presence": {"ann": 1}, "count": 1}))
+        delays.append(expect_presence(ports, {"presence": {}, "count": 0}, room="x:all"))
+        assert max(delays) < 1.0
+
+
+@pytest.mark.slow
+def test_after_a_kill_9_a_process_users_leave_presence_within_15_seconds(redis_server, tmp_path):
+    with queue_servers(tmp_path, redis_server.url) as (ports, procs):
+        client(f"ws://127.0.0.1:{ports[0]}/?user=ann")  # the survivor
+        victims = [client(f"ws://127.0.0.1:{ports[1]}/?user=bob") for _ in range(3)]
+        expect_presence(ports, {"presence": {"ann": 1, "bob": 3}, "count": 4})
+        publisher = flask_websockets.Publisher(redis_server.url)
+        assert publisher.presence() == {"ann": 1, "bob": 3}
+        procs[1].kill()  # no clean-up: its share stays in Redis until its stamp is stale
+        procs[1].wait(5)
+        killed = time.monotonic()
+        for c in victims:
+            c.sock.close()
+        while publisher.presence() != {"ann": 1}:
+            assert time.monotonic() - killed < 16, publisher.presence()
+            time.sleep(0.2)
+        assert presence_of(ports[0]) == {"presence": {"ann": 1}, "count": 1}
+        assert time.monotonic() - killed > 5, "not before its stamp is stale: a live process counts meanwhile"
+        publisher.close()
+
+
+@pytest.mark.slow
+def test_user_ids_and_room_names_never_reach_a_redis_key(redis_server, tmp_path):
+    names = ["x:all", "{ann}", "*", "a b", "\u00e9t\u00e9"]
+    with queue_servers(tmp_path, redis_server.url) as (ports, procs):
+        clients = []
+        for name in names:
+            c = client(f"ws://127.0.0.1:{ports[1]}/?" + urllib.parse.urlencode({"user": name}))
+            c.send(f"JOIN {name}")
+            assert c.recv() == f"joined {name}"
+            clients.append(c)
+        expect_presence(ports, {"presence": {name: 1 for name in names}, "count": len(names)})
+        for name in names:
+            expect_presence(ports, {"presence": {name: 1}, "count": 1}, room=name)
+        keys = [key.decode() for key in redis_server.command("KEYS", "*")]
+        assert not [key for key in keys for name in names if name in key.split("}", 1)[-1]], keys
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["serve(reload=True)", "flask run --debug"])
 def test_code_changes_reload(how, tmp_path):
@@ -5831,8 +6239,9 @@ def test_example_py(tmp_path):
     with subprocess_server(["example.py", "--port", "0"], tmp_path) as (port, log):
         page = urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
         assert f"ws://127.0.0.1:{port}/" in page
-        c = client(f"ws://127.0.0.1:{port}/")
+        c = client(f"ws://127.0.0.1:{port}/?name=ann")
         assert c.recv() == "welcome, 127.0.0.1"
+        assert json.loads(c.recv()) == {"online": {"ann": 1}}
         c.send("Hello")
         c.send("ECHO only this")
         c.send("JSON a b")
@@ -5843,6 +6252,8 @@ def test_example_py(tmp_path):
         ]
         other = client(f"ws://127.0.0.1:{port}/")
         assert other.recv() == "welcome, 127.0.0.1"
+        online = {"online": {"ann": 1, "visitor 1": 1}}
+        assert json.loads(other.recv()) == json.loads(c.recv()) == online, "who is online, on every tab"
         c.send("WORK")
         assert c.recv() == "working: step 1 of 3"
         other.send("still responsive")
@@ -5853,6 +6264,7 @@ def test_example_py(tmp_path):
         assert c.recv() == other.recv() == "broadcast: hi all"
         c.send("CLOSE")
         assert recv_close(c) == (1000, "closed by the server")
+        assert json.loads(other.recv()) == {"online": {"visitor 1": 1}}
         other.close()
 
 
@@ -5939,7 +6351,10 @@ def test_browser_drives_the_example_page(scheme, chromium, certificate, tmp_path
         expect(json_reply).to_contain_text('"upper": "RENDERED AS JSON"')
         expect(json_reply).to_contain_text('"words": 3')
 
-        other = open_example(browser, expect, f"{scheme}://127.0.0.1:{port}/")
+        expect(page.locator("#online")).to_have_text("visitor 1")
+        other = open_example(browser, expect, f"{scheme}://127.0.0.1:{port}/?name=ann")
+        for tab in (page, other):  # who is online, on every tab
+            expect(tab.locator("#online")).to_have_text("ann, visitor 1")
         other.fill("#broadcast", "hello, both tabs")
         other.click("#broadcast-form button")
         expect(received.last).to_have_text("broadcast: hello, both tabs")
@@ -5949,6 +6364,7 @@ def test_browser_drives_the_example_page(scheme, chromium, certificate, tmp_path
         page.screenshot(path=str(ARTIFACTS / f"example-{scheme}.png"), full_page=True)
         page.click("#close")
         expect(page.locator("#state")).to_have_text("closed (code 1000, closed by the server)")
+        expect(other.locator("#online")).to_have_text("ann")
         page.screenshot(path=str(ARTIFACTS / f"example-{scheme}-closed.png"), full_page=True)
         assert '"GET / HTTP/1.1" 101' in log(), "the access log has the websocket connections"
 
@@ -5971,7 +6387,6 @@ def test_browser_a_2_mib_message_closes_cleanly_with_1009(chromium, tmp_path):
             assert closed == [1009, "message over 1048576 bytes", True], f"attempt {attempt}"
 
 
-
 @pytest.mark.slow
 @pytest.mark.browser
 def test_browser_exchanges_compressed_messages_with_the_example_as_the_wire_shows(chromium, tmp_path):
@@ -5986,19 +6401,22 @@ def test_browser_exchanges_compressed_messages_with_the_example_as_the_wire_show
                 ws.binaryType = "arraybuffer";
                 ws.onmessage = (event) => {
                     got.push(typeof event.data === "string" ? event.data : event.data.byteLength);
-                    if (got.length === 4) { resolve([ws.extensions, got]); ws.close(); }
+                    if (got.length === 5) { resolve([ws.extensions, got]); ws.close(); }
                 };
             })""",
             long_text,
         )
-        assert replies == [
+        extensions, got = replies
+        assert json.loads(got.pop(1)) == {"online": {"visitor 1": 1, "visitor 2": 1}}, "the page's tab and this"
+        assert [extensions, got] == [
             "permessage-deflate; client_max_window_bits=12",
             ["welcome, 127.0.0.1", "short", long_text, 300000],
         ]
     to_server, to_client = tap.websocket()
     assert data_frames(to_server) == [(True, TEXT), (True, TEXT), (True, BINARY)], "Chromium compresses all"
-    assert data_frames(to_client) == [(False, TEXT), (False, TEXT), (True, TEXT), (True, BINARY)]
+    assert data_frames(to_client) == [(False, TEXT), (False, TEXT), (False, TEXT), (True, TEXT), (True, BINARY)]
     assert len(to_server) < 3000 and len(to_client) < 3000, "300 KB of zeros and 4 KB of text took little room"
+
 
 @pytest.mark.slow
 @pytest.mark.browser
@@ -6050,7 +6468,7 @@ def example_app(**config):
 def run_example(code, app=None, **names):
     """Execute an example as a user's module would, with the names it assumes imported."""
     namespace = {"__name__": "example", "json": json, "re": re, "pytest": pytest, "flask_websockets": flask_websockets}
-    flask_names = ("Flask", "jsonify", "session", "request", "abort", "flash")
+    flask_names = ("Flask", "jsonify", "session", "request", "abort", "flash", "redirect")
     namespace.update({name: getattr(flask, name) for name in flask_names})
     namespace.update({name: getattr(flask_websockets, name) for name in flask_websockets.__all__})
     if app is not None:
@@ -6167,13 +6585,15 @@ def check_broadcast(code):
     def enter():
         ws.state["room"] = "kitchen"
         ws.join("kitchen")
+        if "user_id" in session:
+            ws.identify(str(session["user_id"]))
 
     run_example(code, app, sockets=sockets)
     with sockets.test_client(http_client=logged_in(app, "bob", 7)) as bob, sockets.test_client() as ann:
         bob.send("dinner")
         assert ann.receive() == "dinner"
         answer = app.test_client().post("/notify/7", data={"text": "for bob"})
-        assert answer.get_data(as_text=True) == "sent to 1 of the user's tabs"
+        assert answer.get_data(as_text=True) == "sent to 1 of the user's tabs here"
         assert bob.receive() == "for bob", "the sender was skipped: the next message is the notice"
 
 
@@ -6215,6 +6635,43 @@ def in_handler(code, **names):
         run_example(code, app, sockets=sockets, ws=ws, message=message, **names)
 
     return sockets.test_client()
+
+
+def check_identify(code):
+    app, sockets = with_sockets()
+    run_example(code, app, sockets=sockets)
+    with sockets.test_client(http_client=logged_in(app, "bob", 7)) as bob, sockets.test_client() as anonymous:
+        assert sockets.broadcast("for 7", user="7") == 1 and bob.receive() == "for 7"
+        assert sockets.presence() == {"7": 1} and sockets.count() == 2
+        with pytest.raises(TimeoutError):
+            anonymous.receive(timeout=0.05)
+
+
+def check_presence(code):
+    app, sockets = with_sockets()
+    sockets.on_open(lambda: ws.identify(request.args["name"]))
+    run_example(code, app, sockets=sockets)
+    ann, bob = (sockets.test_client(query_string={"name": name}) for name in ("ann", "bob"))
+    with ann, bob:
+        ann.send("JOIN kitchen")
+        assert json.loads(ann.receive()) == ["ann"]
+        bob.send("JOIN kitchen")
+        assert json.loads(ann.receive()) == json.loads(bob.receive()) == ["ann", "bob"]
+
+
+def check_disconnect(code):
+    app, sockets = with_sockets()
+    sockets.on_open(lambda: ws.identify(str(session["user_id"])) if "user_id" in session else None)
+    run_example(code, app, sockets=sockets)
+    http = logged_in(app, "bob", 7)
+    with sockets.test_client(http_client=http) as tab1, sockets.test_client(http_client=http) as tab2:
+        with sockets.test_client(http_client=logged_in(app, "ann", 8)) as ann:
+            assert http.post("/logout").status_code == 302
+            for tab in (tab1, tab2):
+                with pytest.raises(ConnectionClosed):
+                    tab.receive()
+                assert (tab.close_code, tab.close_reason) == (4001, "signed out")
+            assert not ann.closed and sockets.presence() == {"8": 1}
 
 
 def check_send(code):
@@ -6300,6 +6757,9 @@ DOCSTRING_CHECKS = {
     ("WebSockets.test_client", 0): check_test_client_example,
     ("Connection.state", 0): check_state,
     ("Connection.join", 0): check_join,
+    ("Connection.identify", 0): check_identify,
+    ("WebSockets.presence", 0): check_presence,
+    ("WebSockets.disconnect", 0): check_disconnect,
     ("Connection.send", 0): check_send,
     ("Connection.send", 1): check_send_secret,
     ("Connection.close", 0): check_close,
@@ -6330,11 +6790,14 @@ def test_docstring_examples_of_the_message_queue(redis_server):
     examples = docstring_examples()
     local = "redis://localhost:6379/0"
     sockets = run_example(examples[("WebSockets", 2)].replace(local, redis_server.url), example_app())["sockets"]
-    sockets.on_open(lambda: ws.join("kitchen"))
+    sockets.on_open(lambda: ws.join("kitchen") or ws.identify("42"))
     with sockets.test_client() as client:
         run_example(examples[("Publisher", 0)].replace(local, redis_server.url))["news"].close()
-        received = [client.receive(timeout=10), client.receive(timeout=10)]
-        assert received == ["the servers restart at 2:00", b"\x89PNG..."]
+        received = [client.receive(timeout=10) for _ in range(3)]
+        assert received == ["the servers restart at 2:00", b"\x89PNG...", "your report is ready"]
+        with pytest.raises(ConnectionClosed):
+            client.receive(timeout=10)
+        assert (client.close_code, client.close_reason) == (4001, "password changed")
 
 
 # ---------------------------------------------------------------------------

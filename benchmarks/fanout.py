@@ -305,7 +305,8 @@ async def rooms_clients_main(urls, rooms):
 
     for i in range(0, len(urls), 100):
         batch = range(i, min(i + 100, len(urls)))
-        await asyncio.gather(*(ws_connect(lambda j=j: Client(rooms[j]), urls[j], enable_auto_ping=False) for j in batch))
+        connecting = [ws_connect(lambda j=j: Client(rooms[j]), urls[j], enable_auto_ping=False) for j in batch]
+        await asyncio.gather(*connecting)
     while state["ready"] < len(urls):
         await asyncio.sleep(0.05)
     print("READY", flush=True)
@@ -378,7 +379,9 @@ def measure_rooms(count, args, redis):
 
 
 def main_rooms(args, redis):
-    print("| rooms | rooms per client | delivered | p50 ms | p99 ms | server CPU µs/delivery | idle CPU % per process |")
+    print(
+        "| rooms | rooms per client | delivered | p50 ms | p99 ms | server CPU µs/delivery | idle CPU % per process |"
+    )
     print("|---|---|---|---|---|---|---|")
     for _ in range(args.reps):
         for count in [int(c) for c in args.rooms.split(",")]:
