@@ -578,8 +578,12 @@ class WebSockets:
             if self._queue is None or self._queue.pid != os.getpid():
                 app = current_app._get_current_object() if current_app else (self._apps[0] if self._apps else None)  # type: ignore[attr-defined]
                 url = self.message_queue or (app and _settings(app).message_queue)
-                self._queue = _MessageQueue(url, self) if url else None
-                self._queue_checked = True
+                queue = _MessageQueue(url, self) if url else None
+                with self._lock:  # from now on, changes to presence go to it (its first write waits for this)
+                    self._queue = queue
+                    self._queue_checked = True
+                if queue is not None:
+                    queue._wake_writer()
             return self._queue
 
     def _deliver_remote(self, batch: list[tuple[str | None, str | None, Any]]) -> list[Connection]:
@@ -617,6 +621,13 @@ class WebSockets:
             return list(self._connections if room is None else self._rooms.get(room, ()))
         conns = list(self._users.get(user, ()))
         return conns if room is None else [conn for conn in conns if room in (conn._rooms or ())]
+
+    def _reaches(self, room: str | None, user: str | None) -> bool:
+        """Whether a message for ``room`` and ``user`` has anyone to go to here (a look-up, no copy)."""
+        if user is not None:
+            conns = self._users.get(user)
+            return bool(conns) and (room is None or any(room in (c._rooms or ()) for c in list(conns)))  # type: ignore[union-attr]
+        return bool(self._connections) if room is None else room in self._rooms
 
     def _add(self, conn: Connection) -> None:
         with self._lock:
@@ -692,8 +703,9 @@ class WebSockets:
 
     def _present(self, room: str | None, user: str | None, change: int) -> None:  # under the lock
         """Tell the message queue, if any, how this process's presence changed."""
-        if self._queue is not None:
-            self._queue.presence_changed(room, user, change)
+        queue = self._queue
+        if queue is not None and queue.pid == os.getpid():  # not a parent's, copied by a fork
+            queue.presence_changed(room, user, change)
 
     def _presence_snapshot(self) -> dict[str | None, dict[str, int]]:  # under the lock
         """This process's presence whole, for the message queue: per scope (``None``: the endpoint), per user id."""
@@ -2590,9 +2602,11 @@ class Publisher:
 
     ``broadcast`` and ``disconnect`` take what ``WebSockets.broadcast`` and
     ``WebSockets.disconnect`` take, and return once Redis has the message.
-    When Redis cannot be reached within ``timeout`` seconds, they raise
-    redis-py's ``ConnectionError`` (a timeout too): retrying is the caller's
-    call, and a message sent again after a failure is delivered once. Every
+    A call whose first try fails tries once more, with the same sequence
+    number, so that a message whose answer was lost is delivered once. When
+    Redis cannot be reached within ``timeout`` seconds, they raise redis-py's
+    ``ConnectionError`` (a timeout too, and a cluster's errors): the message
+    may then have reached Redis or not, and retrying is the caller's call. Every
     process that serves the endpoint delivers what one publisher sends in the
     order it was sent, rooms, users and everyone mixed. One publisher may be
     shared by threads: their messages go one at a time, each thread's in its
@@ -2646,10 +2660,15 @@ class Publisher:
         self._redis.close()
 
     def _send(self, entry: Callable[[int], list[Any]]) -> None:
+        """Write an entry; once more, with the same number, if the first try fails (its answer may be lost)."""
         with self._lock:
             self._sequence += 1
+            fields = entry(self._sequence)
             with self._reaching():
-                _publish(self._redis, self._keys, self._sequence, entry(self._sequence))
+                try:
+                    _publish(self._redis, self._keys, self._sequence, fields)
+                except Exception:  # noqa: BLE001 - Redis added it or not: the script adds it once
+                    _publish(self._redis, self._keys, self._sequence, fields)
 
     def _query(self, room: str | None) -> dict[str, int]:
         with self._reaching():
@@ -2661,7 +2680,12 @@ class Publisher:
         redis = _import_redis()
         try:
             yield
-        except (redis.TimeoutError, redis.exceptions.ClusterError, redis.exceptions.ReadOnlyError) as error:
+        except redis.ConnectionError:
+            raise
+        except (
+            redis.TimeoutError, redis.exceptions.ClusterError, redis.exceptions.ReadOnlyError,
+            redis.exceptions.RedisClusterException,
+        ) as error:  # fmt: skip
             raise redis.ConnectionError(f"message queue {self._where}: {error}") from error
 
 
@@ -2722,21 +2746,48 @@ def _publish(redis: Any, keys: tuple[str, str], sequence: int, entry: list[Any])
 
 #: Seconds between a process's heartbeats, and since the last one, when a process no longer counts.
 _HEARTBEAT, _PRESENCE_STALE = 5.0, 15.0
+#: A batch of changes to a process's shares, applied once: KEYS: the process's last batch applied,
+#: its set of hashes, then a hash for each change; ARGV: the batch's number, then user and change each.
 _PRESENCE_SCRIPT = """\
-if redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2]) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
-redis.call('SADD', KEYS[2], KEYS[1])
+if tonumber(ARGV[1]) <= tonumber(redis.call('GET', KEYS[1]) or '0') then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+for i = 3, #KEYS do
+  local user, change = ARGV[2 * i - 4], ARGV[2 * i - 3]
+  if redis.call('HINCRBY', KEYS[i], user, change) <= 0 then redis.call('HDEL', KEYS[i], user) end
+  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('SADD', KEYS[2], KEYS[i])
+  else redis.call('SREM', KEYS[2], KEYS[i]) end
+end
+return 1
+"""
+#: A process's shares written whole, unless a later batch was: KEYS: its last batch, its set of
+#: hashes, its old hashes (ARGV[2] of them), its new ones; ARGV: the number, then per new hash
+#: how many users, and each user and count.
+_REWRITE_SCRIPT = """\
+if tonumber(ARGV[1]) <= tonumber(redis.call('GET', KEYS[1]) or '0') then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+local old = tonumber(ARGV[2])
+for i = 3, 2 + old do redis.call('DEL', KEYS[i]) end
+redis.call('DEL', KEYS[2])
+local a = 3
+for i = 3 + old, #KEYS do
+  for j = 1, tonumber(ARGV[a]) do redis.call('HSET', KEYS[i], ARGV[a + 2 * j - 1], ARGV[a + 2 * j]) end
+  a = a + 1 + 2 * tonumber(ARGV[a])
+  redis.call('SADD', KEYS[2], KEYS[i])
+end
+return 1
 """
 
 
-def _presence_keys(endpoint: str, origin: str, room: str | None = None) -> tuple[str, str, str]:
-    """The processes' stamps; a process's hash for the endpoint or a room; the set of that process's hashes."""
+def _presence_keys(endpoint: str, origin: str, room: str | None = None) -> tuple[str, str, str, str]:
+    """The processes' stamps; a process's hash for the endpoint or a room, its set of hashes, its last batch."""
     tag = f"flask_websockets:{{{urllib.parse.quote(endpoint, safe='')}:presence}}"
     scope = "endpoint" if room is None else "room:" + hashlib.sha256(room.encode("utf-8")).hexdigest()[:32]
-    return f"{tag}:processes", f"{tag}:{origin}:{scope}", f"{tag}:{origin}:hashes"
+    return f"{tag}:processes", f"{tag}:{origin}:{scope}", f"{tag}:{origin}:hashes", f"{tag}:{origin}:applied"
 
 
 def _presence_in(redis: Any, endpoint: str, room: str | None, exclude: str | None = None) -> dict[str, int]:
     """Connections per user id ("" for unidentified) of the endpoint or a room, of every live process but one."""
+    redis = _node(redis, _presence_keys(endpoint, "")[0])
     processes = _presence_keys(endpoint, "")[0]
     seconds, microseconds = redis.time()
     live = redis.zrangebyscore(processes, (seconds - _PRESENCE_STALE) * 1000 + microseconds // 1000, "+inf")
@@ -2750,6 +2801,26 @@ def _presence_in(redis: Any, endpoint: str, room: str | None, exclude: str | Non
             user = user.decode("utf-8")
             counts[user] = counts.get(user, 0) + int(connections)
     return counts
+
+
+def _drop_process(redis: Any, endpoint: str, origin: str) -> None:
+    """Delete what a process keeps of presence: its stamp, its hashes, their set, its last batch."""
+    processes, _, hashes, applied = _presence_keys(endpoint, origin)
+    for key in [*redis.smembers(hashes), hashes, applied]:
+        redis.delete(key)
+    redis.zrem(processes, origin)
+
+
+def _node(redis: Any, key: str) -> Any:
+    """The client for the node that holds ``key``, on a Redis Cluster; else the client itself.
+
+    A cluster's own pipeline asks a node for the keys of every EVAL it queues
+    (a round trip each): a node's client pipelines them as a server's does.
+    Keys that moved meanwhile fail the command, and the caller starts over.
+    """
+    if hasattr(redis, "get_node_from_key"):
+        return redis.get_redis_connection(redis.get_node_from_key(key))
+    return redis
 
 
 class _MessageQueue:
@@ -2772,6 +2843,8 @@ class _MessageQueue:
         self._outbox: collections.deque = collections.deque()  # (sequence, entry), for the writer
         self._presence: dict[tuple[str | None, str], int] = {}  # changes not yet written: (room, user) -> delta
         self._resync = True  # this process's presence is to be written whole (at first, after an outage)
+        self._presence_batch = 0  # the number of the last batch of changes to it (Redis applies each once)
+        self._stamped = False  # whether it has stamped itself alive yet
         self._heartbeat_at = 0.0  # when the next heartbeat is due (time.monotonic)
         self._lock = _thread_lock()  # a number and its place in the outbox, one thread at a time
         self._work = _thread_lock()  # released when the writer has something to do
@@ -2867,22 +2940,22 @@ class _MessageQueue:
                 continue
             try:
                 redis = redis or _redis_client(self._url)
+                if batch:
+                    pipeline = _node(redis, self._keys[0]).pipeline(transaction=False)
+                    for sequence, entry in batch:
+                        _publish(pipeline, self._keys, sequence, entry)
+                    pipeline.execute()
                 if self._resync:
-                    changes = self._rewrite_presence(redis)
-                pipeline = redis.pipeline(transaction=False)
-                for sequence, entry in batch:
-                    _publish(pipeline, self._keys, sequence, entry)
-                for (room, user), change in changes.items():
-                    _, share, hashes = _presence_keys(self._endpoint, self._origin, room)
-                    pipeline.execute_command("EVAL", _PRESENCE_SCRIPT, 2, share, hashes, user, change)
-                pipeline.execute()
-                if heartbeat:
+                    self._rewrite_presence(redis)
+                elif changes:
+                    self._write_changes(redis, changes)
+                if heartbeat or self._resync:
                     self._heartbeat(redis)
             except Exception as error:  # noqa: BLE001 - whatever Redis does, retry later
                 with self._lock:
-                    self._outbox.extendleft(reversed(batch))  # in order, before what came since
+                    self._outbox.extendleft(reversed(batch))  # in order, before what came since (added once)
                     self._trim_outbox()
-                    self._resync = True  # which changes Redis took is not known
+                    self._resync = True  # which changes Redis took is not known: write them whole
                 if self._stopping:  # the process is exiting: no later to retry in
                     break
                 redis, backoff = None, self._retry_later("writer", error, backoff)
@@ -2896,37 +2969,60 @@ class _MessageQueue:
                 self._dropped = 0
         self._withdraw(redis)
 
-    def _rewrite_presence(self, redis: Any) -> dict[tuple[str | None, str], int]:
-        """Write this process's presence whole (replacing what Redis had of it); return the changes since."""
+    def _write_changes(self, redis: Any, changes: dict[tuple[str | None, str], int]) -> None:
+        """Apply a batch of changes to this process's shares, once, even if a late copy of it arrives."""
+        self._presence_batch += 1
+        _, _, hashes, applied = _presence_keys(self._endpoint, self._origin)
+        shares = [_presence_keys(self._endpoint, self._origin, room)[1] for room, _ in changes]
+        values = [value for (_, user), change in changes.items() for value in (user, change)]
+        client = _node(redis, applied)
+        client.execute_command("EVAL", _PRESENCE_SCRIPT, 2 + len(shares), applied, hashes, *shares,
+                               self._presence_batch, *values)  # fmt: skip
+
+    def _rewrite_presence(self, redis: Any) -> None:
+        """Write this process's shares whole: at first, after an outage, or when Redis lost them."""
         with self._sockets._lock, self._lock:  # the registry and its changes, at one moment
+            if self._sockets._queue is not self:  # not yet the endpoint's: changes would not reach it
+                return
             snapshot = self._sockets._presence_snapshot()
             self._presence = {}
             self._resync = False
-        pipeline = redis.pipeline(transaction=False)
-        _, _, hashes = _presence_keys(self._endpoint, self._origin)
-        old = redis.smembers(hashes)
-        if old:
-            pipeline.delete(*old)
-        pipeline.delete(hashes)
-        for room, users in snapshot.items():
-            share = _presence_keys(self._endpoint, self._origin, room)[1]
-            pipeline.hset(share, mapping=users)
-            pipeline.sadd(hashes, share)
-        pipeline.execute()
-        self._heartbeat_at = 0.0  # stamp at once
-        return {}
+            self._presence_batch += 1
+        _, _, hashes, applied = _presence_keys(self._endpoint, self._origin)
+        client = _node(redis, applied)
+        old = client.smembers(hashes)
+        shares = [_presence_keys(self._endpoint, self._origin, room)[1] for room in snapshot]
+        values: list[Any] = []
+        for users in snapshot.values():
+            values.append(len(users))
+            for user, count in users.items():
+                values += [user, count]
+        try:
+            client.execute_command("EVAL", _REWRITE_SCRIPT, 2 + len(old) + len(shares), applied, hashes, *old,
+                                   *shares, self._presence_batch, len(old), *values)  # fmt: skip
+        except Exception:
+            with self._lock:
+                self._resync = True
+            raise
 
     def _heartbeat(self, redis: Any) -> None:
-        """Stamp this process alive, in Redis's clock; clear away what dead processes left."""
+        """Stamp this process alive, in Redis's clock; clear away what dead processes left.
+
+        A stamp that was missing (Redis lost its data, or another process took
+        this one for dead during a long pause) means its shares may be gone
+        too: they are written whole again.
+        """
         processes = _presence_keys(self._endpoint, "")[0]
-        seconds, microseconds = redis.time()
+        client = _node(redis, processes)
+        seconds, microseconds = client.time()
         now = seconds * 1000 + microseconds // 1000
-        redis.zadd(processes, {self._origin: now})
-        for dead in redis.zrangebyscore(processes, "-inf", now - 4 * _PRESENCE_STALE * 1000):
-            _, _, hashes = _presence_keys(self._endpoint, dead.decode())
-            shares = redis.smembers(hashes)
-            redis.delete(*shares, hashes)
-            redis.zrem(processes, dead)
+        if client.zadd(processes, {self._origin: now}) and self._stamped:
+            with self._lock:
+                self._resync = True
+            self._wake_writer()
+        self._stamped = True
+        for dead in client.zrangebyscore(processes, "-inf", now - 4 * _PRESENCE_STALE * 1000):
+            _drop_process(client, self._endpoint, dead.decode())
         self._heartbeat_at = time.monotonic() + _HEARTBEAT
 
     def _withdraw(self, redis: Any) -> None:
@@ -2934,21 +3030,21 @@ class _MessageQueue:
         if redis is None or os.getpid() != self.pid:
             return
         try:
-            processes, _, hashes = _presence_keys(self._endpoint, self._origin)
-            redis.delete(*redis.smembers(hashes), hashes)
-            redis.zrem(processes, self._origin)
+            _drop_process(_node(redis, _presence_keys(self._endpoint, "")[0]), self._endpoint, self._origin)
         except Exception:  # noqa: BLE001 - a dead process's keys are cleared by the others
             pass
 
     def presence_elsewhere(self, room: str | None) -> dict[str, int]:
         """Connections per user id ("" for unidentified) in every other live process; ``{}`` without Redis."""
+        if self._failing:  # Redis is away: do not wait for it, and say so once (when it went)
+            return {}
         try:
             if self._query is None:
                 self._query = _redis_client(self._url)
             return _presence_in(self._query, self._endpoint, room, exclude=self._origin)
         except Exception as error:  # noqa: BLE001 - presence is then this process's
-            logger.warning("message queue %s: no presence from other processes (%s)", self._where, error)
-            self._query = None
+            if not self._failing:
+                logger.warning("message queue %s: no presence from other processes (%s)", self._where, error)
             return {}
 
     # -- reading ---------------------------------------------------------------------
@@ -2983,7 +3079,7 @@ class _MessageQueue:
                     continue  # another format, or our own
                 room, user = fields.get(b"r"), fields.get(b"u")
                 room, user = room and room.decode("utf-8"), user and user.decode("utf-8")
-                if not self._sockets._members(room, user):
+                if not self._sockets._reaches(room, user):
                     continue  # nobody here it is for: the event loop is not even woken
                 kind = fields.get(b"k")
                 if kind is None:

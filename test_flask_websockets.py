@@ -5079,6 +5079,9 @@ class RedisServer:
         self.proc.terminate()
         self.proc.wait(10)
 
+    def flush(self):
+        self.command("FLUSHALL")
+
 
 @pytest.fixture
 def redis_server(tmp_path):
@@ -5391,6 +5394,10 @@ class RedisClusterServers:
         self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
 
     command = staticmethod(lambda port, *args: redis_command(port, *args, decode=False))
+
+    def flush(self):
+        for port in self.ports:
+            self.command(port, "FLUSHALL")
 
     def stop(self):
         for proc in self.procs:
@@ -6052,19 +6059,15 @@ def queue_url(kind, redis_server, redis_cluster):
 
 @pytest.fixture(params=["standalone", "cluster"])
 def any_redis(request, tmp_path):
-    """A standalone redis-server, or a three-master Redis Cluster: the queue URL."""
-    if request.param == "standalone":
-        server = RedisServer(tmp_path)
-        yield server.url
-        server.stop()
-    else:
-        cluster = RedisClusterServers(tmp_path)
-        yield cluster.url
-        cluster.stop()
+    """A standalone redis-server, or a three-master Redis Cluster (``.url``, ``.flush()``)."""
+    servers = RedisServer(tmp_path) if request.param == "standalone" else RedisClusterServers(tmp_path)
+    yield servers
+    servers.stop()
 
 
 @pytest.mark.slow
 def test_a_user_with_tabs_on_two_processes_gets_each_message_once_and_is_signed_out_everywhere(any_redis, tmp_path):
+    any_redis = any_redis.url
     with queue_servers(tmp_path, any_redis) as (ports, procs):
         ann = [client(f"ws://127.0.0.1:{port}/?user=ann") for port in ports for _ in range(2)]
         bob = [client(f"ws://127.0.0.1:{port}/?user=bob") for port in ports]
@@ -6092,7 +6095,7 @@ def test_a_user_with_tabs_on_two_processes_gets_each_message_once_and_is_signed_
 
 @pytest.mark.slow
 def test_presence_and_counts_agree_on_both_processes_within_a_second_of_every_change(any_redis, tmp_path):
-    with queue_servers(tmp_path, any_redis) as (ports, procs):
+    with queue_servers(tmp_path, any_redis.url) as (ports, procs):
         here = client(f"ws://127.0.0.1:{ports[0]}/?user=ann")
         there = client(f"ws://127.0.0.1:{ports[1]}/")
         delays = [expect_presence(ports, {"presence": {"ann": 1}, "count": 2})]
@@ -6131,6 +6134,83 @@ def test_after_a_kill_9_a_process_users_leave_presence_within_15_seconds(redis_s
         assert presence_of(ports[0]) == {"presence": {"ann": 1}, "count": 1}
         assert time.monotonic() - killed > 5, "not before its stamp is stale: a live process counts meanwhile"
         publisher.close()
+
+
+@pytest.mark.slow
+def test_presence_comes_back_by_itself_when_redis_loses_it(any_redis, tmp_path):
+    """Redis lost its data (a restart without persistence, a failover), or took a paused process for dead."""
+    with queue_servers(tmp_path, any_redis.url) as (ports, procs):
+        ann = client(f"ws://127.0.0.1:{ports[0]}/?user=ann")
+        bob = client(f"ws://127.0.0.1:{ports[1]}/?user=bob")
+        for c in (ann, bob):
+            c.send("JOIN kitchen")
+            c.recv()
+        both = {"presence": {"ann": 1, "bob": 1}, "count": 2}
+        expect_presence(ports, both)
+        any_redis.flush()  # every key gone, the processes none the wiser
+        expect_presence(ports, both, within=8)  # a heartbeat (every 5 s) finds its stamp gone
+        expect_presence(ports, both, room="kitchen", within=1)
+        post(ports[0], text="still flowing", room="kitchen")
+        assert ann.recv() == bob.recv() == "still flowing"
+        ann.close()
+        expect_presence(ports, {"presence": {"bob": 1}, "count": 1})
+
+
+def test_a_batch_of_presence_changes_counts_once_however_often_it_reaches_redis(redis_server):
+    """A late copy of a batch (a retried write, a delayed segment) must not count its connections twice."""
+    import redis
+
+    with redis.Redis(port=redis_server.port) as r:
+        _, share, hashes, applied = flask_websockets._presence_keys("websocket", "p1")
+        batch = ["EVAL", flask_websockets._PRESENCE_SCRIPT, 3, applied, hashes, share]
+        assert r.execute_command(*batch, 1, "ann", 1) == 1
+        assert r.execute_command(*batch, 1, "ann", 1) == 0, "the same batch again: nothing"
+        assert r.execute_command(*batch, 2, "ann", -1) == 1
+        assert r.hgetall(share) == {} and r.smembers(hashes) == set(), "an empty share leaves no trace"
+
+
+def test_a_publishers_retry_after_a_lost_answer_delivers_once(redis_server, monkeypatch):
+    publish, calls = flask_websockets._publish, []
+
+    def answer_lost_once(*args):
+        publish(*args)  # Redis took it...
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("...but its answer never came")
+
+    monkeypatch.setattr(flask_websockets, "_publish", answer_lost_once)
+    publisher = flask_websockets.Publisher(redis_server.url)
+    publisher.broadcast("once")
+    publisher.close()
+    stream = flask_websockets._shard_keys("websocket", flask_websockets._shard_of(publisher._origin))[0]
+    assert len(calls) == 2 and redis_server.command("XLEN", stream) == 1
+
+
+def test_while_redis_is_away_presence_answers_at_once_with_this_process_and_one_warning(caplog):
+    app, sockets = make_app(message_queue=f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    sockets.on_open(lambda: ws.identify(request.args["user"]))
+    with caplog.at_level(logging.WARNING, logger="flask_websockets"), tab(sockets, "ann"):
+        wait_until(lambda: "unreachable" in caplog.text)
+        start = time.monotonic()
+        assert all(sockets.presence() == {"ann": 1} and sockets.count() == 1 for _ in range(100))
+        assert time.monotonic() - start < 1
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) <= 2, caplog.text
+
+
+def test_a_process_that_joins_and_leaves_many_rooms_keeps_nothing_of_them_in_redis(redis_server):
+    app, sockets = make_app(message_queue=redis_server.url)
+    sockets.on_message("^JOIN (.+)")(lambda m: ws.join(m[5:]) or "joined")
+    sockets.on_message("^LEAVE (.+)")(lambda m: ws.leave(m[6:]) or "left")
+    with sockets.test_client() as c:
+        hashes = flask_websockets._presence_keys("websocket", sockets._queue._origin)[2]
+        wait_until(lambda: redis_server.command("SCARD", hashes) == 1)  # the endpoint's share, written
+        for n in range(300):
+            c.send(f"JOIN room {n}")
+            c.receive()
+            wait_until(lambda: redis_server.command("SCARD", hashes) == 2)
+            c.send(f"LEAVE room {n}")
+            assert c.receive() == "left"
+        wait_until(lambda: redis_server.command("SCARD", hashes) == 1)  # the endpoint's hash only
 
 
 @pytest.mark.slow
