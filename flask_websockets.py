@@ -1464,7 +1464,7 @@ class Connection:
                 inbox.append(data)
                 self._inbox_size += len(data)
             elif kind == _OP_PING:
-                self._write(proto.data_to_send())  # the pong goes out now, whatever waits
+                self._pong(proto.data_to_send())
             elif kind == _OP_CLOSE or kind == _FAILED:
                 if kind == _FAILED:
                     logger.info("closing %r with %d: %s", self, *data)
@@ -1647,6 +1647,18 @@ class Connection:
             if buffer is None:
                 buffer = self._buffer = _SendBuffer(self)
             buffer.append(memoryview(data)[sent:])
+
+    def _pong(self, frame: bytes) -> None:
+        """Answer a ping: at once, or after what the socket has not taken yet.
+
+        Only the latest ping waiting for its pong is answered (RFC 6455
+        5.5.3): a client that floods pings and reads nothing costs one pong.
+        """
+        buffer = self._buffer
+        if buffer is not None and buffer.size:
+            buffer.pong = frame
+        else:
+            self._write(frame)
 
     def _send_from_thread(self, send: Callable[..., Any], *args: Any) -> bool:
         """Call ``send(*args)`` from another thread, in a greenlet of the connection's own loop; wait for it."""
@@ -1845,12 +1857,13 @@ class _SendBuffer:
     ``WEBSOCKETS_SEND_TIMEOUT`` seconds is closed as too slow and dropped.
     """
 
-    __slots__ = ("_conn", "chunks", "size", "_writer", "_room", "_progress_at", "_timer")
+    __slots__ = ("_conn", "chunks", "size", "pong", "_writer", "_room", "_progress_at", "_timer")
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self.chunks: collections.deque = collections.deque()
         self.size = 0
+        self.pong: bytes | None = None  # the answer to the latest ping, sent once the rest has gone
         self._writer = conn._loop.io(conn._sock.fileno(), 2)
         self._room: Any = None  # an Event for senders waiting for room, made when one waits
         self._progress_at = 0.0  # when the socket last took something
@@ -1870,7 +1883,10 @@ class _SendBuffer:
         chunks, sock = self.chunks, self._conn._sock
         progress = False
         try:
-            while chunks:
+            while chunks or self.pong:
+                if not chunks:
+                    chunks.append(self.pong)
+                    self.size, self.pong = len(self.pong), None  # type: ignore[arg-type]
                 head = chunks[0]
                 sent = sock.send(head)
                 if not sent:
@@ -1928,6 +1944,7 @@ class _SendBuffer:
 
     def trim(self) -> None:
         """Drop what waits, but the frame the socket has begun to take (the client is too slow)."""
+        self.pong = None
         if len(self.chunks) > 1:
             head = self.chunks[0]
             self.chunks.clear()
@@ -1937,7 +1954,7 @@ class _SendBuffer:
     def clear(self) -> None:
         """Drop everything that waits (the connection is dropped)."""
         self.chunks.clear()
-        self.size = 0
+        self.size, self.pong = 0, None
         self._writer.stop()
 
     def close(self) -> None:
@@ -2102,14 +2119,21 @@ class WebSocketHandler(_GeventWebSocketHandler):
     a connection that has not sent a whole request line and headers within
     ``handshake_timeout`` seconds is closed (an idle keep-alive connection
     too), and a request line and headers over ``max_handshake_size`` bytes get
-    400. Set them on a subclass, or on this class (in a gunicorn config file,
-    say): ``WebSocketHandler.handshake_timeout = 20``.
+    400. With ``max_connections``, a websocket handshake while that many
+    websockets are open in the process gets ``503 Service Unavailable``
+    (``Retry-After: 1``); plain HTTP requests are served as ever. Set them on
+    a subclass, or on this class (in a gunicorn config file, say):
+    ``WebSocketHandler.handshake_timeout = 20``.
     """
 
     #: Seconds a connection may take to send its request line and headers (``None`` for no limit).
     handshake_timeout: float | None = 10.0
     #: Bytes of request line and headers a request may have.
     max_handshake_size: int = 64 * 1024
+    #: Websockets this process may serve at once (``None`` for no limit); past it, handshakes get 503.
+    max_connections: int | None = None
+    #: Websocket handshakes and connections under way in this process, all servers together.
+    _websockets = 0
 
     _upgraded = False
     _deadline: Any = None
@@ -2140,9 +2164,19 @@ class WebSocketHandler(_GeventWebSocketHandler):
 
     def run_application(self) -> None:
         self._cancel_deadline()  # the request is in: the app takes the time it needs
-        if self.environ.get("HTTP_UPGRADE", "").lower() == "websocket":
-            self.environ["flask_websockets.accept"] = self._accept
-        WSGIHandler.run_application(self)  # pywsgi's: gevent-websocket's would send the 101 now
+        if self.environ.get("HTTP_UPGRADE", "").lower() != "websocket":
+            WSGIHandler.run_application(self)
+            return
+        self.environ["flask_websockets.accept"] = self._accept
+        limit = self.max_connections
+        if limit is not None and WebSocketHandler._websockets >= limit:
+            self.environ["flask_websockets.full"] = limit  # the app answers 503
+        # Counted from the handshake on, so that handshakes under way cannot overshoot the limit.
+        WebSocketHandler._websockets += 1
+        try:
+            WSGIHandler.run_application(self)  # pywsgi's: gevent-websocket's would send the 101 now
+        finally:
+            WebSocketHandler._websockets -= 1
 
     def _accept(self, subprotocol: str | None, extensions: str | None = None) -> tuple[Any, Any]:
         """Send the 101; return the socket and the server's reader."""
@@ -2237,8 +2271,10 @@ def serve(
 
     ``handshake_timeout`` and ``max_handshake_size`` bound what a client may
     take before the app sees its request (see :class:`WebSocketHandler`).
-    With ``max_connections``, connections over that number wait in the listen
-    backlog until one ends.
+    With ``max_connections``, at most that many websockets are open at once:
+    past it, a handshake gets ``503 Service Unavailable``, and plain HTTP is
+    served as ever. Sockets that have not sent a request yet do not count
+    (``handshake_timeout`` bounds them), so idle ones cannot lock clients out.
 
     On SIGINT (Ctrl-C) or SIGTERM it stops accepting, closes every websocket
     with 1001 ("server shutting down") and waits for their clients' close
@@ -2260,15 +2296,17 @@ def serve(
 
         run_with_reloader(lambda: serve(app, host, port, **tls, **limits, **server_kwargs))
         return
-    from gevent.pool import Pool
     from gevent.pywsgi import WSGIServer
 
     handler = type(
         "WebSocketHandler",
         (WebSocketHandler,),
-        {"handshake_timeout": handshake_timeout, "max_handshake_size": max_handshake_size},
+        {
+            "handshake_timeout": handshake_timeout,
+            "max_handshake_size": max_handshake_size,
+            "max_connections": max_connections,
+        },
     )
-    server_kwargs.setdefault("spawn", Pool(max_connections))
     server = WSGIServer((host, port), app, handler_class=handler, **tls, **server_kwargs)
     server.start()  # bind first, so that port 0 prints the port it got
     scheme = "https" if tls else "http"
@@ -2394,6 +2432,12 @@ class _Handover:
 
 class _OurHandlerHandover(_Handover):
     """:class:`WebSocketHandler` (and the test client): it sends the 101 when asked."""
+
+    def check(self) -> Response | None:
+        limit = self.environ.get("flask_websockets.full")
+        if limit is not None:  # WebSocketHandler.max_connections
+            return Response(f"This server has its {limit} websockets open: try again soon.", 503, {"Retry-After": "1"})
+        return super().check()
 
     def accept(self, subprotocol: str | None, extensions: str | None) -> tuple[Any, bytes]:
         sock, reader = self.environ["flask_websockets.accept"](subprotocol, extensions)
@@ -3683,10 +3727,12 @@ class _Protocol:
     invalid text fails at the first bad byte. ``max_size`` bounds it, counting
     each frame after the first as at least ``_MIN_FRAME_COST`` bytes.
 
-    A message over ``max_size`` fails at once (1009), but its close frame
-    waits until the client has sent the rest of that message, which is
-    skipped: a browser cut short in the middle of a message would see an
-    unclean close. :meth:`close_now` sends it without waiting any longer.
+    A message over ``max_size`` fails at once (1009). When it grew past the
+    limit fragment by fragment, its close frame waits until the client has
+    sent the rest of that message, which is skipped: a browser cut short in
+    the middle of a message would see an unclean close. :meth:`close_now`
+    sends it without waiting any longer. A single frame that announces more
+    than the limit gets its close frame at once.
 
     With ``deflate`` (a :class:`_Deflate`, once permessage-deflate is agreed),
     messages with RSV1 set are inflated as their bytes arrive, and the
@@ -3820,7 +3866,12 @@ class _Protocol:
             limit += limit >> 3  # compressed: deflate may grow incompressible data a little
         if limit is not None and self._size + cost > limit:
             self._pos = end
-            return self._fail(1009, f"message over {self.max_size} bytes", skip=length, fin=b0 & 0x80, defer=True)
+            # A frame over the limit on its own is refused at once: no browser sends one, and the
+            # end of a frame that announces 2**62 bytes never comes. A message that grows past
+            # the limit fragment by fragment (Chromium's 2 MiB) gets its close at its end.
+            return self._fail(
+                1009, f"message over {self.max_size} bytes", skip=length, fin=b0 & 0x80, defer=length <= limit
+            )
         self._pos = end
         if opcode:  # the first frame of a message
             self._opcode, self._message, self._size = opcode, bytearray(), 0

@@ -1415,14 +1415,26 @@ def test_an_oversized_message_fails_at_once_but_its_close_frame_waits_for_its_en
     assert events(proto, client_frame(0, b"x" * 800)[300:]) == []  # the rest of its last frame, skipped
     assert parse_server_frames(proto.data_to_send()) == [("close", 1009, "message over 1000 bytes")]
     proto = _Protocol(max_size=1000)
-    assert events(proto, client_frame(BINARY, b"x" * 5000)[:100]) == [failure]
+    assert events(proto, client_frame(BINARY, b"x" * 800, fin=False), client_frame(0, b"x" * 800)[:100]) == [failure]
     assert proto.close_now() and parse_server_frames(proto.data_to_send())[0][:2] == ("close", 1009)
     assert not proto.close_now(), "only once"
 
 
+@pytest.mark.parametrize("length", [1001, 1 << 20, 1 << 62])
+def test_a_single_frame_announcing_more_than_the_limit_gets_its_1009_at_once(length):
+    """Its end may never come (2**62 bytes): only a message growing fragment by fragment waits for its end."""
+    for first in (True, False):
+        proto = _Protocol(max_size=1000)
+        opening = [] if first else [client_frame(BINARY, b"x" * 10, fin=False)]
+        header = bytes([0x82 if first else 0x00, 0xFF]) + length.to_bytes(8, "big") + b"mask"
+        assert events(proto, *opening, header) == [(flask_websockets._FAILED, (1009, "message over 1000 bytes"))]
+        assert parse_server_frames(proto.data_to_send()) == [("close", 1009, "message over 1000 bytes")]
+        assert events(proto, b"\x00" * 500) == [] and proto.data_to_send() == b"", "what follows is skipped"
+
+
 def test_the_deferred_1009_goes_out_when_the_client_closes_in_the_middle_of_the_oversized_message():
     server = _Protocol(max_size=1000)
-    server.receive_data(client_frame(TEXT, b"y" * 1500, fin=False))
+    server.receive_data(client_frame(TEXT, b"y" * 800, fin=False) + client_frame(0, b"y" * 800, fin=False))
     assert server.next_event() == (flask_websockets._FAILED, (1009, "message over 1000 bytes"))
     assert server.next_event() is None and server.data_to_send() == b"", "deferred to the message's end"
     server.receive_data(close(1000, "bye"))  # the client gives up on its message
@@ -1943,10 +1955,8 @@ def test_huge_frame_header_is_refused_before_its_payload_is_read():
     gevent.idle()
     [conn] = sockets._connections
     assert conn._proto._message is None and len(conn._proto._buf) <= 65536
-    assert fake.poll() == [], "the close frame waits for the end of the message..."
-    clock.advance(5)
-    assert fake.poll() == [("close", 1009, "message over 1048576 bytes")], "...up to the close timeout"
-    clock.advance(5)  # no answer either: dropped
+    assert fake.poll() == [("close", 1009, "message over 1048576 bytes")], "at once: that end never comes"
+    clock.advance(5)  # no answer: dropped at the close timeout
     fake.read_until_eof()
     fake.end()
     assert closed == [1009]
@@ -2422,6 +2432,43 @@ def test_a_handlers_send_waits_for_room_then_fails_after_the_send_timeout():
     fake.read_until_eof()  # dropped at once: it took nothing for the send timeout
     fake.end()
     assert events == [(None, 1008, "client too slow")]
+
+
+def test_a_ping_flood_that_reads_nothing_costs_one_pong_and_is_closed_as_too_slow():
+    """Pongs used to queue one by one outside the send buffer's bound: 220 MiB in 15 s for one client."""
+    app, sockets, clock, events = slow_client_app()
+    sockets.on_message(lambda message: message)
+    fake = connect(app)
+    small_socket_buffers(fake)
+    fake.feed(b"".join(client_frame(PING, b"%06d" % i) for i in range(50_000)))  # 600 KB, read by none
+    gevent.idle()
+    [conn] = sockets.connections
+    assert not conn.closed and 0 < conn.buffered_amount < 1000, "one pong waits, whatever the flood"
+    assert conn._buffer.pong == client_frame(PONG, b"049999", masked=False), "the latest ping's"
+    clock.advance(10)  # the send timeout: the client took nothing
+    assert (conn.close_code, conn.close_reason) == (1008, "client too slow")
+    fake.read_until_eof()
+    fake.end()
+    assert events == [(None, 1008, "client too slow")]
+
+
+def test_pongs_wait_behind_what_is_buffered_and_only_the_latest_ping_is_answered():
+    app, sockets, clock, events = slow_client_app()
+    sockets.on_message(lambda message: "x" * 300_000 if message == "big" else message)
+    fake = connect(app)
+    small_socket_buffers(fake)
+    fake.send("big")
+    gevent.idle()
+    fake.feed(client_frame(PING, b"1"), client_frame(PING, b"2"), text("after"))
+    gevent.idle()
+    with gevent.Timeout(5):
+        while len(fake.frames) < 3:
+            fake.read()
+    assert sorted(f[:2] for f in fake.frames[1:]) == [("pong", b"2"), ("text", "after")], "one pong: the latest"
+    assert fake.frames[0] == ("text", "x" * 300_000)
+    fake.disconnect()
+    fake.read_until_eof()
+    fake.end()
 
 
 def test_a_slow_but_reading_client_gets_everything_in_order():
@@ -3652,6 +3699,34 @@ def test_real_memory_stays_bounded_whatever_the_client_sends(tmp_path):
             flood.sendall(close(1009))
             assert read_close_then_eof(flood) == ("close", 1009, "message over 1048576 bytes")
             assert rss_kib(pid) - before < 5 * 1024
+        echo_round_trip(url, "still serving")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's memory from /proc")
+def test_real_a_ping_flood_that_reads_nothing_stays_bounded_and_others_are_served(tmp_path):
+    """Each ping's pong used to wait in memory: 41 -> 262 MiB in 15 s for one such client."""
+    with echo_server_process(tmp_path) as (url, pid):
+        for _ in range(20):
+            echo_round_trip(url)
+        before = rss_kib(pid)
+        flood = raw_handshake(url, receive_buffer=4096)
+        burst = client_frame(PING, b"flood") * 10_000
+        for _ in range(200):  # 2,000,000 pings; the client reads none of their pongs
+            flood.sendall(burst)
+        echo_round_trip(url)  # the server has read them all
+        assert rss_kib(pid) - before < 8 * 1024, "one pong waits, not 2,000,000"
+        echo_round_trip(url, "still serving")
+
+
+def test_real_a_frame_announcing_more_than_the_limit_gets_its_1009_at_once():
+    """Its end never comes: the close used to wait for it, 4.4 s, up to the close timeout."""
+    app, sockets, events = demo_app()
+    with serving(app) as url:
+        sock = raw_handshake(url)
+        sock.sendall(bytes([0x82, 0xFF]) + (1 << 62).to_bytes(8, "big") + b"mask" + b"\x00" * 1000)
+        sock.settimeout(1.0)  # under 100 ms here; well under the close timeout anywhere
+        assert parse_server_frames(sock.recv(4096)) == [("close", 1009, "message over 1048576 bytes")]
         echo_round_trip(url, "still serving")
 
 
@@ -4961,22 +5036,39 @@ def test_slow_header_clients_are_closed_at_the_handshake_deadline_and_others_are
 
 
 @pytest.mark.slow
-def test_max_connections_holds_the_others_in_the_backlog(tmp_path):
-    (tmp_path / "app.py").write_text(SLOW_HEADERS_APP.replace("MAX", "2"))
+def test_max_connections_bounds_websockets_and_idle_sockets_lock_nobody_out(tmp_path):
+    """With max_connections=3, idle sockets used to fill the pool: handshakes and HTTP timed out."""
+    app = SLOW_HEADERS_APP.replace("MAX", "3").replace("handshake_timeout=1.0", "handshake_timeout=30")
+    (tmp_path / "app.py").write_text(app)
     with process([sys.executable, "app.py"], tmp_path, stdout=subprocess.PIPE) as proc:
         port = int(re.search(r":(\d+)/", proc.stdout.readline()).group(1))
-        first, second = client(f"ws://127.0.0.1:{port}/"), client(f"ws://127.0.0.1:{port}/")
-        third = socket.create_connection(("127.0.0.1", port), timeout=10)  # TCP says yes: the backlog
-        OPENED.append(third)
-        third.sendall(HANDSHAKE_REQUEST)
-        third.settimeout(0.5)
-        with pytest.raises(socket.timeout):
-            third.recv(4096)  # not accepted while two are open
-        first.close()
-        third.settimeout(10)
-        assert third.recv(4096).startswith(b"HTTP/1.1 101"), "accepted as soon as one ended"
-        second.send("still here")
-        assert second.recv() == "still here"
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(20)]  # send nothing
+        OPENED.extend(idle)
+        url = f"ws://127.0.0.1:{port}/"
+        open_ = [client(url, timeout=5) for _ in range(3)]  # each within 5 s, though 20 sockets wait idle
+        with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+            client(url, timeout=5)
+        assert refused.value.status_code == 503 and refused.value.resp_headers["retry-after"] == "1"
+        with pytest.raises(urllib.error.HTTPError) as plain:  # plain HTTP is served too
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
+        plain.value.close()
+        assert plain.value.code == 426, "the endpoint's answer to a plain GET"
+        open_[0].close()
+        wait_until(lambda: client_or_none(url) is not None, timeout=5)  # its place is free again
+        for c in open_[1:]:
+            c.send("still here")
+            assert c.recv() == "still here"
+            c.close()
+
+
+def client_or_none(url):
+    """A websocket client, closed at once, or None if the handshake was refused."""
+    try:
+        c = client(url, timeout=5)
+    except websocket.WebSocketBadStatusException:
+        return None
+    c.close()
+    return c
 
 
 HANDSHAKE_REQUEST = (
