@@ -1413,6 +1413,8 @@ class Connection:
             self._wake_senders()
             if self._waiter is not None:  # later: the view's end must not run inside this callback
                 self._wake(at_once=False)
+            elif not self.buffered_amount:
+                self._let_go()
 
     def _follow_protocol(self) -> None:
         """The protocol core closed or failed: follow it, unless its close frame is held (FINISHING)."""
@@ -1794,6 +1796,18 @@ class Connection:
         except OSError:
             pass
 
+    def _let_go(self) -> None:
+        """CLOSED while a handler still runs: close the socket now, not when the handler returns.
+
+        Nothing more goes either way, and a handler that never returns must not
+        keep a file descriptor per departed client. (``on_close`` still waits
+        for the handler; a server's later close of the socket does nothing.)
+        """
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
     def _linger(self) -> None:
         """Close our side of TCP, then read until the client closes its own; after ``_end``.
 
@@ -1907,8 +1921,11 @@ class _SendBuffer:
         if not chunks:
             self._writer.stop()
             conn = self._conn
-            if conn._life is _CLOSED and conn._waiter is not None:
-                conn._wake()  # the end waits for the last bytes
+            if conn._life is _CLOSED:  # the last bytes are out
+                if conn._waiter is not None:
+                    conn._wake()  # the view's end waits for them
+                else:
+                    conn._let_go()
         if self._room is not None and self.size <= self._conn._settings.max_send_buffer // 2:
             self.wake_senders()
 

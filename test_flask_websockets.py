@@ -3719,6 +3719,42 @@ def test_real_a_ping_flood_that_reads_nothing_stays_bounded_and_others_are_serve
         echo_round_trip(url, "still serving")
 
 
+STUCK_HANDLER_SERVER = """\
+import gevent
+from flask import Flask
+import flask_websockets
+app = Flask(__name__)
+sockets = flask_websockets.WebSockets(app)
+sockets.on_message(lambda message: gevent.sleep(3600))  # never returns while the test runs
+sockets.on_close(lambda: print("on_close", flush=True))
+flask_websockets.serve(app, port=0, log=None)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="counts the server's file descriptors in /proc")
+@pytest.mark.parametrize("leave", ["hang up", "close frame"])
+def test_real_a_handler_that_never_returns_keeps_no_socket_once_its_client_has_gone(tmp_path, leave):
+    """200 such clients left 208 fds open 15 s later: the socket waited for the handler."""
+    (tmp_path / "app.py").write_text(STUCK_HANDLER_SERVER)
+    with process([sys.executable, "app.py"], tmp_path, stdout=subprocess.PIPE) as proc:
+        url = "ws://127.0.0.1:%s" % re.search(r":(\d+)/", proc.stdout.readline()).group(1)
+        fds = lambda: len(os.listdir(f"/proc/{proc.pid}/fd"))  # noqa: E731
+        before = fds()
+        clients = [client(url) for _ in range(100)]
+        for c in clients:
+            c.send("stuck")  # each connection's handler now never returns
+        echo = client(url)
+        wait_until(lambda: fds() >= before + 100)
+        for c in clients:
+            if leave == "hang up":
+                c.sock.close()
+            else:
+                c.close(timeout=5)
+        wait_until(lambda: fds() <= before + 1, timeout=5)  # released at once, not when handlers return
+        echo.close()
+
+
 def test_real_a_frame_announcing_more_than_the_limit_gets_its_1009_at_once():
     """Its end never comes: the close used to wait for it, 4.4 s, up to the close timeout."""
     app, sockets, events = demo_app()
