@@ -73,6 +73,7 @@ import gevent.socket
 from flask import Blueprint, Flask, Response, abort, current_app, got_request_exception, request, session
 from gevent.pywsgi import WSGIHandler
 from geventwebsocket.handler import WebSocketHandler as _GeventWebSocketHandler
+from werkzeug.exceptions import HTTPException
 from werkzeug.local import LocalProxy
 from werkzeug.routing import WebsocketMismatch
 from werkzeug.wrappers import Response as _WerkzeugResponse
@@ -228,6 +229,9 @@ class WebSockets:
         self._users: dict[str, set[Connection]] = {}  # the connections of each identified user
         self._windows: dict[tuple[int, int], int] = {}  # compression windows in use: connections each
         self._lock = _thread_lock()
+        # What connections that have ended received and sent, and events counted: for stats().
+        self._totals: dict[str, Any] = dict.fromkeys(("connections_opened", "slow_clients_closed", *_COUNTS), 0)
+        self._totals.update(closes={}, handshakes_refused={})
         self._queue: _MessageQueue | None = None  # started with the first connection, if configured
         self._queue_checked = False
         if app is not None:
@@ -530,6 +534,48 @@ class WebSockets:
         """How many connections the endpoint or a room has, identified or not; across processes as :meth:`presence`."""
         return self._presence(room, "count()")[1]
 
+    def stats(self) -> dict[str, Any]:
+        """This endpoint's figures in this process, for a dashboard or an alert.
+
+        ``connections`` open now; since the process started:
+        ``connections_opened``, ``closes`` (close code to count),
+        ``messages_received``, ``messages_sent``, ``bytes_received`` and
+        ``bytes_sent`` (frames, as on the wire), ``slow_clients_closed`` (too
+        slow to read what was sent), ``rate_limited`` (times a client's
+        reading paused for ``WEBSOCKETS_RATE_LIMIT``) and
+        ``handshakes_refused`` (HTTP status to count). With a message queue,
+        ``queue_connected`` and ``queue_lag_ms`` (how old the newest message
+        from another process was when it was read)::
+
+            @app.get("/health")
+            def health():
+                return sockets.stats()
+
+        ``WEBSOCKETS_METRICS = True`` exports the same to Prometheus.
+        """
+        with self._lock:
+            figures = dict(self._totals, closes=dict(self._totals["closes"]))
+            figures["handshakes_refused"] = dict(self._totals["handshakes_refused"])
+            open_ = list(self._connections)
+        figures["connections"] = len(open_)
+        for conn in open_:
+            for key, value in zip(_COUNTS, _counts(conn)):
+                figures[key] += value
+        queue = self._queue
+        if self.message_queue is not None or any(_settings(app).message_queue for app in self._apps):
+            figures["queue_connected"] = queue is not None and queue.connected
+            figures["queue_lag_ms"] = queue.lag_ms if queue is not None else 0.0
+        return figures
+
+    def _count(self, event: str, key: Any = None) -> None:
+        """Count an event for stats(): ``key`` counts it in a dict (a close code, an HTTP status)."""
+        with self._lock:
+            if key is None:
+                self._totals[event] += 1
+            else:
+                counts = self._totals[event]
+                counts[key] = counts.get(key, 0) + 1
+
     def _presence(self, room: str | None, who: str) -> tuple[dict[str, int], int]:
         _check_room(room, who)
         users, total = self._presence_here(room)
@@ -632,6 +678,7 @@ class WebSockets:
     def _add(self, conn: Connection) -> None:
         with self._lock:
             self._connections.add(conn)
+            self._totals["connections_opened"] += 1
             window = conn._window()
             if window is not None:
                 self._windows[window] = self._windows.get(window, 0) + 1
@@ -643,6 +690,11 @@ class WebSockets:
             if conn not in self._connections:
                 return
             self._connections.discard(conn)
+            totals = self._totals
+            for key, value in zip(_COUNTS, _counts(conn)):
+                totals[key] += value
+            closes = totals["closes"]
+            closes[conn.close_code] = closes.get(conn.close_code, 0) + 1
             window = conn._window()
             if window is not None:
                 self._windows[window] -= 1
@@ -786,8 +838,13 @@ class WebSockets:
         if handover is None:
             return _not_served_response()
         settings = _settings(current_app._get_current_object())  # type: ignore[attr-defined]
-        refusal = handover.check() or self._refusal(req, settings)
+        try:
+            refusal = handover.check() or self._refusal(req, settings)
+        except HTTPException as error:  # abort(403) and the like
+            self._count("handshakes_refused", error.code)
+            raise
         if refusal is not None:
+            self._count("handshakes_refused", refusal.status_code)
             return refusal  # an HTTP answer; after gevent-websocket's 101, a close with 1008
         subprotocol = deflate = None
         if handover.answers_handshake:  # else the 101 went out without them
@@ -919,6 +976,14 @@ class WebSockets:
             if cls in self._error_handlers:
                 return self._error_handlers[cls]
         return None
+
+
+#: The counters of stats() that each connection keeps while it is open (see _counts).
+_COUNTS = ("messages_received", "bytes_received", "messages_sent", "bytes_sent", "rate_limited")
+
+
+def _counts(conn: Connection) -> tuple[int, ...]:
+    return conn._received, conn._received_bytes, conn._sent, conn._sent_bytes, conn._rate_limited
 
 
 def _check_handler(func: F) -> F:
@@ -1182,7 +1247,8 @@ class Connection:
         "request", "session", "environ", "path", "origin", "subprotocol", "_state", "_sockets", "_rooms",
         "_life", "_proto", "_sock", "_settings", "_clock", "_now", "_hub", "_loop", "_thread", "_timeout",
         "_tls_pending", "_reader", "_reading", "_resumer", "_inbox", "_inbox_size", "_waiter", "_held",
-        "_buffer", "_keepalive", "_close_timer", "_user_id",
+        "_buffer", "_keepalive", "_close_timer", "_user_id", "_received", "_received_bytes", "_sent",
+        "_sent_bytes", "_rate_limited", "_tokens", "_tokens_at", "_rate_timer",
     )  # fmt: skip
 
     def __init__(
@@ -1231,6 +1297,12 @@ class Connection:
         self._reading = False
         self._resumer: Any = None  # a zero-delay timer, made when reading first pauses
         self._keepalive = _Keepalive(self._now())
+        # What it received and sent, in messages and bytes (frames, as on the wire): for stats().
+        self._received = self._received_bytes = self._sent = self._sent_bytes = self._rate_limited = 0
+        # WEBSOCKETS_RATE_LIMIT's token bucket: messages it may receive now, and when that was reckoned.
+        self._tokens = float(self._settings.rate_limit[1]) if self._settings.rate_limit else 0.0
+        self._tokens_at = self._now()
+        self._rate_timer: Any = None  # to read on once a token is there again
         if sock is None:
             self._life, self._hub, self._loop, self._thread, self._reader = _ENDED, None, None, None, None
             return
@@ -1443,6 +1515,7 @@ class Connection:
             data = b""
         if data:
             self._keepalive.heard_at = self._now()
+            self._received_bytes += len(data)
             self._proto.receive_data(data)
         else:
             self._proto.receive_eof()
@@ -1455,9 +1528,13 @@ class Connection:
             self._on_readable()
 
     def _pump(self) -> None:
-        """Turn received bytes into messages in the inbox, up to its bound."""
+        """Turn received bytes into messages in the inbox, up to its bound (and the rate limit's)."""
         proto, inbox = self._proto, self._inbox
+        rate, limited = self._settings.rate_limit, False
         while len(inbox) < _INBOX_MESSAGES and self._inbox_size < self._settings.inbox_bytes:
+            if rate is not None and not self._may_receive(rate):
+                limited = True
+                break
             event = proto.next_event()
             if event is None:
                 break
@@ -1465,6 +1542,8 @@ class Connection:
             if kind == _OP_TEXT or kind == _OP_BINARY:
                 inbox.append(data)
                 self._inbox_size += len(data)
+                self._received += 1
+                self._tokens -= 1.0  # without a rate limit, never looked at
             elif kind == _OP_PING:
                 self._pong(proto.data_to_send())
             elif kind == _OP_CLOSE or kind == _FAILED:
@@ -1484,11 +1563,32 @@ class Connection:
             self._stop_reading()
         elif len(inbox) >= _INBOX_MESSAGES or self._inbox_size >= self._settings.inbox_bytes:
             self._stop_reading()  # the handlers lag behind: TCP pushes back on the client
+        elif limited:
+            self._pause_for_rate(rate)  # type: ignore[arg-type]
         elif not self._reading:
             self._reading = True
             self._reader.start(self._on_readable)
         if self._waiter is not None and inbox:
             self._wake()
+
+    def _may_receive(self, rate: tuple[float, float]) -> bool:
+        """Whether the rate limit lets one more message in (each message takes a token as it comes)."""
+        per_second, burst = rate
+        now = self._now()
+        self._tokens = min(burst, self._tokens + (now - self._tokens_at) * per_second)
+        self._tokens_at = now
+        return self._tokens > 0.999_999  # not 1.0: the timer that waited for a token may wake a rounding early
+
+    def _pause_for_rate(self, rate: tuple[float, float]) -> None:
+        """Over the rate limit: stop reading until a token is there; TCP pushes back on this client alone."""
+        self._stop_reading()
+        if self._rate_timer is None:
+            self._rate_limited += 1
+            self._rate_timer = self._call_later((1.0 - self._tokens) / rate[0], self._read_on)
+
+    def _read_on(self) -> None:  # a timer: the rate limit lets a message in again
+        self._rate_timer = None
+        self._resume_reading()
 
     def _stop_reading(self) -> None:
         if self._reading:
@@ -1584,6 +1684,7 @@ class Connection:
             message.deflated(deflate.send_bits, _pause())
             self._send_prepared((message,), wait=True)
         elif self._make_room(len(payload), wait=True):
+            self._sent += 1
             self._write(self._proto.encode(opcode, payload, compress))
 
     def _send_prepared(self, messages: Sequence[_Prepared], wait: bool = False) -> bool:
@@ -1604,6 +1705,7 @@ class Connection:
         if not self._make_room(size, wait):
             return False
         prepared = self._proto.prepared
+        self._sent += len(messages)
         self._write(prepared(messages[0]) if len(messages) == 1 else b"".join([prepared(m) for m in messages]))
         return True
 
@@ -1633,6 +1735,7 @@ class Connection:
 
     def _write(self, data: bytes) -> None:
         """Send ``data`` after what is buffered, without ever blocking."""
+        self._sent_bytes += len(data)
         buffer = self._buffer
         if buffer is not None and buffer.size:  # after what waits (the watcher drains it)
             buffer.chunks.append(data)
@@ -1693,6 +1796,8 @@ class Connection:
         if self._life is not _OPEN:
             return
         logger.info("closing %r: the client is too slow (%d bytes wait to be sent)", self, self.buffered_amount)
+        if self._sockets is not None:
+            self._sockets._count("slow_clients_closed")
         if self._buffer is not None:
             self._buffer.trim()
         self._close(1008, "client too slow")
@@ -1842,6 +1947,9 @@ class Connection:
 
     def _stop_timers(self) -> None:
         self._keepalive.stop()
+        if self._rate_timer is not None:
+            self._rate_timer.close()
+            self._rate_timer = None
         if self._close_timer is not None:
             self._close_timer.close()
             self._close_timer = None
@@ -2913,6 +3021,9 @@ class _MessageQueue:
         self._query: Any = None  # a client for presence(), made at first use
         self._since = time.time()  # what was published from now on is for this process
         self._failing: set[str] = set()  # the threads that cannot reach Redis: one warning per outage
+        self._reached = False  # a read has succeeded
+        #: How old the newest entry of the last read was, in ms (Redis's clock against this host's): stats().
+        self.lag_ms = 0.0
         self._dropped = 0  # broadcasts dropped from the outbox in this outage
         # Deliver in the loop of the thread that made the queue, if it runs one (under gevent's
         # servers: every connection's); else from the reader threads (Werkzeug: each its own).
@@ -3126,14 +3237,17 @@ class _MessageQueue:
                 redis, backoff = None, self._retry_later("reader", error, backoff)
                 continue
             self._recovered("reader")
-            backoff = 0.1
+            self._reached, backoff = True, 0.1
             self._deliver(response or (), positions, origin)
             del response  # nothing read is kept while the next read waits
 
     def _deliver(self, response: Any, positions: dict[str, Any], origin: bytes) -> None:
         """Deliver what a read gave, but this process's own entries (done at once), and note where it got."""
         batch: list[tuple[str | None, str | None, Any]] = []
+        newest = 0
         for key, entries in response:
+            if entries:
+                newest = max(newest, _entry_id(entries[-1][0])[0])
             for entry_id, fields in entries:
                 positions[key.decode() if isinstance(key, bytes) else key] = entry_id
                 if fields.get(b"v") != b"2" or fields.get(b"o") == origin:
@@ -3149,6 +3263,7 @@ class _MessageQueue:
                 elif kind == b"close":
                     batch.append((room, user, (int(fields[b"code"]), fields.get(b"why", b"").decode("utf-8"))))
                 # another kind: a later version's, which this one does not know
+        self.lag_ms = max(0.0, time.time() * 1000 - newest) if newest else 0.0  # nothing new: caught up
         for part in _parts(batch, 256 * 1024):
             self._sockets._compress_ahead([item for _, _, item in part if isinstance(item, _Prepared)])
             self._hand_over(part)
@@ -3221,6 +3336,11 @@ class _MessageQueue:
         backoff = min(backoff * 2, 2.0)
         _sleep(backoff)
         return backoff
+
+    @property
+    def connected(self) -> bool:
+        """Whether it reads from Redis: it has, and no thread of it fails to now."""
+        return self._reached and not self._failing
 
     def _recovered(self, thread: str) -> None:
         if thread in self._failing:
@@ -3559,6 +3679,9 @@ _CONFIG_DEFAULTS: dict[str, Any] = {
     "WEBSOCKETS_MAX_SEND_BUFFER": 1 << 20,
     # Seconds a client may take nothing at all before it is closed as too slow.
     "WEBSOCKETS_SEND_TIMEOUT": 10.0,
+    # (messages per second, burst): past it, the server stops reading a client's
+    # socket until it may go on; its handlers see at most that. None: no limit.
+    "WEBSOCKETS_RATE_LIMIT": None,
     # A Redis URL: broadcasts reach the connections of every process that
     # serves the endpoint with the same one. redis://, rediss:// (TLS),
     # unix://, valkey://, valkeys://, redis+cluster://host:port[,host:port...]
@@ -3584,6 +3707,7 @@ class _Settings(NamedTuple):
     allowed_origins: Any  # None, "*", or a frozenset of _origin_key()s
     max_send_buffer: int
     send_timeout: float | None
+    rate_limit: tuple[float, float] | None
     message_queue: str | None
     compression: bool
     compression_min_size: int
@@ -3645,10 +3769,24 @@ def _check_settings(values: dict[str, Any]) -> _Settings:
         allowed_origins=origins,
         max_send_buffer=positive("WEBSOCKETS_MAX_SEND_BUFFER", integer=True, optional=False),
         send_timeout=positive("WEBSOCKETS_SEND_TIMEOUT"),
+        rate_limit=_check_rate_limit(values["WEBSOCKETS_RATE_LIMIT"]),
         message_queue=queue,
         compression=values["WEBSOCKETS_COMPRESSION"],
         compression_min_size=min_size,
         compression_takeover=values["WEBSOCKETS_COMPRESSION_CONTEXT_TAKEOVER"],
+    )
+
+
+def _check_rate_limit(value: Any) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    numbers = isinstance(value, (tuple, list)) and len(value) == 2
+    if numbers and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        rate, burst = value
+        if 0 < rate < 1e9 and 1 <= burst < 1e9:
+            return float(rate), float(burst)
+    raise ValueError(
+        f"WEBSOCKETS_RATE_LIMIT must be None or (messages per second, burst), such as (20, 40), not {value!r}"
     )
 
 

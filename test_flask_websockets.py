@@ -11,6 +11,7 @@ thread (`serving`) and talk to it with `websocket-client` and raw sockets.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import http.client
@@ -6951,6 +6952,17 @@ def check_has_socket_context(code):
     assert app.test_client().get("/notify").get_data(as_text=True) == "['from a view']"
 
 
+def check_stats(code):
+    app, sockets = with_sockets()
+    sockets.on_message(lambda message: message)
+    run_example(code, app, sockets=sockets)
+    with sockets.test_client() as client:
+        client.send("hi")
+        assert client.receive() == "hi"
+        health = app.test_client().get("/health").get_json()
+        assert health["connections"] == 1 and health["messages_received"] == health["messages_sent"] == 1
+
+
 DOCSTRING_CHECKS = {
     ("WebSockets", 0): check_init_app,
     ("WebSockets", 1): check_subprotocols,
@@ -6968,6 +6980,7 @@ DOCSTRING_CHECKS = {
     ("Connection.identify", 0): check_identify,
     ("WebSockets.presence", 0): check_presence,
     ("WebSockets.disconnect", 0): check_disconnect,
+    ("WebSockets.stats", 0): check_stats,
     ("Connection.send", 0): check_send,
     ("Connection.send", 1): check_send_secret,
     ("Connection.close", 0): check_close,
@@ -7096,3 +7109,117 @@ def test_browser_reads_the_docs_index_and_api_with_no_broken_internal_link(chrom
     expect(page.locator("h1")).to_have_text("Quickstart¶")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "docs-quickstart.png"), full_page=True)
+
+
+# ---------------------------------------------------------------------------
+# Metrics and the rate limit (issue 21)
+# ---------------------------------------------------------------------------
+
+
+def test_stats_count_connections_messages_bytes_closes_refusals_and_slow_clients():
+    app, sockets, clock, events = slow_client_app(max_send_buffer=100_000)
+    sockets.on_message(lambda message: message)
+    sockets.before_connect(lambda: ("no", 401) if request.args.get("refuse") else None)
+    assert sockets.stats() == {
+        "connections": 0, "connections_opened": 0, "closes": {}, "messages_received": 0, "messages_sent": 0,
+        "bytes_received": 0, "bytes_sent": 0, "slow_clients_closed": 0, "rate_limited": 0, "handshakes_refused": {},
+    }  # fmt: skip
+    fake = connect(app)
+    fake.send("hello")
+    assert fake.wait_for(1) == [("text", "hello")]
+    stats = sockets.stats()
+    assert (stats["connections"], stats["connections_opened"]) == (1, 1)
+    assert (stats["messages_received"], stats["messages_sent"]) == (1, 1)
+    assert stats["bytes_received"] == len(text("hello")) and stats["bytes_sent"] == 2 + 5, "frames, as on the wire"
+    fake.feed(close(1000))
+    fake.read_until_eof()
+    fake.end()
+    run(app, headers={"Sec-WebSocket-Version": "8"})  # 426
+    run(app, query_string={"refuse": "1"})  # 401
+    with pytest.raises(HandshakeRefused):
+        with sockets.test_client(headers={"Origin": "https://evil.example"}):  # 403
+            pass
+    slow = connect(app)
+    small_socket_buffers(slow)
+    gevent.idle()
+    [slow_conn] = sockets.connections
+    while not slow_conn.closed:  # it reads nothing: closed as too slow
+        sockets.broadcast("x" * 65536)
+        gevent.idle()
+    clock.advance(5)
+    slow.greenlet.join(2)
+    stats = sockets.stats()
+    assert stats["connections"] == 0 and stats["connections_opened"] == 2, "refused handshakes open none"
+    assert stats["closes"] == {1000: 1, 1008: 1}
+    assert stats["handshakes_refused"] == {426: 1, 401: 1, 403: 1}
+    assert stats["slow_clients_closed"] == 1
+    assert stats["messages_received"] == 1 and stats["messages_sent"] > 2, "what ended connections counted stays"
+    slow.end()
+
+
+def test_stats_with_a_queue_say_whether_it_is_connected_and_its_lag(redis_server):
+    app, sockets = make_app(message_queue=redis_server.url)
+    assert sockets.stats()["queue_connected"] is False, "not started before the first connection"
+    other = flask_websockets.Publisher(redis_server.url)
+    with sockets.test_client() as client:
+        wait_until(lambda: sockets.stats()["queue_connected"], timeout=10)
+        other.broadcast("from elsewhere")
+        assert client.receive(timeout=10) == "from elsewhere"
+        assert 0 <= sockets.stats()["queue_lag_ms"] < 5000
+    other.close()
+
+
+def rate_limited_app(rate):
+    app, sockets = make_app()
+    sockets._clock = clock = FakeClock()
+    app.config["WEBSOCKETS_RATE_LIMIT"] = rate
+    seen = []
+    sockets.on_message(lambda message: seen.append((clock.time, message)))
+    return app, sockets, clock, seen
+
+
+def test_the_rate_limit_lets_a_burst_then_the_rate_through_and_loses_nothing():
+    app, sockets, clock, seen = rate_limited_app((20, 40))
+    fake = connect(app)
+    fake.feed(*[text(str(i)) for i in range(200)])
+    with gevent.Timeout(2):
+        while len(seen) < 40:
+            gevent.sleep(0.001)
+    gevent.sleep(0.05)  # time passes only on the fake clock: nothing more may come
+    assert len(seen) == 40, "the burst"
+    [conn] = sockets.connections
+    assert not conn._reading, "the server stopped reading this client: TCP pushes back"
+    clock.advance(1.0)
+    assert len(seen) == 60, "then 20 a second"
+    for second in range(7):
+        clock.advance(1.0)
+    assert [m for _, m in seen] == [str(i) for i in range(200)], "none lost, in order"
+    per_second = collections.Counter(int(t) for t, _ in seen)
+    assert max(per_second.values()) <= 20 + 40
+    assert sockets.stats()["rate_limited"] >= 8
+    fake.disconnect()
+    clock.advance(1.0)  # its hanging up is read as its next message would be
+    fake.read_until_eof()
+    fake.end()
+
+
+def test_a_rate_limited_client_still_answers_the_server_and_closes_cleanly():
+    app, sockets, clock, seen = rate_limited_app((1, 1))
+    fake = connect(app)
+    fake.feed(text("a"), text("b"), close(1000))
+    gevent.idle()
+    assert [m for _, m in seen] == ["a"]
+    clock.advance(1.0)
+    assert [m for _, m in seen] == ["a", "b"]
+    clock.advance(1.0)  # reading stopped for the rate: the close frame behind them is read now
+    fake.read_until_eof()
+    fake.end()
+    assert fake.frames == [("close", 1000, "")]
+
+
+@pytest.mark.parametrize("value", [(0, 10), (10, 0), (10,), "20/s", (True, 5), [5, None]])
+def test_a_bad_rate_limit_is_refused_naming_the_key(value):
+    app = Flask(__name__)
+    app.config["WEBSOCKETS_RATE_LIMIT"] = value
+    with pytest.raises(ValueError, match="WEBSOCKETS_RATE_LIMIT"):
+        WebSockets(app)
