@@ -263,6 +263,8 @@ class WebSockets:
         settings = _settings(app)  # a bad value fails here, at start-up, naming its key
         if self.message_queue or settings.message_queue:
             _import_redis()  # so does a queue without redis-py, which would serve one process quietly
+        if settings.metrics:
+            _export_metrics(self)
         app.extensions.setdefault("websockets", self)
         if _close_unserved_upgrade not in app.after_request_funcs.get(None, []):
             app.after_request(_close_unserved_upgrade)
@@ -869,6 +871,8 @@ class WebSockets:
         self._add(conn)
         _open_connections.add(conn)
         self._message_queue()  # so that broadcasts from other processes reach this one
+        if _metrics_copier is not None and _metrics_copier[0] != os.getpid():
+            _copy_metrics_from_here()  # a gunicorn worker's first connection (multi-process mode)
         wait = True
         try:
             self._run(conn)
@@ -3466,6 +3470,131 @@ _queue_lock = _thread_lock()  # one queue per endpoint and process, whichever th
 
 
 # ---------------------------------------------------------------------------
+# Metrics: stats() for Prometheus
+# ---------------------------------------------------------------------------
+
+# With ``WEBSOCKETS_METRICS = True``, every such endpoint's ``stats()`` are in
+# prometheus_client's default registry, labelled with the endpoint's name. In
+# one process, a collector reads ``stats()`` at each scrape: nothing on the
+# hot path. Under gunicorn's multi-process mode (``PROMETHEUS_MULTIPROC_DIR``
+# set) a scrape reads the files that every worker writes, so each worker copies
+# its figures into prometheus_client's own metrics, every
+# ``_METRICS_INTERVAL`` seconds, from a thread started by its first connection.
+
+#: (stats() key, metric name, kind, help, label of a dict's keys, how workers add up, scale).
+_METRICS = [
+    ("connections", "connections", "gauge", "Websockets open now", None, "livesum", 1),
+    ("connections_opened", "connections_opened", "counter", "Websockets opened", None, "", 1),
+    ("closes", "closes", "counter", "Websockets ended, by close code", "code", "", 1),
+    ("messages_received", "messages_received", "counter", "Messages received", None, "", 1),
+    ("messages_sent", "messages_sent", "counter", "Messages sent", None, "", 1),
+    ("bytes_received", "bytes_received", "counter", "Bytes received, frames as on the wire", None, "", 1),
+    ("bytes_sent", "bytes_sent", "counter", "Bytes sent, frames as on the wire", None, "", 1),
+    ("slow_clients_closed", "slow_clients_closed", "counter", "Clients closed as too slow", None, "", 1),
+    ("rate_limited", "rate_limited", "counter", "Pauses of a client's reading for the rate limit", None, "", 1),
+    ("handshakes_refused", "handshakes_refused", "counter", "Handshakes refused, by HTTP status", "status", "", 1),
+    ("queue_connected", "queue_connected", "gauge", "1 while the message queue reads Redis", None, "livemin", 1),
+    ("queue_lag_ms", "queue_lag_seconds", "gauge", "Age of the newest queue message read", None, "livemax", 1e-3),
+]
+_METRICS_INTERVAL = 1.0
+_metered: list[WebSockets] = []  # the endpoints whose stats() are exported
+_metrics_copier: list[Any] | None = None  # multi-process mode: [pid of the copying thread, the metrics]
+
+
+def _export_metrics(sockets: WebSockets) -> None:
+    """Export an endpoint's stats() to Prometheus (``WEBSOCKETS_METRICS``); the first also sets it up."""
+    global _metrics_copier
+    prometheus = _import_prometheus()
+    with _queue_lock:
+        if sockets in _metered:
+            return
+        _metered.append(sockets)
+        if len(_metered) > 1:
+            return
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            _metrics_copier = [None, _worker_metrics(prometheus)]
+        else:
+            prometheus.REGISTRY.register(_Collector())
+
+
+class _Collector:
+    """prometheus_client's custom collector: the endpoints' stats() at each scrape."""
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        figures = [(sockets.endpoint, sockets.stats()) for sockets in list(_metered)]
+        for key, name, kind, text, label, _, scale in _METRICS:
+            family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
+                f"flask_websockets_{name}", text, labels=["endpoint"] + ([label] if label else [])
+            )
+            for endpoint, stats in figures:
+                if key not in stats:
+                    continue  # no queue
+                if label:
+                    for value, count in sorted(stats[key].items(), key=str):
+                        family.add_metric([endpoint, str(value)], count)
+                else:
+                    family.add_metric([endpoint], float(stats[key]) * scale)
+            yield family
+
+
+def _worker_metrics(prometheus: Any) -> dict[str, Any]:
+    metrics = {}
+    for key, name, kind, text, label, mode, _ in _METRICS:
+        labels = ["endpoint"] + ([label] if label else [])
+        if kind == "gauge":
+            metrics[key] = prometheus.Gauge(f"flask_websockets_{name}", text, labels, multiprocess_mode=mode)
+        else:
+            metrics[key] = prometheus.Counter(f"flask_websockets_{name}", text, labels)
+    return metrics
+
+
+def _copy_metrics_from_here() -> None:
+    """Multi-process mode: start this process's thread that copies stats() into its metric files."""
+    with _queue_lock:
+        assert _metrics_copier is not None
+        if _metrics_copier[0] == os.getpid():
+            return
+        _metrics_copier[0] = os.getpid()
+    _start_thread(_copy_metrics_forever, (_metrics_copier[1],))
+
+
+def _copy_metrics_forever(metrics: dict[str, Any]) -> None:
+    copied: dict[tuple[str, ...], float] = {}  # what each counter has been given so far
+    while True:
+        try:
+            for sockets in list(_metered):
+                _copy_metrics(sockets.endpoint, sockets.stats(), metrics, copied)
+        except Exception:  # noqa: BLE001 - metrics must never stop; say why they lag
+            logger.exception("copying metrics for prometheus_client")
+        _sleep(_METRICS_INTERVAL)
+
+
+def _copy_metrics(endpoint: str, stats: dict[str, Any], metrics: dict[str, Any], copied: dict) -> None:
+    for key, _, kind, _, label, _, scale in _METRICS:
+        if key not in stats:
+            continue
+        values = {(endpoint, str(k)): v for k, v in stats[key].items()} if label else {(endpoint,): stats[key]}
+        for labels, value in values.items():
+            if kind == "gauge":
+                metrics[key].labels(*labels).set(float(value) * scale)
+            else:  # counters only go up: add what came since the last copy
+                metrics[key].labels(*labels).inc(value - copied.get((key, *labels), 0))
+                copied[(key, *labels)] = value
+
+
+def _import_prometheus() -> Any:
+    try:
+        import prometheus_client
+    except ImportError:
+        raise ImportError(
+            'WEBSOCKETS_METRICS needs prometheus_client: python -m pip install "Flask-Websockets[metrics]"'
+        ) from None
+    return prometheus_client
+
+
+# ---------------------------------------------------------------------------
 # The test client
 # ---------------------------------------------------------------------------
 
@@ -3687,6 +3816,8 @@ _CONFIG_DEFAULTS: dict[str, Any] = {
     # unix://, valkey://, valkeys://, redis+cluster://host:port[,host:port...]
     # or redis+sentinel://host:port[,host:port...]/db/service_name.
     "WEBSOCKETS_MESSAGE_QUEUE": None,
+    # Whether stats() go to prometheus_client's default registry (it must be installed).
+    "WEBSOCKETS_METRICS": False,
     # Whether to compress messages when the client offers to (permessage-deflate).
     "WEBSOCKETS_COMPRESSION": False,
     # With compression, messages shorter than this many bytes go as they are.
@@ -3709,6 +3840,7 @@ class _Settings(NamedTuple):
     send_timeout: float | None
     rate_limit: tuple[float, float] | None
     message_queue: str | None
+    metrics: bool
     compression: bool
     compression_min_size: int
     compression_takeover: bool
@@ -3752,7 +3884,7 @@ def _check_settings(values: dict[str, Any]) -> _Settings:
             if key is None:
                 raise ValueError(f"WEBSOCKETS_ALLOWED_ORIGINS: {origin!r} is not an origin like 'https://example.com'")
         origins = frozenset(keys)
-    for switch in ("WEBSOCKETS_COMPRESSION", "WEBSOCKETS_COMPRESSION_CONTEXT_TAKEOVER"):
+    for switch in ("WEBSOCKETS_COMPRESSION", "WEBSOCKETS_COMPRESSION_CONTEXT_TAKEOVER", "WEBSOCKETS_METRICS"):
         if not isinstance(values[switch], bool):
             raise ValueError(f"{switch} must be True or False, not {values[switch]!r}")
     min_size = values["WEBSOCKETS_COMPRESSION_MIN_SIZE"]
@@ -3771,6 +3903,7 @@ def _check_settings(values: dict[str, Any]) -> _Settings:
         send_timeout=positive("WEBSOCKETS_SEND_TIMEOUT"),
         rate_limit=_check_rate_limit(values["WEBSOCKETS_RATE_LIMIT"]),
         message_queue=queue,
+        metrics=values["WEBSOCKETS_METRICS"],
         compression=values["WEBSOCKETS_COMPRESSION"],
         compression_min_size=min_size,
         compression_takeover=values["WEBSOCKETS_COMPRESSION_CONTEXT_TAKEOVER"],

@@ -32,8 +32,10 @@ setup(
             "gunicorn>=21",  # the gunicorn worker's test
             "redis>=4.5",  # the message queue's tests, against a real redis-server
             "websockets>=13",  # a real client that offers permessage-deflate, as browsers do
+            "prometheus_client>=0.17",  # the metrics' scrapes
         ],
         "redis": ["redis>=4.5"],  # the message queue (WEBSOCKETS_MESSAGE_QUEUE, Publisher)
+        "metrics": ["prometheus_client>=0.17"],  # WEBSOCKETS_METRICS
         # The documentation site: python -m sphinx -W -b html docs docs/_build/html (Python 3.10+)
         "docs": ["sphinx>=7.3", "pallets-sphinx-themes>=2.5"],
     },

@@ -4884,10 +4884,10 @@ def connect_when_up(url, proc, timeout=20, **kwargs):
 
 
 @contextlib.contextmanager
-def process(args, cwd, **kwargs):
+def process(args, cwd, env=SUBPROCESS_ENV, **kwargs):
     """A server process in its own process group, stopped with all its children."""
     proc = subprocess.Popen(
-        args, cwd=cwd, env=SUBPROCESS_ENV, start_new_session=True, stderr=subprocess.PIPE, text=True, **kwargs
+        args, cwd=cwd, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True, **kwargs
     )
     try:
         yield proc
@@ -7223,3 +7223,98 @@ def test_a_bad_rate_limit_is_refused_naming_the_key(value):
     app.config["WEBSOCKETS_RATE_LIMIT"] = value
     with pytest.raises(ValueError, match="WEBSOCKETS_RATE_LIMIT"):
         WebSockets(app)
+
+
+@pytest.fixture
+def prometheus():
+    """prometheus_client, and no endpoint left exporting after the test."""
+    prometheus_client = pytest.importorskip("prometheus_client")
+    yield prometheus_client
+    for collector in list(prometheus_client.REGISTRY._collector_to_names):
+        if isinstance(collector, flask_websockets._Collector):
+            prometheus_client.REGISTRY.unregister(collector)
+    flask_websockets._metered.clear()
+
+
+def scrape(url):
+    """The metrics a Prometheus scrape of ``url`` gets: {(name, labels as a sorted tuple): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        families = text_string_to_metric_families(response.read().decode())
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+
+
+def test_prometheus_scrape_shows_the_endpoints_stats(prometheus):
+    app = Flask(__name__)
+    app.config["WEBSOCKETS_METRICS"] = True
+    sockets = WebSockets(app)
+    sockets.on_message(lambda message: message)
+    app.add_url_rule("/metrics", "metrics", lambda: (prometheus.generate_latest(), {"Content-Type": "text/plain"}))
+    with serving(app) as url:
+        first, second = client(url), client(url)
+        for c in (first, second):
+            c.send("hi")
+            assert c.recv() == "hi"
+        first.close()
+        wait_until(lambda: sockets.stats()["connections"] == 1)
+        metrics = scrape(url.replace("ws://", "http://") + "/metrics")
+        endpoint = (("endpoint", "websocket"),)
+        assert metrics[("flask_websockets_connections", endpoint)] == 1
+        assert metrics[("flask_websockets_connections_opened_total", endpoint)] == 2
+        assert metrics[("flask_websockets_messages_received_total", endpoint)] == 2
+        assert metrics[("flask_websockets_messages_sent_total", endpoint)] == 2
+        assert metrics[("flask_websockets_closes_total", (("code", "1000"), ("endpoint", "websocket")))] == 1
+        assert metrics[("flask_websockets_bytes_received_total", endpoint)] > 0
+        assert ("flask_websockets_queue_connected", endpoint) not in metrics, "no queue"
+        second.close()
+
+
+def test_metrics_without_prometheus_client_say_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    app = Flask(__name__)
+    app.config["WEBSOCKETS_METRICS"] = True
+    with pytest.raises(ImportError, match=r"Flask-Websockets\[metrics\]"):
+        WebSockets(app)
+
+
+METRICS_GUNICORN_APP = """\
+from flask import Flask
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+from flask_websockets import WebSockets
+app = Flask(__name__)
+app.config["WEBSOCKETS_METRICS"] = True
+WebSockets(app).on_message(lambda message: message)
+
+@app.get("/metrics")
+def metrics():
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry), {"Content-Type": "text/plain"}
+"""
+
+
+@pytest.mark.slow
+def test_prometheus_multi_process_mode_under_gunicorn_adds_up_the_workers(prometheus, tmp_path):
+    (tmp_path / "mapp.py").write_text(METRICS_GUNICORN_APP)
+    (tmp_path / "metrics").mkdir()
+    port = free_port()
+    env = {**SUBPROCESS_ENV, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
+    args = gunicorn_command(port, "-w", "2", "mapp:app")
+    with process(args, tmp_path, env=env) as proc:
+        clients = [connect_when_up(f"ws://127.0.0.1:{port}/", proc) for _ in range(6)]
+        for c in clients:
+            c.send("hi")
+            assert c.recv() == "hi"
+        url, endpoint = f"http://127.0.0.1:{port}/metrics", (("endpoint", "websocket"),)
+
+        def counted():
+            metrics = scrape(url)
+            return (
+                metrics.get(("flask_websockets_connections", endpoint)) == 6
+                and metrics.get(("flask_websockets_messages_received_total", endpoint)) == 6
+            )
+
+        wait_until(counted, timeout=10)  # each worker copies its figures every second
+        for c in clients:
+            c.close()
