@@ -265,6 +265,9 @@ class WebSockets:
             _import_redis()  # so does a queue without redis-py, which would serve one process quietly
         if settings.metrics:
             _export_metrics(self)
+        if _to_app_log.app_logger is None:
+            _to_app_log.app_logger = app.logger
+            logger.addHandler(_to_app_log)
         app.extensions.setdefault("websockets", self)
         if _close_unserved_upgrade not in app.after_request_funcs.get(None, []):
             app.after_request(_close_unserved_upgrade)
@@ -897,7 +900,9 @@ class WebSockets:
         """Why this handshake is refused, as a response; ``None`` to accept it."""
         origin = req.environ.get("HTTP_ORIGIN")
         if origin is not None and not _origin_allowed(origin, settings.allowed_origins, req):
-            logger.warning(
+            _log_summarised(
+                logging.WARNING,
+                "websocket handshakes refused for their origin",
                 "websocket handshake from origin %s refused: %s may connect. To allow it, set"
                 " WEBSOCKETS_ALLOWED_ORIGINS to a list of origins that includes it, or to '*'.",
                 origin,
@@ -962,7 +967,7 @@ class WebSockets:
         except BaseException as error:
             handler = self._error_handler(error)
             if handler is None:
-                _handle_error(error)
+                _handle_error(error, function)
                 return False
             try:
                 conn._send_reply(handler(error), handler)
@@ -972,7 +977,7 @@ class WebSockets:
             except _STOPPING:
                 raise
             except BaseException as handler_error:  # logged with the original error as its context
-                _handle_error(handler_error)
+                _handle_error(handler_error, handler)
                 return False
 
     def _error_handler(self, error: BaseException) -> Callable[[Any], Reply] | None:
@@ -1032,16 +1037,18 @@ def _propagate() -> bool:
     return current_app.testing if propagate is None else bool(propagate)
 
 
-def _handle_error(error: BaseException) -> None:
+def _handle_error(error: BaseException, function: Callable[..., Any]) -> None:
     """Report an unhandled error as Flask does for views: signal, then log or re-raise.
 
     Error trackers that listen to ``got_request_exception`` (Sentry, Rollbar)
-    see it. Called from the ``except`` block that caught it.
+    see it. The app's logger logs it with the handler's name and the
+    endpoint's path (Flask's own line, ``Exception on / [GET]``, would read
+    like a failed HTTP request). Called from the ``except`` block that caught it.
     """
     got_request_exception.send(current_app._get_current_object(), exception=error)  # type: ignore[attr-defined]
     if _propagate():
         raise  # noqa: PLE0704 - called from an except block
-    current_app.log_exception(sys.exc_info())  # type: ignore[arg-type]
+    current_app.logger.error("Exception in %s, websocket %s", _name(function), request.path, exc_info=sys.exc_info())
 
 
 #: Errors that stop a greenlet or the process: never handled as handler errors.
@@ -1067,6 +1074,63 @@ Serve the app with flask_websockets.serve(app), gevent's WSGIServer with
 handler_class=flask_websockets.WebSocketHandler, `flask run`, or gunicorn with
 -k flask_websockets.GunicornWorker.
 """
+
+
+def _log_summarised(level: int, kind: str, message: str, *args: Any) -> None:
+    """Log a line that clients can repeat at will (refusals, drops) once per interval, then a count.
+
+    The first line of a kind in ``_SUMMARY_INTERVAL`` seconds is logged; the
+    ones after it are counted, and the next one after the interval says how
+    many there were: a log's volume is not an attacker's to choose.
+    """
+    now = _monotonic()
+    since, count = _summaries.get(kind, (None, 0))
+    if since is not None and now - since < _SUMMARY_INTERVAL:
+        _summaries[kind] = since, count + 1
+        return
+    _summaries[kind] = now, 0
+    if count:
+        logger.log(level, "%d more like the last in %d s: %s", count, round(now - since), kind)  # type: ignore[operator]
+    logger.log(level, message, *args)
+
+
+_SUMMARY_INTERVAL = 60.0
+_monotonic = time.monotonic  # the summaries' clock (a test's fake one)
+_summaries: dict[str, tuple[float, int]] = {}  # kind -> (when its interval began, lines not logged since)
+
+
+class _ToAppLog(logging.Handler):
+    """The library's log lines, handed to the app logger's handlers (or gunicorn's), in their format.
+
+    Only when nothing else would show them: a handler of the app's logging
+    configuration on ``flask_websockets`` or the root logger takes them as
+    usual, and this one then does nothing. Without it they would reach
+    Python's last-resort handler, as bare messages without time or level.
+    """
+
+    app_logger: logging.Logger | None = None  # the first app's
+    gunicorn_logger: logging.Logger | None = None  # under GunicornWorker: "gunicorn.error"
+
+    def emit(self, record: logging.LogRecord) -> None:
+        current: logging.Logger | None = logger
+        while current is not None:
+            if any(handler is not self for handler in current.handlers):
+                return  # configured: propagation shows it
+            current = current.parent if current.propagate else None  # type: ignore[assignment]
+        target = self.app_logger
+        if target is None or (self.gunicorn_logger is not None and _flask_default_handler_only(target)):
+            target = self.gunicorn_logger
+        if target is not None:
+            target.handle(record)
+
+
+def _flask_default_handler_only(app_logger: logging.Logger) -> bool:
+    from flask.logging import default_handler
+
+    return app_logger.handlers == [default_handler]
+
+
+_to_app_log = _ToAppLog()
 
 
 def _not_served_response() -> Response:
@@ -1552,7 +1616,7 @@ class Connection:
                 self._pong(proto.data_to_send())
             elif kind == _OP_CLOSE or kind == _FAILED:
                 if kind == _FAILED:
-                    logger.info("closing %r with %d: %s", self, *data)
+                    _log_summarised(logging.INFO, f"closed with {data[0]}", "closing %r with %d: %s", self, *data)
                 if inbox and self._life is _OPEN:  # replies to the messages before it go first
                     self._become(_FINISHING)
         output = proto.data_to_send()  # close frames: now, or once the handlers are done
@@ -1799,7 +1863,8 @@ class Connection:
         """Close a connection whose client does not read: its buffered messages are dropped."""
         if self._life is not _OPEN:
             return
-        logger.info("closing %r: the client is too slow (%d bytes wait to be sent)", self, self.buffered_amount)
+        wait = self.buffered_amount
+        _log_summarised(logging.INFO, "clients too slow", "closing %r: too slow (%d bytes wait to be sent)", self, wait)
         if self._sockets is not None:
             self._sockets._count("slow_clients_closed")
         if self._buffer is not None:
@@ -1853,7 +1918,7 @@ class Connection:
             self._write(self._proto.data_to_send())
             self._arm_close_timer()  # now for the client's close frame
             return
-        logger.info("dropping %r: no close frame from the client", self)
+        _log_summarised(logging.INFO, "no close frame", "dropping %r: no close frame from the client", self)
         self._drop()
 
     def _drop(self) -> None:
@@ -2067,7 +2132,7 @@ class _SendBuffer:
         if stalled < timeout:
             self._timer = conn._call_later(timeout - stalled, self._check_progress)
             return
-        logger.info("dropping %r: the client took nothing for %s s", conn, timeout)
+        _log_summarised(logging.INFO, "clients took nothing", "dropping %r: it took nothing for %s s", conn, timeout)
         conn._too_slow()  # a close frame, if it is still open (it will not be read)
         conn._drop()
 
@@ -2138,7 +2203,9 @@ class _Keepalive:
             if conn._life is not _OPEN:
                 return
             if self.heard_at < self._pinged_at:  # no answer to the ping
-                logger.info("closing %r: no answer to a ping within %s s", conn, timeout)
+                _log_summarised(
+                    logging.INFO, "pings unanswered", "closing %r: no answer to a ping within %s s", conn, timeout
+                )
                 conn._close(1011, "keepalive ping timeout")
                 conn._drop()  # a dead peer: the close frame goes out if it can, no waiting
                 return
@@ -2273,7 +2340,13 @@ class WebSocketHandler(_GeventWebSocketHandler):
         try:
             return super().handle_one_request()
         except _SlowRequest:  # no request line yet: nothing to answer
-            logger.info("closing a connection from %s: no request in %s s", self.client_address, self.handshake_timeout)
+            _log_summarised(
+                logging.INFO,
+                "connections without a request",
+                "closing a connection from %s: no request in %s s",
+                self.client_address,
+                self.handshake_timeout,
+            )
             return None
         finally:
             self._cancel_deadline()
@@ -2283,6 +2356,9 @@ class WebSocketHandler(_GeventWebSocketHandler):
         self.rfile = _HeadReader(reader, self.max_handshake_size - len(raw_requestline))
         try:
             return super().read_request(raw_requestline)
+        except (_SlowRequest, _LongRequest) as error:  # pywsgi would log a line for each: clients choose how many
+            _log_summarised(logging.INFO, type(error).__doc__, "400 for %s: %s", self.client_address, error)
+            return False  # pywsgi answers 400
         finally:
             self.rfile = reader
 
@@ -2349,10 +2425,14 @@ class WebSocketHandler(_GeventWebSocketHandler):
 
 
 class _SlowRequest(ValueError):
-    """A client that took too long to send its request (pywsgi answers a ValueError with 400)."""
+    """Requests not whole within the handshake timeout."""
 
     def __init__(self, seconds: float) -> None:
         super().__init__(f"no whole request within {seconds} s")
+
+
+class _LongRequest(ValueError):
+    """Requests whose request line and headers were too long."""
 
 
 class _HeadReader:
@@ -2366,7 +2446,7 @@ class _HeadReader:
         line: bytes = self._reader.readline(limit)
         self._left -= len(line)
         if self._left < 0:
-            raise ValueError("request line and headers too long")  # pywsgi answers 400
+            raise _LongRequest("request line and headers too long")
         return line
 
     def __getattr__(self, name: str) -> Any:
@@ -2502,6 +2582,10 @@ def __getattr__(name: str) -> Any:
     class GunicornWorker(GeventPyWSGIWorker):
         server_class = GunicornServer
         wsgi_handler = GunicornHandler
+
+        def init_process(self) -> None:
+            _ToAppLog.gunicorn_logger = self.log.error_log  # our lines in gunicorn's format, with its pid
+            super().init_process()
 
         # Gunicorn's signal handlers run in whichever greenlet the signal
         # interrupts: they only hand the work to a greenlet of its own.
@@ -3391,9 +3475,12 @@ def _check_queue_url(url: Any, what: str) -> str:
         if not separator or scheme not in _QUEUE_SCHEMES:
             raise ValueError("unknown scheme")
         if "+" in scheme:
-            _nodes_and_path(url)
+            nodes, _, _, path = _nodes_and_path(url)
+            return f"{scheme}://{','.join(f'{host}:{port}' for host, port in nodes)}{'/' if path else ''}{path}"
         parts = urllib.parse.urlsplit(url)
         netloc = parts.netloc.rpartition("@")[2]
+        if scheme != "unix" and parts.port is None:  # where it really goes: the port too
+            netloc = f"{netloc or 'localhost'}:6379"
         return f"{scheme}://{netloc}{parts.path}"
     except ValueError as error:
         raise ValueError(

@@ -1048,8 +1048,8 @@ def test_handler_error_is_logged_through_flask_and_connection_survives(caplog):
     assert fake.frames == [("text", "after")]
     [record] = [r for r in caplog.records if r.exc_info]
     assert record.name == app.logger.name
-    assert record.getMessage() == "Exception on / [GET]"
-    assert isinstance(record.exc_info[1], KeyError)
+    assert record.getMessage() == "Exception in test_flask_websockets.lifecycle_app.<locals>.boom, websocket /"
+    assert isinstance(record.exc_info[1], KeyError), "with its traceback"
 
 
 def test_handler_error_does_not_affect_other_connections():
@@ -3413,6 +3413,7 @@ OPENED = []  # sockets and connections a test opened, closed after it (see `clos
 
 @pytest.fixture(autouse=True)
 def close_what_the_test_opened():
+    flask_websockets._summaries.clear()  # each test sees the first log line of each kind
     yield
     while OPENED:
         opened = OPENED.pop()
@@ -4473,7 +4474,7 @@ def test_readme_errors(tmp_path):
         for message in ("4", "0", "5"):
             c.send(message)
         assert [c.recv(), c.recv()] == ["25", "20"]
-        assert "Exception on / [GET]" in log() and "ZeroDivisionError" in log()
+        assert "Exception in snippet.divide, websocket /" in log() and "ZeroDivisionError" in log()
         c.close()
 
 
@@ -7318,3 +7319,94 @@ def test_prometheus_multi_process_mode_under_gunicorn_adds_up_the_workers(promet
         wait_until(counted, timeout=10)  # each worker copies its figures every second
         for c in clients:
             c.close()
+
+
+# ---------------------------------------------------------------------------
+# Logs (issue 21)
+# ---------------------------------------------------------------------------
+
+
+def test_refusals_a_client_can_repeat_are_logged_once_per_interval_then_counted(caplog, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(flask_websockets, "_monotonic", lambda: now[0])
+    app, sockets = make_app()
+    for _ in range(50):
+        run(app, headers={"Origin": "http://evil.example"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "flask_websockets"]
+    assert len(lines) == 1 and "evil.example" in lines[0], "one line, not fifty"
+    now[0] += 61
+    run(app, headers={"Origin": "http://evil.example"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "flask_websockets"]
+    assert lines[1] == "49 more like the last in 61 s: websocket handshakes refused for their origin"
+    assert "evil.example" in lines[2] and len(lines) == 3
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("redis://:secret@localhost/0", "redis://localhost:6379/0"),
+    ("rediss://user:secret@cache.example:6380", "rediss://cache.example:6380"),
+    ("redis+cluster://:secret@a:7000,b", "redis+cluster://a:7000,b:6379"),
+    ("redis+sentinel://s1,s2:5000/0/main", "redis+sentinel://s1:26379,s2:5000/0/main"),
+    ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+])  # fmt: skip
+def test_queue_urls_are_logged_with_host_and_port_and_never_a_password(url, shown):
+    assert flask_websockets._check_queue_url(url, "test") == shown
+
+
+SLOW_HEADERS_LOGGING_APP = """\
+import logging
+from flask import Flask
+import flask_websockets
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+app = Flask(__name__)
+flask_websockets.WebSockets(app).on_message(lambda message: message)
+flask_websockets.serve(app, port=0, log=None, handshake_timeout=0.5)
+"""
+
+
+@pytest.mark.slow
+def test_real_slow_header_clients_get_a_summarised_line_not_one_each(tmp_path):
+    """21,000 slow sockets wrote 21,000 lines: a log volume the attacker chose."""
+    (tmp_path / "app.py").write_text(SLOW_HEADERS_LOGGING_APP)
+    with process([sys.executable, "app.py"], tmp_path, stdout=subprocess.PIPE) as proc:
+        port = int(re.search(r":(\d+)/", proc.stdout.readline()).group(1))
+        slow = []
+        for i in range(60):  # half of them without a request line, half without their headers' end
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            OPENED.append(sock)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n" if i % 2 else b"GET / HT")
+            slow.append(sock)
+        for sock in slow:  # each dropped at the deadline
+            with contextlib.suppress(OSError):
+                while sock.recv(4096):
+                    pass
+        echo_round_trip(f"ws://127.0.0.1:{port}", "served meanwhile")
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+        log = proc.stderr.read()
+    assert "Invalid request" not in log, "pywsgi's line per socket"
+    summarised = [line for line in log.splitlines() if "flask_websockets" in line]
+    assert 1 <= len(summarised) <= 2, summarised
+
+
+GUNICORN_LOG_APP = """\
+from flask import Flask
+from flask_websockets import WebSockets
+app = Flask(__name__)
+WebSockets(app).on_message(lambda message: message)
+"""
+
+
+@pytest.mark.slow
+def test_under_gunicorn_the_librarys_lines_have_gunicorns_format(tmp_path):
+    (tmp_path / "gapp.py").write_text(GUNICORN_LOG_APP)
+    port = free_port()
+    with process(gunicorn_command(port, "-w", "1", "gapp:app"), tmp_path) as proc:
+        connect_when_up(f"ws://127.0.0.1:{port}/", proc).close()
+        with pytest.raises(websocket.WebSocketBadStatusException):
+            client(f"ws://127.0.0.1:{port}/", origin="http://evil.example")
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+        log = proc.stderr.read()
+    [line] = [line for line in log.splitlines() if "evil.example" in line]
+    # gunicorn's own: [2026-12-03 14:00:00 +0000] [1234] [WARNING] websocket handshake from origin ...
+    assert re.match(r"\[\d{4}-\d\d-\d\d [\d:]+ [+-]\d{4}\] \[\d+\] \[WARNING\] websocket handshake from origin", line)
