@@ -7410,3 +7410,63 @@ def test_under_gunicorn_the_librarys_lines_have_gunicorns_format(tmp_path):
     [line] = [line for line in log.splitlines() if "evil.example" in line]
     # gunicorn's own: [2026-12-03 14:00:00 +0000] [1234] [WARNING] websocket handshake from origin ...
     assert re.match(r"\[\d{4}-\d\d-\d\d [\d:]+ [+-]\d{4}\] \[\d+\] \[WARNING\] websocket handshake from origin", line)
+
+
+RATE_LIMITED_SERVER = """\
+from flask import Flask
+import flask_websockets
+app = Flask(__name__)
+app.config["WEBSOCKETS_RATE_LIMIT"] = (20, 40)
+flask_websockets.WebSockets(app).on_message(lambda message: message)
+flask_websockets.serve(app, port=0, log=None)
+"""
+
+
+@pytest.mark.slow
+def test_real_a_rate_limited_flood_beside_an_innocent_clients_echo(tmp_path):
+    (tmp_path / "app.py").write_text(RATE_LIMITED_SERVER)
+    with process([sys.executable, "app.py"], tmp_path, stdout=subprocess.PIPE) as proc:
+        url = "ws://127.0.0.1:%s" % re.search(r":(\d+)/", proc.stdout.readline()).group(1)
+        flood = raw_handshake(url)
+        flood.settimeout(None)
+        burst = client_frame(TEXT, b"x" * 100) * 100
+        stop, echoed = threading.Event(), []
+
+        def send_forever():
+            with contextlib.suppress(OSError):
+                while not stop.is_set():
+                    flood.sendall(burst)  # blocks once the server stops reading it: TCP pushes back
+
+        def read_forever():
+            data = b""
+            with contextlib.suppress(OSError):
+                while not stop.is_set():
+                    chunk = flood.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                    echoed.append((time.monotonic(), data.count(b"x" * 100)))
+
+        threads = [threading.Thread(target=send_forever), threading.Thread(target=read_forever)]
+        for thread in threads:
+            thread.start()
+        try:
+            innocent = client(url)
+            start, rtts = time.monotonic(), []
+            for i in range(60):
+                sent = time.monotonic()
+                innocent.send(f"ping {i}")
+                assert innocent.recv() == f"ping {i}"
+                rtts.append(time.monotonic() - sent)
+                time.sleep(0.02)  # about 1.5 s of flood
+            elapsed = time.monotonic() - start
+            innocent.close()
+        finally:
+            stop.set()
+            flood.shutdown(socket.SHUT_RDWR)
+            for thread in threads:
+                thread.join(5)
+        p99 = sorted(rtts)[int(len(rtts) * 0.99) - 1]
+        assert p99 < 0.05, f"the innocent client's p99 was {p99 * 1000:.1f} ms"
+        handled = echoed[-1][1] if echoed else 0
+        assert 0 < handled <= 40 + 20 * (elapsed + 1), f"{handled} echoes in {elapsed:.1f} s: at most burst + rate"
