@@ -4489,6 +4489,33 @@ def test_readme_limits(tmp_path):
 
 
 @pytest.mark.slow
+def test_readme_rate_limit(tmp_path):
+    with serve_snippet("rate-limit", tmp_path) as (port, log):
+        c = client(f"ws://127.0.0.1:{port}/")
+        start = time.monotonic()
+        for i in range(60):
+            c.send(str(i))
+        assert [c.recv() for _ in range(40)] == [str(i) for i in range(40)]
+        burst = time.monotonic() - start
+        assert [c.recv() for _ in range(40, 60)] == [str(i) for i in range(40, 60)], "none lost, in order"
+        assert time.monotonic() - start > burst + 0.5, "the 20 after the burst came at 20 a second"
+        c.close()
+
+
+@pytest.mark.slow
+def test_readme_metrics(tmp_path, prometheus):
+    with serve_snippet("metrics", tmp_path) as (port, log):
+        c = client(f"ws://127.0.0.1:{port}/")
+        c.send("hi")
+        assert c.recv() == "hi"
+        metrics = scrape(f"http://127.0.0.1:{port}/metrics")
+        assert metrics[("flask_websockets_messages_received_total", (("endpoint", "websocket"),))] == 1
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
+            assert json.loads(response.read())["connections"] == 1
+        c.close()
+
+
+@pytest.mark.slow
 def test_readme_slow_clients(tmp_path):
     with serve_snippet("slow-clients", tmp_path) as (port, log):
         c = client(f"ws://127.0.0.1:{port}/")
