@@ -32,7 +32,8 @@ bottom, a section each: the current connection (``ws``); the extension
 (``WebSockets``); the connection and its life cycle (``Connection``, with how
 it all works); serving (``WebSocketHandler``, ``serve``, ``GunicornWorker``);
 the handover, how servers hand a connection over; the message queue
-(``Publisher``); the test client (``WebSocketTestClient``); settings and
+(``Publisher``); metrics for Prometheus; the test client
+(``WebSocketTestClient``); settings and
 replies; and last the RFC 6455 protocol core, which knows nothing of Flask,
 gevent or sockets. The extension uses the connection, the connection uses the
 protocol core, never the other way.
