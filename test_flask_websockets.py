@@ -3657,6 +3657,13 @@ def rss_kib(pid):
     return int(re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1))
 
 
+def warmed_up_rss_kib(url, pid):
+    """The server's memory once it has served a few connections (what they allocate once is there)."""
+    for _ in range(20):
+        echo_round_trip(url)
+    return rss_kib(pid)
+
+
 def echo_round_trip(url, message="barrier"):
     """Also a barrier: once it returns, the server has read what came before it."""
     c = client(url)
@@ -3681,9 +3688,7 @@ def read_close_then_eof(sock):
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's memory from /proc")
 def test_real_memory_stays_bounded_whatever_the_client_sends(tmp_path):
     with echo_server_process(tmp_path) as (url, pid):
-        for _ in range(20):
-            echo_round_trip(url)
-        before = rss_kib(pid)
+        before = warmed_up_rss_kib(url, pid)
         # 200 connections, each announcing a 1 MB message and sending nothing more.
         announced = [raw_handshake(url) for _ in range(200)]
         for sock in announced:
@@ -3709,9 +3714,7 @@ def test_real_memory_stays_bounded_whatever_the_client_sends(tmp_path):
 def test_real_a_ping_flood_that_reads_nothing_stays_bounded_and_others_are_served(tmp_path):
     """Each ping's pong used to wait in memory: 41 -> 262 MiB in 15 s for one such client."""
     with echo_server_process(tmp_path) as (url, pid):
-        for _ in range(20):
-            echo_round_trip(url)
-        before = rss_kib(pid)
+        before = warmed_up_rss_kib(url, pid)
         flood = raw_handshake(url, receive_buffer=4096)
         burst = client_frame(PING, b"flood") * 10_000
         for _ in range(200):  # 2,000,000 pings; the client reads none of their pongs
