@@ -4766,26 +4766,82 @@ def connect_when_up(url, proc, timeout=20, **kwargs):
         try:
             return client(url, **kwargs)
         except (OSError, websocket.WebSocketException):
-            assert proc.poll() is None, "the server exited"
-            assert time.monotonic() < deadline, "the server did not come up"
+            assert proc.poll() is None, f"the server exited with {proc.returncode}{server_output(proc)}"
+            assert time.monotonic() < deadline, f"the server did not come up in {timeout} s{server_output(proc)}"
             time.sleep(0.1)
 
 
 @contextlib.contextmanager
 def process(args, cwd, **kwargs):
-    """A server process in its own process group, stopped with all its children."""
+    """A server process in its own process group, stopped with all its children.
+
+    What it writes to its pipes reaches the test as usual, and a copy is
+    kept: a test that fails shows it (``server_output``).
+    """
     proc = subprocess.Popen(
         args, cwd=cwd, env=SUBPROCESS_ENV, start_new_session=True, stderr=subprocess.PIPE, text=True, **kwargs
     )
+    keep_output(proc)
     try:
         yield proc
+    except BaseException as error:
+        stop_process(proc)
+        if hasattr(error, "add_note") and "--- the server's" not in str(error):  # Python 3.11+: pytest shows it
+            error.add_note(server_output(proc).lstrip("\n"))
+        raise
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
+        stop_process(proc)
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+def stop_process(proc):
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(10)
+
+
+def keep_output(proc):
+    """Put a thread between each of ``proc``'s pipes and the test: it passes the output on and keeps a copy."""
+    proc.kept, proc.tees = [], []
+    for name in ("stdout", "stderr"):
+        pipe = getattr(proc, name)
+        if pipe is None:
+            continue
+        read_end, write_end = os.pipe()
+        tee = threading.Thread(target=pass_on, args=(pipe, write_end, name, proc.kept), daemon=True)
+        tee.start()
+        proc.tees.append(tee)
+        setattr(proc, name, open(read_end, encoding=pipe.encoding, errors=pipe.errors))
+
+
+def pass_on(pipe, write_end, name, kept):
+    with pipe, open(write_end, "wb", buffering=0) as out:
+        while True:
+            chunk = os.read(pipe.fileno(), 65536)
+            if not chunk:
+                return
+            kept.append((name, chunk))
+            try:
+                out.write(chunk)  # a pipe's blocking write writes it all
+            except OSError:  # the test closed its end: keep reading, for the copy
+                pass
+
+
+def server_output(proc, limit=20_000):
+    """What a ``process`` wrote to its pipes, for a failure message: the end of each."""
+    if not hasattr(proc, "kept"):
+        return "\n(its output was not piped: see pytest's captured output)"
+    if proc.poll() is not None:
+        for tee in proc.tees:
+            tee.join(1)  # the last words (a process's children may hold the pipes open longer)
+    text = ""
+    for name in ("stdout", "stderr"):
+        if any(n == name for n, _ in proc.kept):
+            data = b"".join(chunk for n, chunk in list(proc.kept) if n == name).decode(errors="replace")
+            text += f"\n--- the server's {name}{' (its end)' if len(data) > limit else ''} ---\n{data[-limit:]}"
+    return text or "\n(it wrote nothing to its pipes)"
 
 
 VERSIONED_APP = """\
