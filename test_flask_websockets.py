@@ -4926,13 +4926,16 @@ def answer_the_close(sock):
     return parse_server_frames(data)
 
 
-def stop_with_open_websockets(proc, port, signum, within, close=(1001, "server shutting down")):
-    """Three clients each get a reply; the signal comes right after the last one; each gets ``close``."""
+def stop_with_open_websockets(proc, port, signum, within, close=(1001, "server shutting down"), group=False):
+    """Three clients each get a reply; the signal comes right after the last one; each gets ``close``.
+
+    With ``group``, the signal goes to every process of the group, as Ctrl-C's does.
+    """
     clients = [raw_websocket(port) for _ in range(3)]
     for i, sock in enumerate(clients):
         sock.sendall(text(f"hi {i}"))
     replies = [parse_server_frames(sock.recv(4096)) for sock in clients]
-    proc.send_signal(signum)  # the racy moment: handlers have just replied
+    os.killpg(proc.pid, signum) if group else proc.send_signal(signum)  # the racy moment: handlers have just replied
     start = time.monotonic()
     ends = [answer_the_close(sock) for sock in clients]
     assert proc.wait(within) == 0
@@ -7031,3 +7034,107 @@ def test_browser_reads_the_docs_index_and_api_with_no_broken_internal_link(chrom
     expect(page.locator("h1")).to_have_text("Quickstart¶")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "docs-quickstart.png"), full_page=True)
+
+
+# -- restarts (issue 21) --
+
+RESTART_APP = """\
+import os
+from flask import Flask
+import flask_websockets
+
+app = Flask(__name__)
+sockets = flask_websockets.WebSockets(app)
+VERSION = "v1"
+
+
+@sockets.on_message
+def echo(message):
+    return f"{VERSION} {os.getpid()}: {message}"
+
+
+if __name__ == "__main__":
+    flask_websockets.serve(app, port=PORT, reload=True)
+"""
+
+
+def hello(c):
+    """The version of the code and the process that answer on ``c``."""
+    c.send("hi")
+    version, pid = c.recv().split(":")[0].split()
+    return version, int(pid)
+
+
+def as_a_background_job():
+    """What ``python app.py &`` in a shell script does to the program: SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["serve(reload=True)", "serve(reload=True), monkey-patched", "flask run --debug"])
+def test_a_code_change_closes_every_websocket_with_1012_and_clients_reconnect_to_the_new_code(how, tmp_path):
+    port = free_port()
+    path = tmp_path / "chatapp.py"
+    source = RESTART_APP.replace("PORT", str(port))
+    if how.endswith("monkey-patched"):  # as example.py is: the server a greenlet of the main thread
+        source = "from gevent import monkey\nmonkey.patch_all()\n" + source
+    path.write_text(source)
+    args = [sys.executable, "chatapp.py"]
+    if how == "flask run --debug":
+        args = [sys.executable, "-m", "flask", "--app", "chatapp", "run", "--debug", "--port", str(port)]
+    with process(args, tmp_path) as proc:
+        url = f"ws://127.0.0.1:{port}/"
+        clients = [connect_when_up(url, proc) for _ in range(3)]
+        old = {hello(c) for c in clients}
+        assert len(old) == 1 and old.pop()[0] == "v1"
+        edit_version(path, "v2")
+        for c in clients:
+            c.settimeout(10)  # the reloader looks every second
+            assert recv_close(c) == (1012, "service restart")  # websocket-client answers it
+            c.shutdown()
+        new = connect_when_up(url, proc)  # refused until the new child listens (serve), or queued (flask run)
+        version, pid = hello(new)
+        assert version == "v2", "the first connection after the close reaches the new code"
+        new.close()
+        assert proc.poll() is None, "the reloader's parent serves on"
+        assert "Traceback" not in server_output(proc)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "signum, group, background",
+    [
+        (signal.SIGINT, False, True),  # kill -INT to a server started in the background
+        (signal.SIGINT, True, False),  # Ctrl-C in a terminal: both processes get it
+        (signal.SIGTERM, False, False),  # systemd, docker stop
+    ],
+    ids=["SIGINT in the background", "Ctrl-C", "SIGTERM"],
+)
+def test_a_signal_to_serve_with_reload_closes_with_1001_and_ends_both_processes(signum, group, background, tmp_path):
+    port = free_port()
+    (tmp_path / "app.py").write_text(RESTART_APP.replace("PORT", str(port)))
+    with process(
+        [sys.executable, "app.py"], tmp_path, preexec_fn=as_a_background_job if background else None
+    ) as proc:
+        c = connect_when_up(f"ws://127.0.0.1:{port}/", proc)
+        child = hello(c)[1]
+        c.close()
+        assert child != proc.pid, "the server runs in the reloader's child"
+        stop_with_open_websockets(proc, port, signum, within=5, group=group)  # 1001 each, and the parent exits 0
+        with pytest.raises(ProcessLookupError):  # the parent waited for its child: it has gone
+            os.kill(child, 0)
+        stderr = proc.stderr.read()
+        assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_serve_closes_with_1001(tmp_path):
+    port = free_port()
+    (tmp_path / "app.py").write_text(RESTART_APP.replace("PORT", str(port)).replace("reload=True", "reload=False"))
+    with process([sys.executable, "app.py"], tmp_path) as proc:
+        c = connect_when_up(f"ws://127.0.0.1:{port}/", proc)
+        assert hello(c) == ("v1", proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert recv_close(c) == (1001, "server shutting down")
+        assert proc.wait(5) == 0
+        assert "Traceback" not in proc.stderr.read()
