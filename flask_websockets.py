@@ -2380,6 +2380,7 @@ def _serve_with_reloader(run: Callable[..., None], shutdown_timeout: float) -> N
     from werkzeug._reloader import run_with_reloader
 
     stop = _ServerStop()
+    previous = [(signum, signal.getsignal(signum)) for signum in _STOP_SIGNALS]
     signal.signal(signal.SIGINT, _exit_on_signal)  # SIGTERM: Werkzeug's sys.exit(0)
     ended: BaseException | None = None
     try:
@@ -2393,6 +2394,9 @@ def _serve_with_reloader(run: Callable[..., None], shutdown_timeout: float) -> N
         stop.finished.wait(shutdown_timeout + 1.0)
     if restart or not isinstance(ended, (SystemExit, KeyboardInterrupt, type(None))):
         raise ended  # type: ignore[misc]  # the exit code the parent restarts on, or an error
+    for signum, handler in previous:  # serve() returns, as without reload: what follows may be interrupted
+        if handler is not None:
+            signal.signal(signum, handler)
 
 
 def _exit_on_signal(signum: int, frame: Any) -> None:
