@@ -57,6 +57,7 @@ import signal
 import socket
 import ssl
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -2474,7 +2475,7 @@ def serve(
     It prints the URL, passes ``ssl_context`` or ``certfile`` and ``keyfile``
     on for https and wss, and ``server_kwargs`` to gevent's ``WSGIServer``
     (``log=None`` silences the access log). ``reload=True`` restarts the
-    process when a source file changes, with Werkzeug's reloader::
+    server when a source file changes, with Werkzeug's reloader::
 
         if __name__ == "__main__":
             flask_websockets.serve(app, port=8000, reload=True)
@@ -2492,63 +2493,274 @@ def serve(
     if shorter). Connections still open then are dropped; nothing follows
     their close frame, and every ``on_close`` runs once. Then it returns.
 
+    With ``reload=True`` the server runs in a child process, started again
+    when the code changes. A change closes every websocket with 1012
+    ("service restart"): the clients may reconnect at once, and reach the
+    new code. SIGINT or SIGTERM, to either process, closes them with 1001
+    as above; then both processes exit.
+
     Like any gevent program, call ``gevent.monkey.patch_all()`` first thing
     if handlers use blocking libraries (``time.sleep``, database drivers).
     """
     tls = {k: v for k, v in dict(ssl_context=ssl_context, certfile=certfile, keyfile=keyfile).items() if v}
-    limits: dict[str, Any] = dict(
-        handshake_timeout=handshake_timeout, max_connections=max_connections, max_handshake_size=max_handshake_size
+    run = functools.partial(
+        _run_server,
+        app,
+        host,
+        port,
+        tls=tls,
+        handshake_timeout=handshake_timeout,
+        max_connections=max_connections,
+        max_handshake_size=max_handshake_size,
+        shutdown_timeout=shutdown_timeout,
+        server_kwargs=server_kwargs,
     )
-    limits["shutdown_timeout"] = shutdown_timeout
     if reload:
-        # Werkzeug has no public API to reload a server other than its own.
-        from werkzeug._reloader import run_with_reloader
+        _serve_with_reloader(run, shutdown_timeout)
+    else:
+        run(_ServerStop(), signals=True)
 
-        run_with_reloader(lambda: serve(app, host, port, **tls, **limits, **server_kwargs))
-        return
+
+def _run_server(
+    app: Any,
+    host: str,
+    port: int,
+    stop: _ServerStop,
+    signals: bool,
+    *,
+    tls: dict[str, Any],
+    handshake_timeout: float | None,
+    max_connections: int | None,
+    max_handshake_size: int,
+    shutdown_timeout: float,
+    server_kwargs: dict[str, Any],
+) -> None:
+    """What :func:`serve` runs: until ``stop`` is called, or with ``signals``, SIGINT or SIGTERM."""
     from gevent.pywsgi import WSGIServer
 
-    handler = type(
-        "WebSocketHandler",
-        (WebSocketHandler,),
-        {
-            "handshake_timeout": handshake_timeout,
-            "max_handshake_size": max_handshake_size,
-            "max_connections": max_connections,
-        },
-    )
-    server = WSGIServer((host, port), app, handler_class=handler, **tls, **server_kwargs)
-    server.start()  # bind first, so that port 0 prints the port it got
-    scheme = "https" if tls else "http"
-    print(f" * Serving on {scheme}://{host}:{server.server_port}/ (press Ctrl-C to quit)", flush=True)
-    # The event loop catches the signals: no KeyboardInterrupt in whatever greenlet happens to run.
-    stopping = gevent.event.Event()
-    handlers = [gevent.signal_handler(signum, stopping.set) for signum in (signal.SIGINT, signal.SIGTERM)]
     try:
-        stopping.wait()
+        handler = type(
+            "WebSocketHandler",
+            (WebSocketHandler,),
+            {
+                "handshake_timeout": handshake_timeout,
+                "max_handshake_size": max_handshake_size,
+                "max_connections": max_connections,
+            },
+        )
+        server = WSGIServer((host, port), app, handler_class=handler, **tls, **server_kwargs)
+        server.start()  # bind first, so that port 0 prints the port it got
+        scheme = "https" if tls else "http"
+        print(f" * Serving on {scheme}://{host}:{server.server_port}/ (press Ctrl-C to quit)", flush=True)
+        # The event loop catches the signals: no KeyboardInterrupt in whatever greenlet happens to run.
+        handlers = [gevent.signal_handler(signum, stop, *_SHUTDOWN) for signum in _STOP_SIGNALS] if signals else []
+        try:
+            stop.wait()
+        finally:
+            for signal_handler in handlers:
+                signal_handler.cancel()
+            server.close()  # no new connections
+            _shut_down_websockets(shutdown_timeout, stop.code, stop.reason)
+            server.stop(timeout=0.5)  # what is left: idle keep-alive requests, clients that did not answer
     finally:
-        for signal_handler in handlers:
-            signal_handler.cancel()
-        server.close()  # no new connections
-        _shut_down_websockets(shutdown_timeout)
-        server.stop(timeout=0.5)  # what is left: idle keep-alive requests, clients that did not answer
+        stop.finished.set()
 
 
-def _shut_down_websockets(timeout: float) -> None:
-    """Close every websocket of this process with 1001; wait up to ``timeout`` for them to end.
+#: The close code and reason of a server that stops, and of one that restarts (RFC 6455 7.4.1, IANA's registry).
+_SHUTDOWN = (1001, "server shutting down")
+_RESTART = (1012, "service restart")
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: What Werkzeug's reloader child exits with to be started again.
+_RELOAD_EXIT = 3
+
+
+class _ServerStop:
+    """Stops a server that :func:`serve` runs, from any thread or a signal handler, with its websockets' close code."""
+
+    def __init__(self) -> None:
+        self.code, self.reason = _SHUTDOWN
+        #: Set once the server has stopped, or failed to start. (``threading``'s as it is now:
+        #: a real thread's event, or under monkey-patching a greenlet's, like the server's thread.)
+        self.finished = threading.Event()
+        self._requested = False
+        self._loop: Any = None  # the server's loop while it waits
+        self._event: Any = None
+        self._lock = _thread_lock()
+
+    def __call__(self, code: int, reason: str) -> None:
+        with self._lock:
+            if not self._requested:  # the first reason to stop is the one the clients get
+                self._requested = True
+                self.code, self.reason = code, reason
+            if self._loop is not None:
+                self._loop.run_callback_threadsafe(self._event.set)
+
+    def wait(self) -> None:
+        """In the server's thread: until the server is asked to stop."""
+        event = gevent.event.Event()
+        with self._lock:
+            if self._requested:
+                return
+            self._loop, self._event = gevent.get_hub().loop, event
+        try:
+            event.wait()
+        finally:
+            with self._lock:
+                self._loop = None
+
+
+def _serve_with_reloader(run: Callable[..., None], shutdown_timeout: float) -> None:
+    """``serve(reload=True)``: a parent process that starts the server in a child, again after each code change.
+
+    The child runs Werkzeug's reloader loop in its main thread and the server
+    in another. When the loop sees a change it raises ``SystemExit(3)``: the
+    server closes its websockets with 1012 first, then the child exits 3 and
+    the parent starts a new one. SIGINT or SIGTERM closes them with 1001 and
+    ends both. The parent is this module's, not Werkzeug's: Werkzeug's kills
+    its child a quarter of a second after Ctrl-C, and at once on SIGTERM,
+    cutting the closing handshakes short.
+    """
+    from werkzeug.serving import is_running_from_reloader
+
+    if not is_running_from_reloader():
+        sys.exit(_restart_after_changes(shutdown_timeout))
+    # Werkzeug has no public API to reload a server other than its own.
+    from werkzeug._reloader import run_with_reloader
+
+    stop = _ServerStop()
+    previous = [(signum, signal.getsignal(signum)) for signum in _STOP_SIGNALS]
+    signal.signal(signal.SIGINT, _exit_on_signal)  # SIGTERM: Werkzeug's sys.exit(0)
+    ended: BaseException | None = None
+    try:
+        run_with_reloader(functools.partial(run, stop, False))
+    except BaseException as error:  # SystemExit(3): a change; SystemExit(0): a signal
+        ended = error
+    finally:
+        ended = _ignore_stop_signals(ended)  # nothing may cut the shutdown short now
+        restart = isinstance(ended, SystemExit) and ended.code == _RELOAD_EXIT
+        stop(*(_RESTART if restart else _SHUTDOWN))
+        stop.finished.wait(shutdown_timeout + 1.0)
+    if restart or not isinstance(ended, (SystemExit, KeyboardInterrupt, type(None))):
+        raise ended  # type: ignore[misc]  # the exit code the parent restarts on, or an error
+    for signum, handler in previous:  # serve() returns, as without reload: what follows may be interrupted
+        if handler is not None:
+            signal.signal(signum, handler)
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    """SIGINT in the reloader's child: leave Werkzeug's loop like its SIGTERM does.
+
+    Not a ``KeyboardInterrupt``: gevent's hub, if that is what the signal
+    interrupts, would print it.
+    """
+    _ignore_stop_signals(None)  # and a second Ctrl-C, or the parent's copy of this one, do nothing
+    raise SystemExit(0)
+
+
+def _ignore_stop_signals(ended: BaseException | None) -> BaseException | None:
+    """Ignore SIGINT and SIGTERM from now on; return ``ended``, or what a signal raised meanwhile."""
+    while True:
+        try:
+            for signum in _STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
+            return ended
+        except (SystemExit, KeyboardInterrupt) as error:  # a second signal, before the first was ignored
+            ended = error
+
+
+def _restart_after_changes(shutdown_timeout: float) -> int:
+    """The reloader's parent: run this program in a child until it exits other than to be reloaded.
+
+    Returns the child's exit status. SIGINT and SIGTERM are passed on to the
+    child as SIGINT, and it is killed if it has not exited a few seconds after
+    its shutdown timeout.
+    """
+    env = {**os.environ, "WERKZEUG_RUN_MAIN": "true"}  # what werkzeug.serving.is_running_from_reloader() reads
+    child: Any = None
+    stopping: list[float] = []  # the deadline, once told to stop
+    told: set[int] = set()  # the children told
+
+    def tell_child() -> None:
+        if child is not None and child.pid not in told and child.returncode is None:
+            told.add(child.pid)
+            with contextlib.suppress(OSError):
+                os.kill(child.pid, signal.SIGINT)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if not stopping:
+            stopping.append(time.monotonic() + shutdown_timeout + 3.0)
+        tell_child()
+
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, on_signal)
+    while True:
+        child = subprocess.Popen(_command_line(), env=env, close_fds=False)  # inherited sockets stay open
+        while True:
+            if stopping:
+                tell_child()  # a signal that came before it started
+            try:
+                status = child.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if stopping and time.monotonic() > stopping[0]:
+                    child.kill()
+        if status != _RELOAD_EXIT or stopping:
+            return status if status >= 0 else 128 - status  # killed by a signal: as a shell reports it
+
+
+def _command_line() -> list[str]:
+    """How this program was started, to start it again, as Werkzeug's reloader does."""
+    if hasattr(sys, "orig_argv"):  # Python 3.10+
+        return [sys.executable, *sys.orig_argv[1:]]
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if spec is not None and spec.name:  # python -m package.module
+        name = spec.name[: -len(".__main__")] if spec.name.endswith(".__main__") else spec.name
+        return [sys.executable, "-m", name, *sys.argv[1:]]
+    return [sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]]
+
+
+def _shut_down_websockets(timeout: float, code: int = _SHUTDOWN[0], reason: str = _SHUTDOWN[1]) -> None:
+    """Close every websocket of this process (1001 unless told); wait up to ``timeout`` for them to end.
 
     They end when their clients answer (or at their close timeouts), after
     their ``on_close``: the server may then stop without cutting a closing
-    handshake short.
+    handshake short. Callable from any thread.
     """
     for conn in list(_open_connections):
         try:
-            conn.close(1001, "server shutting down")
+            conn.close(code, reason)
         except Exception:  # one connection must not keep the others open
             logger.exception("closing %r", conn)
     deadline = time.monotonic() + timeout
     while _open_connections and time.monotonic() < deadline:
         gevent.sleep(0.05)
+
+
+def _close_websockets_at_exit() -> None:
+    """Under Werkzeug's server (``flask run``): once, close the websockets when the process exits.
+
+    Its request threads are daemons, cut off at exit without a close frame.
+    A reloader's child (``flask run --debug``) exits to be replaced by a new
+    one when the code changes: its websockets get 1012. It cannot tell that
+    from Ctrl-C, which its parent follows with SIGKILL a quarter of a second
+    later: they get 1012 then too. Without the reloader, 1001.
+    """
+    global _closing_at_exit
+    if not _closing_at_exit:
+        _closing_at_exit = True
+        atexit.register(_close_at_exit)
+
+
+_closing_at_exit = False
+#: How long an exiting Werkzeug server waits for its websockets' closing handshakes.
+_EXIT_TIMEOUT = 3.0
+
+
+def _close_at_exit() -> None:
+    from werkzeug.serving import is_running_from_reloader
+
+    if _open_connections:
+        _shut_down_websockets(_EXIT_TIMEOUT, *(_RESTART if is_running_from_reloader() else _SHUTDOWN))
 
 
 #: The connections this process serves, whatever their endpoint: for shutting down.
@@ -2559,11 +2771,17 @@ def __getattr__(name: str) -> Any:
     """``GunicornWorker``: gunicorn's gevent worker with :class:`WebSocketHandler`.
 
     ``gunicorn -k flask_websockets.GunicornWorker -w 4 app:app``. When the
-    worker is told to stop, gracefully (SIGTERM, what a reload or a deploy
-    sends) or quickly (SIGINT, SIGQUIT), it closes its websockets with 1001
-    and waits for their closing handshakes, instead of dropping them at the
-    graceful timeout. Gunicorn is imported only when the worker is asked for:
-    it is not a dependency.
+    worker is told to stop, it closes its websockets at once and waits for
+    their closing handshakes, instead of dropping them at the graceful
+    timeout. Told gracefully (SIGTERM), it closes them with 1012 ("service
+    restart"): that is how gunicorn's master replaces its workers on a reload
+    (``kill -HUP``) or a deploy, and the clients should reconnect, to a new
+    worker. The master's own graceful stop reaches the worker as the same
+    SIGTERM, and the worker cannot tell the two apart: 1012 then too, right
+    for a restart, where the service comes back. Told quickly (SIGINT,
+    SIGQUIT: the master was stopped with Ctrl-C), it closes them with 1001
+    ("server shutting down"). Gunicorn is imported only when the worker is
+    asked for: it is not a dependency.
     """
     if name != "GunicornWorker":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -2590,21 +2808,21 @@ def __getattr__(name: str) -> Any:
 
         # Gunicorn's signal handlers run in whichever greenlet the signal
         # interrupts: they only hand the work to a greenlet of its own.
-        def handle_exit(self, sig: int, frame: Any) -> None:
+        def handle_exit(self, sig: int, frame: Any) -> None:  # SIGTERM: a reload, a deploy, or the master's stop
             super().handle_exit(sig, frame)  # the worker stops once its connections end, or at the graceful timeout
-            gevent.spawn(self._stop_serving, 0.0)
+            gevent.spawn(self._stop_serving, 0.0, *_RESTART)
 
-        def handle_quit(self, sig: int, frame: Any) -> None:
+        def handle_quit(self, sig: int, frame: Any) -> None:  # SIGINT, SIGQUIT: the master's quick stop
             gevent.spawn(self._quit, sig, frame)
 
-        def _stop_serving(self, timeout: float) -> None:
+        def _stop_serving(self, timeout: float, code: int, reason: str) -> None:
             for server in GunicornServer.started:  # now, not at the worker's next check: clients
-                server.close()  # that reconnect on 1001 must reach the new workers
-            _shut_down_websockets(timeout)
+                server.close()  # that reconnect on 1012 must reach the new workers
+            _shut_down_websockets(timeout, code, reason)
 
         def _quit(self, sig: int, frame: Any) -> None:
             self.alive = False
-            self._stop_serving(3.0)
+            self._stop_serving(3.0, *_SHUTDOWN)
             Worker.handle_quit(self, sig, frame)  # exits
 
     globals()["GunicornWorker"] = GunicornWorker
@@ -2683,6 +2901,7 @@ class _WerkzeugHandover(_Handover):
     """
 
     def accept(self, subprotocol: str | None, extensions: str | None) -> tuple[Any, bytes]:
+        _close_websockets_at_exit()
         sock = self.environ["werkzeug.socket"]
         sock.sendall(_switching_protocols(_handshake_headers(self.environ, subprotocol, extensions)))
         # Werkzeug reads on from its reader after the app: leave it open.

@@ -4909,26 +4909,82 @@ def connect_when_up(url, proc, timeout=20, **kwargs):
         try:
             return client(url, **kwargs)
         except (OSError, websocket.WebSocketException):
-            assert proc.poll() is None, "the server exited"
-            assert time.monotonic() < deadline, "the server did not come up"
+            assert proc.poll() is None, f"the server exited with {proc.returncode}{server_output(proc)}"
+            assert time.monotonic() < deadline, f"the server did not come up in {timeout} s{server_output(proc)}"
             time.sleep(0.1)
 
 
 @contextlib.contextmanager
 def process(args, cwd, env=SUBPROCESS_ENV, **kwargs):
-    """A server process in its own process group, stopped with all its children."""
+    """A server process in its own process group, stopped with all its children.
+
+    What it writes to its pipes reaches the test as usual, and a copy is
+    kept: a test that fails shows it (``server_output``).
+    """
     proc = subprocess.Popen(
         args, cwd=cwd, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True, **kwargs
     )
+    keep_output(proc)
     try:
         yield proc
+    except BaseException as error:
+        stop_process(proc)
+        if hasattr(error, "add_note") and "--- the server's" not in str(error):  # Python 3.11+: pytest shows it
+            error.add_note(server_output(proc).lstrip("\n"))
+        raise
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
+        stop_process(proc)
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+def stop_process(proc):
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(10)
+
+
+def keep_output(proc):
+    """Put a thread between each of ``proc``'s pipes and the test: it passes the output on and keeps a copy."""
+    proc.kept, proc.tees = [], []
+    for name in ("stdout", "stderr"):
+        pipe = getattr(proc, name)
+        if pipe is None:
+            continue
+        read_end, write_end = os.pipe()
+        tee = threading.Thread(target=pass_on, args=(pipe, write_end, name, proc.kept), daemon=True)
+        tee.start()
+        proc.tees.append(tee)
+        setattr(proc, name, open(read_end, encoding=pipe.encoding, errors=pipe.errors))
+
+
+def pass_on(pipe, write_end, name, kept):
+    with pipe, open(write_end, "wb", buffering=0) as out:
+        while True:
+            chunk = os.read(pipe.fileno(), 65536)
+            if not chunk:
+                return
+            kept.append((name, chunk))
+            try:
+                out.write(chunk)  # a pipe's blocking write writes it all
+            except OSError:  # the test closed its end: keep reading, for the copy
+                pass
+
+
+def server_output(proc, limit=20_000):
+    """What a ``process`` wrote to its pipes, for a failure message: the end of each."""
+    if not hasattr(proc, "kept"):
+        return "\n(its output was not piped: see pytest's captured output)"
+    if proc.poll() is not None:
+        for tee in proc.tees:
+            tee.join(1)  # the last words (a process's children may hold the pipes open longer)
+    text = ""
+    for name in ("stdout", "stderr"):
+        if any(n == name for n, _ in proc.kept):
+            data = b"".join(chunk for n, chunk in list(proc.kept) if n == name).decode(errors="replace")
+            text += f"\n--- the server's {name}{' (its end)' if len(data) > limit else ''} ---\n{data[-limit:]}"
+    return text or "\n(it wrote nothing to its pipes)"
 
 
 VERSIONED_APP = """\
@@ -5013,20 +5069,23 @@ def answer_the_close(sock):
     return parse_server_frames(data)
 
 
-def stop_with_open_websockets(proc, port, signum, within):
-    """Three clients each get a reply; the signal comes right after the last one."""
+def stop_with_open_websockets(proc, port, signum, within, close=(1001, "server shutting down"), group=False):
+    """Three clients each get a reply; the signal comes right after the last one; each gets ``close``.
+
+    With ``group``, the signal goes to every process of the group, as Ctrl-C's does.
+    """
     clients = [raw_websocket(port) for _ in range(3)]
     for i, sock in enumerate(clients):
         sock.sendall(text(f"hi {i}"))
     replies = [parse_server_frames(sock.recv(4096)) for sock in clients]
-    proc.send_signal(signum)  # the racy moment: handlers have just replied
+    os.killpg(proc.pid, signum) if group else proc.send_signal(signum)  # the racy moment: handlers have just replied
     start = time.monotonic()
     ends = [answer_the_close(sock) for sock in clients]
     assert proc.wait(within) == 0
     assert time.monotonic() - start < within
     for reply, end in zip(replies, ends):
         assert len(reply) == 1 and reply[0][0] == "text"
-        assert end == [("close", 1001, "server shutting down")], "one close frame, then the end: nothing else"
+        assert end == [("close", *close)], "one close frame, then the end: nothing else"
     for sock in clients:
         sock.close()
 
@@ -5059,16 +5118,23 @@ def gunicorn_command(port, *options):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_gunicorn_workers_stop_with_1001_on_sigterm_and_sigint(signum, tmp_path):
-    """A deploy's SIGTERM (graceful) or a SIGINT (quick): close frames at once, not a drop after 30 s."""
+@pytest.mark.parametrize(
+    "signum, close",
+    [(signal.SIGTERM, (1012, "service restart")), (signal.SIGINT, (1001, "server shutting down"))],
+    ids=["SIGTERM", "SIGINT"],
+)
+def test_gunicorn_workers_close_with_1012_on_sigterm_and_1001_on_sigint(signum, close, tmp_path):
+    """A graceful SIGTERM or a quick SIGINT: close frames at once, not a drop after 30 s.
+
+    The workers get SIGTERM from a reload too, and cannot tell: 1012, "come back".
+    """
     (tmp_path / "gapp.py").write_text(GUNICORN_APP)
     for round in range(10):
         port = free_port()
         args = gunicorn_command(port, "-w", "1", "--graceful-timeout", "30", "gapp:app")
         with process(args, tmp_path) as proc:
             connect_when_up(f"ws://127.0.0.1:{port}/", proc).close()
-            stop_with_open_websockets(proc, port, signum, within=5)
+            stop_with_open_websockets(proc, port, signum, within=5, close=close)
             assert "Traceback" not in proc.stderr.read(), f"round {round}"
 
 
@@ -5171,7 +5237,7 @@ def test_a_plain_get_of_the_endpoint_explains_what_it_is():
 
 
 @pytest.mark.slow
-def test_a_gunicorn_reload_closes_the_old_workers_websockets_with_1001(tmp_path):
+def test_a_gunicorn_reload_closes_the_old_workers_websockets_with_1012(tmp_path):
     (tmp_path / "gapp.py").write_text(GUNICORN_APP.replace('f"echo {message}"', 'f"{os.getpid()}"') + "import os\n")
     port = free_port()
     args = gunicorn_command(port, "-w", "1", "--graceful-timeout", "30", "gapp:app")
@@ -5182,10 +5248,10 @@ def test_a_gunicorn_reload_closes_the_old_workers_websockets_with_1001(tmp_path)
         old_pid = {c.recv() for c in old}
         proc.send_signal(signal.SIGHUP)  # a deploy: new workers, the old ones told to stop
         start = time.monotonic()
-        assert [recv_close(c) for c in old] == [(1001, "server shutting down")] * 2
+        assert [recv_close(c) for c in old] == [(1012, "service restart")] * 2
         assert time.monotonic() - start < 5
         for c in old:
-            c.shutdown()  # the closing handshake is over: close TCP, and reconnect, as clients do on 1001
+            c.shutdown()  # the closing handshake is over: close TCP, and reconnect, as clients do on 1012
         new = connect_when_up(f"ws://127.0.0.1:{port}/", proc)
         new.send("pid?")
         assert {new.recv()} != old_pid, "a new worker serves the clients that reconnect"
@@ -7500,3 +7566,107 @@ def test_real_a_rate_limited_flood_beside_an_innocent_clients_echo(tmp_path):
         assert p99 < 0.05, f"the innocent client's p99 was {p99 * 1000:.1f} ms"
         handled = echoed[-1][1] if echoed else 0
         assert 0 < handled <= 40 + 20 * (elapsed + 1), f"{handled} echoes in {elapsed:.1f} s: at most burst + rate"
+
+
+# -- restarts (issue 21) --
+
+RESTART_APP = """\
+import os
+from flask import Flask
+import flask_websockets
+
+app = Flask(__name__)
+sockets = flask_websockets.WebSockets(app)
+VERSION = "v1"
+
+
+@sockets.on_message
+def echo(message):
+    return f"{VERSION} {os.getpid()}: {message}"
+
+
+if __name__ == "__main__":
+    flask_websockets.serve(app, port=PORT, reload=True)
+"""
+
+
+def hello(c):
+    """The version of the code and the process that answer on ``c``."""
+    c.send("hi")
+    version, pid = c.recv().split(":")[0].split()
+    return version, int(pid)
+
+
+def as_a_background_job():
+    """What ``python app.py &`` in a shell script does to the program: SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["serve(reload=True)", "serve(reload=True), monkey-patched", "flask run --debug"])
+def test_a_code_change_closes_every_websocket_with_1012_and_clients_reconnect_to_the_new_code(how, tmp_path):
+    port = free_port()
+    path = tmp_path / "chatapp.py"
+    source = RESTART_APP.replace("PORT", str(port))
+    if how.endswith("monkey-patched"):  # as example.py is: the server a greenlet of the main thread
+        source = "from gevent import monkey\nmonkey.patch_all()\n" + source
+    path.write_text(source)
+    args = [sys.executable, "chatapp.py"]
+    if how == "flask run --debug":
+        args = [sys.executable, "-m", "flask", "--app", "chatapp", "run", "--debug", "--port", str(port)]
+    with process(args, tmp_path) as proc:
+        url = f"ws://127.0.0.1:{port}/"
+        clients = [connect_when_up(url, proc) for _ in range(3)]
+        old = {hello(c) for c in clients}
+        assert len(old) == 1 and old.pop()[0] == "v1"
+        edit_version(path, "v2")
+        for c in clients:
+            c.settimeout(10)  # the reloader looks every second
+            assert recv_close(c) == (1012, "service restart")  # websocket-client answers it
+            c.shutdown()
+        new = connect_when_up(url, proc)  # refused until the new child listens (serve), or queued (flask run)
+        version, pid = hello(new)
+        assert version == "v2", "the first connection after the close reaches the new code"
+        new.close()
+        assert proc.poll() is None, "the reloader's parent serves on"
+        assert "Traceback" not in server_output(proc)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "signum, group, background",
+    [
+        (signal.SIGINT, False, True),  # kill -INT to a server started in the background
+        (signal.SIGINT, True, False),  # Ctrl-C in a terminal: both processes get it
+        (signal.SIGTERM, False, False),  # systemd, docker stop
+    ],
+    ids=["SIGINT in the background", "Ctrl-C", "SIGTERM"],
+)
+def test_a_signal_to_serve_with_reload_closes_with_1001_and_ends_both_processes(signum, group, background, tmp_path):
+    port = free_port()
+    (tmp_path / "app.py").write_text(RESTART_APP.replace("PORT", str(port)))
+    with process(
+        [sys.executable, "app.py"], tmp_path, preexec_fn=as_a_background_job if background else None
+    ) as proc:
+        c = connect_when_up(f"ws://127.0.0.1:{port}/", proc)
+        child = hello(c)[1]
+        c.close()
+        assert child != proc.pid, "the server runs in the reloader's child"
+        stop_with_open_websockets(proc, port, signum, within=5, group=group)  # 1001 each, and the parent exits 0
+        with pytest.raises(ProcessLookupError):  # the parent waited for its child: it has gone
+            os.kill(child, 0)
+        stderr = proc.stderr.read()
+        assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_serve_closes_with_1001(tmp_path):
+    port = free_port()
+    (tmp_path / "app.py").write_text(RESTART_APP.replace("PORT", str(port)).replace("reload=True", "reload=False"))
+    with process([sys.executable, "app.py"], tmp_path) as proc:
+        c = connect_when_up(f"ws://127.0.0.1:{port}/", proc)
+        assert hello(c) == ("v1", proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert recv_close(c) == (1001, "server shutting down")
+        assert proc.wait(5) == 0
+        assert "Traceback" not in proc.stderr.read()
