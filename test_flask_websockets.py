@@ -7199,3 +7199,41 @@ def test_mypy_checks_handlers_against_the_module_types(tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     assert 'typed_misuse.py:9: error: "Connection" has no attribute "jion"' in result.stdout
     assert "typed_misuse.py:13: error:" in result.stdout and "T_text_handler" in result.stdout, result.stdout
+
+
+def test_readme_deploy_replies_with_each_senders_address(tmp_path):
+    """The ProxyFix snippet answers each client with its own address, not the first client's."""
+    with serve_snippet("deploy", tmp_path) as (port, log):
+        url, page = f"ws://127.0.0.1:{port}/", f"http://127.0.0.1:{port}"
+        first = client(url, origin=page, header=["X-Forwarded-For: 203.0.113.1"])
+        second = client(url, origin=page, header=["X-Forwarded-For: 203.0.113.2"])
+        for conn, address in ((second, "203.0.113.2"), (first, "203.0.113.1")):
+            conn.send("hi")
+            assert conn.recv() == f"ws://127.0.0.1:{port}/ from {address}"
+        first.close()
+        second.close()
+
+
+@pytest.mark.parametrize("server", ["flask_websockets", "gevent-websocket"])
+def test_the_access_log_as_serving_docs_tell_it(server, caplog):
+    """Our handler logs plain requests and websockets; gevent-websocket's writes no access log at all."""
+    app, sockets, events = demo_app()
+    app.get("/hello")(lambda: "hello")
+    log = io.StringIO()
+    with caplog.at_level(logging.INFO, logger="geventwebsocket.handler"), serving(app, server, log=log) as url:
+        assert urlopen(url.replace("ws://", "http://") + "/hello").read() == b"hello"
+        c = client(url)
+        c.send("x")
+        assert c.recv() == "x"
+        c.close()
+        wait_until(lambda: len(events) == 1)  # its on_close has run
+        if server == "flask_websockets":
+            wait_until(lambda: '"GET / HTTP/1.1" 101' in log.getvalue())
+    handed_to_its_logger = [r.getMessage() for r in caplog.records if r.name == "geventwebsocket.handler"]
+    if server == "flask_websockets":
+        assert '"GET /hello HTTP/1.1" 200' in log.getvalue()
+        assert handed_to_its_logger == []
+    else:
+        assert log.getvalue() == "", "neither the request nor the websocket"
+        [line] = handed_to_its_logger  # the plain request, at INFO, on a logger that prints nothing by itself
+        assert '"GET /hello HTTP/1.1" 200' in line
