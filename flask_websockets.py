@@ -49,6 +49,7 @@ import contextlib
 import enum
 import functools
 import hashlib
+import inspect
 import io
 import logging
 import os
@@ -66,7 +67,7 @@ import uuid
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextvars import ContextVar
-from typing import Any, Callable, NamedTuple, TypeVar, Union
+from typing import Any, Callable, NamedTuple, TypeVar, Union, overload
 
 import gevent
 import gevent.event
@@ -155,6 +156,19 @@ def has_socket_context() -> bool:
 
 Handler = Callable[[Message], Reply]
 Hook = Callable[[], Any]
+
+# What the registering decorators take and give back unchanged, named as Flask
+# names its own (T_route...). Type variables, so that a decorated function keeps
+# its type, and a type checker checks the handler's parameter and reply: one
+# annotated ``-> dict`` is an error, as its reply would be at run time. A
+# catch-all handler gets str and bytes, yet one annotated ``message: str`` is
+# accepted: only the app knows whether its clients send binary. A str pattern's
+# handler gets str, a bytes pattern's bytes.
+T_handler = TypeVar("T_handler", bound=Callable[[Any], Reply])
+T_text_handler = TypeVar("T_text_handler", bound=Callable[[str], Reply])
+T_binary_handler = TypeVar("T_binary_handler", bound=Callable[[bytes], Reply])
+T_error_handler = TypeVar("T_error_handler", bound=Callable[[Any], Reply])
+T_hook = TypeVar("T_hook", bound=Hook)
 
 class WebSockets:
     """The Flask-Websockets extension: one websocket endpoint of an app.
@@ -279,9 +293,19 @@ class WebSockets:
 
     # -- registering handlers ------------------------------------------------
 
+    @overload
+    def on_message(self, handler: T_handler, /) -> T_handler: ...
+    @overload
+    def on_message(self, pattern: None = None) -> Callable[[T_handler], T_handler]: ...
+    @overload
     def on_message(
-        self, pattern: None | str | bytes | re.Pattern[Any] | Handler = None, flags: int = 0
-    ) -> Any:
+        self, pattern: str | re.Pattern[str], flags: int = 0
+    ) -> Callable[[T_text_handler], T_text_handler]: ...
+    @overload
+    def on_message(
+        self, pattern: bytes | re.Pattern[bytes], flags: int = 0
+    ) -> Callable[[T_binary_handler], T_binary_handler]: ...
+    def on_message(self, pattern: Any = None, flags: int = 0) -> Any:
         """Register a message handler, the websocket's view function.
 
         The handler gets the message (``str`` for text, ``bytes`` for binary)
@@ -305,18 +329,41 @@ class WebSockets:
                 return message[5:]
 
             @sockets.on_message(re.compile(rb"^\\x89PNG"))
-            def image(data):
+            def image(data: bytes) -> None:
                 store(data)
+
+        Annotated handlers type-check (mypy, pyright): a ``str`` pattern's
+        handler takes ``str``, a ``bytes`` pattern's ``bytes``, and each
+        returns a reply. A bad registration fails at once, naming the
+        handler: an invalid regex is a ``ValueError``, a handler that is
+        async or cannot take the message a ``TypeError``.
         """
         if callable(pattern) and not isinstance(pattern, (str, bytes, re.Pattern)):
-            self._catch_all.append(_check_handler(pattern))
-            return pattern
+            # The bare decorator, @sockets.on_message over the handler itself.
+            if flags:
+                raise TypeError(f"on_message(flags=...) needs a pattern, and was given the handler {_name(pattern)}")
+            handler: Any = pattern  # Any: callable() narrows it to `(...) -> object`, which is no Handler
+            self._catch_all.append(_check_handler(handler, "on_message", ("message",)))
+            return handler
+        if pattern is not None and not isinstance(pattern, (str, bytes, re.Pattern)):
+            raise TypeError(
+                "on_message() takes a handler, or a pattern (str, bytes or re.Pattern) then a handler;"
+                f" not {type(pattern).__name__} {pattern!r:.40}"
+            )
         if pattern is None and flags:
             raise TypeError("on_message(flags=...) needs a pattern")
-        regex = None if pattern is None else re.compile(pattern, flags)
+        if isinstance(flags, bool) or not isinstance(flags, int):
+            raise TypeError(f"on_message({pattern!r}, flags=...) takes re flags such as re.I, not {flags!r:.40}")
+        call = f"on_message({pattern!r}{f', flags={flags!r}' if flags else ''})"
 
-        def decorator(handler: F) -> F:
-            _check_handler(handler)
+        def decorator(handler: Any) -> Any:
+            _check_handler(handler, call, ("message",))
+            # Compiled here, where the handler is known, so that an invalid regex
+            # names the registration that failed. re's own errors name neither.
+            try:
+                regex = None if pattern is None else re.compile(pattern, flags)
+            except (re.error, ValueError, TypeError) as error:
+                raise ValueError(f"{call} over {_name(handler)}: not a valid pattern: {error}") from error
             if regex is None:
                 self._catch_all.append(handler)
             elif isinstance(regex.pattern, str):
@@ -327,7 +374,7 @@ class WebSockets:
 
         return decorator
 
-    def errorhandler(self, exception: type[BaseException]) -> Callable[[F], F]:
+    def errorhandler(self, exception: type[BaseException]) -> Callable[[T_error_handler], T_error_handler]:
         """Register a function that handles an error in this endpoint's handlers.
 
         Like Flask's ``errorhandler``: the handler of the most specific class
@@ -345,15 +392,21 @@ class WebSockets:
                 ws.close(1008, "forbidden")
         """
         if not (isinstance(exception, type) and issubclass(exception, BaseException)):
-            raise TypeError(f"errorhandler() takes an exception class, not {exception!r}")
+            if inspect.isfunction(exception) or inspect.ismethod(exception):  # @sockets.errorhandler, no class
+                raise TypeError(
+                    f"errorhandler() takes an exception class, then the handler {_name(exception)}:"
+                    " @sockets.errorhandler(ValueError)"
+                )
+            raise TypeError(f"errorhandler() takes an exception class, not {exception!r:.40}")
+        call = f"errorhandler({exception.__name__})"
 
-        def decorator(handler: F) -> F:
-            self._error_handlers[exception] = _check_handler(handler)
+        def decorator(handler: T_error_handler) -> T_error_handler:
+            self._error_handlers[exception] = _check_handler(handler, call, ("error",))
             return handler
 
         return decorator
 
-    def before_connect(self, hook: F) -> F:
+    def before_connect(self, hook: T_hook) -> T_hook:
         """Register a function that may refuse a handshake, called with no arguments.
 
         It runs in the handshake's request context, after the origin check
@@ -367,10 +420,10 @@ class WebSockets:
                 if "user_id" not in session:
                     abort(401)
         """
-        self._connect_hooks.append(_check_handler(hook))
+        self._connect_hooks.append(_check_handler(hook, "before_connect"))
         return hook
 
-    def on_open(self, hook: F) -> F:
+    def on_open(self, hook: T_hook) -> T_hook:
         """Register a function called with no arguments when a client connects.
 
         It runs before the first message is handled, with ``ws``, ``request``
@@ -382,10 +435,10 @@ class WebSockets:
             def greet():
                 ws.send(f"hello {request.remote_addr}")
         """
-        self._open_hooks.append(_check_handler(hook))
+        self._open_hooks.append(_check_handler(hook, "on_open"))
         return hook
 
-    def on_close(self, hook: F) -> F:
+    def on_close(self, hook: T_hook) -> T_hook:
         """Register a function called with no arguments when a connection ends.
 
         It runs exactly once per connection, however it ended: a close from
@@ -398,7 +451,7 @@ class WebSockets:
             def gone():
                 sockets.broadcast(f"{request.remote_addr} left ({ws.close_code})")
         """
-        self._close_hooks.append(_check_handler(hook))
+        self._close_hooks.append(_check_handler(hook, "on_close"))
         return hook
 
     # -- sending to many ----------------------------------------------------
@@ -997,12 +1050,37 @@ def _counts(conn: Connection) -> tuple[int, ...]:
     return conn._received, conn._received_bytes, conn._sent, conn._sent_bytes, conn._rate_limited
 
 
-def _check_handler(func: F) -> F:
+def _check_handler(func: F, registration: str, arguments: tuple[str, ...] | None = None) -> F:
+    """Check a function given to ``registration`` (``"on_open"``, ``"on_message('^ECHO')"``...).
+
+    It runs at registration, at import time, so that a mistake fails there and
+    names the function, not at the first message. ``arguments`` names what a
+    handler is called with, ``("message",)`` say, and its signature must take
+    them. Hooks get no arguments, and their signatures are not checked: every
+    hook registration that worked before still does.
+    """
     if not callable(func):
-        raise TypeError(f"a handler must be callable, not {type(func).__name__}")
-    if getattr(func, "__code__", None) is not None and func.__code__.co_flags & 0x180:
-        # CO_COROUTINE | CO_ITERABLE_COROUTINE: gevent runs plain functions concurrently.
-        raise TypeError(f"{_name(func)} is async: websocket handlers must be plain functions")
+        raise TypeError(f"{registration} takes a function, not {type(func).__name__} {func!r:.40}")
+    code = getattr(func, "__code__", None)
+    if (
+        inspect.iscoroutinefunction(func)
+        or inspect.isasyncgenfunction(func)
+        or (code is not None and code.co_flags & inspect.CO_ITERABLE_COROUTINE)
+    ):
+        # gevent runs plain functions concurrently; a coroutine would be the reply.
+        raise TypeError(f"{registration}: {_name(func)} is async: websocket handlers must be plain functions")
+    if arguments is None:
+        return func
+    try:
+        # The function's own signature: a decorator's wrapper may take other arguments than what it wraps.
+        signature = inspect.signature(func, follow_wrapped=False)
+    except (TypeError, ValueError):  # some built-in callables have none: called as they are
+        return func
+    try:
+        signature.bind(*arguments)
+    except TypeError as error:
+        called = " and ".join(arguments)
+        raise TypeError(f"{registration}: {_name(func)}{signature} cannot take the {called}: {error}") from None
     return func
 
 

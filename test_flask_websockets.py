@@ -473,8 +473,8 @@ def test_bad_registrations_fail_at_import_time():
 
     with pytest.raises(TypeError, match="needs a pattern"):
         sockets.on_message(flags=re.I)
-    with pytest.raises(re.error):
-        sockets.on_message("(unclosed")
+    with pytest.raises(ValueError, match="unclosed"):  # compiled where the handler is known, to name it
+        sockets.on_message("(unclosed")(lambda message: message)
 
 
 def test_str_patterns_see_text_bytes_patterns_see_binary():
@@ -7670,3 +7670,272 @@ def test_sigterm_to_serve_closes_with_1001(tmp_path):
         assert recv_close(c) == (1001, "server shutting down")
         assert proc.wait(5) == 0
         assert "Traceback" not in proc.stderr.read()
+
+
+# -- misuse and typing (issue 21) --
+
+
+def test_an_invalid_regex_names_its_registration_and_handler():
+    app, sockets = make_app()
+    with pytest.raises(ValueError, match=r"on_message\('\^\(unclosed'\) over .*\.broken: .*missing \)") as caught:
+
+        @sockets.on_message("^(unclosed")
+        def broken(message):
+            return message
+
+    assert isinstance(caught.value.__cause__, re.error), "re's own error stays as the cause"
+    with pytest.raises(ValueError, match=r"flags=re\.IGNORECASE\) over .*\.compiled: .*flags"):
+
+        @sockets.on_message(re.compile("^x"), flags=re.IGNORECASE)  # the flags belong in re.compile
+        def compiled(message):
+            return message
+
+    @sockets.on_message
+    def echo(message):
+        return message
+
+    with sockets.test_client() as client:  # the failed registrations left nothing behind
+        client.send("x")
+        assert client.receive() == "x"
+        client.send(b"y")
+        assert client.receive() == b"y"
+
+
+def test_a_pattern_of_the_wrong_type_says_what_was_given_and_what_is_accepted():
+    app, sockets = make_app()
+    with pytest.raises(TypeError, match=r"on_message\(\) takes a handler, or a pattern \(str, bytes or re\.Pattern\)"):
+        sockets.on_message(42)
+    with pytest.raises(TypeError, match="not int 42"):
+        sockets.on_message(42)
+    with pytest.raises(TypeError, match="re flags"):
+        sockets.on_message("^x", flags="i")
+
+
+def test_flags_without_a_pattern_name_the_handler():
+    app, sockets = make_app()
+
+    def echo(message):
+        return message
+
+    with pytest.raises(TypeError, match=r"needs a pattern, and was given the handler .*\.echo"):
+        sockets.on_message(echo, flags=re.IGNORECASE)
+    with pytest.raises(TypeError, match="needs a pattern"):
+        sockets.on_message(flags=re.IGNORECASE)
+
+
+def test_bad_handlers_name_themselves_and_their_registration():
+    import functools
+
+    app, sockets = make_app()
+
+    async def coroutine(message):
+        return message
+
+    async def stream(message):
+        yield message
+
+    def no_message():
+        return "pong"
+
+    def two(message, extra):
+        return message
+
+    with pytest.raises(TypeError, match=r"on_message\('\^x'\) takes a function, not int 42"):
+        sockets.on_message("^x")(42)
+    with pytest.raises(TypeError, match=r"on_message: .*\.coroutine is async"):
+        sockets.on_message(coroutine)
+    with pytest.raises(TypeError, match=r"on_message\(b'x'\): .*\.stream is async"):
+        sockets.on_message(b"x")(stream)
+    with pytest.raises(TypeError, match=r"on_message\('\^ping'\): .*\.no_message\(\) cannot take the message"):
+        sockets.on_message("^ping")(no_message)
+    with pytest.raises(TypeError, match=r"on_message: .*\.two\(message, extra\) cannot take the message"):
+        sockets.on_message(two)
+
+    # What takes the message is fine, whatever its kind, and so is a wrapper
+    # that takes other arguments than the function it wraps.
+    def with_prefix(prefix, message):
+        return prefix + message
+
+    def wraps_something_else(function):
+        @functools.wraps(function)
+        def wrapper(message):
+            return function("> ", message)
+
+        return wrapper
+
+    class Callable:
+        def __call__(self, message, extra=None):
+            return message
+
+    for handler in (functools.partial(with_prefix, "> "), wraps_something_else(with_prefix), Callable(), print):
+        assert sockets.on_message(handler) is handler
+
+
+def test_error_handlers_and_hooks_name_what_is_wrong():
+    app, sockets = make_app()
+
+    def bad_input(error):
+        return str(error)
+
+    with pytest.raises(TypeError, match=r"takes an exception class, then the handler .*\.bad_input"):
+        sockets.errorhandler(bad_input)  # @sockets.errorhandler without its class
+    with pytest.raises(TypeError, match="takes an exception class, not 404"):
+        sockets.errorhandler(404)
+    with pytest.raises(TypeError, match=r"errorhandler\(ValueError\): .*\.<lambda>\(\) cannot take the error"):
+        sockets.errorhandler(ValueError)(lambda: "oops")
+    with pytest.raises(TypeError, match=r"errorhandler\(KeyError\) takes a function, not str 'oops'"):
+        sockets.errorhandler(KeyError)("oops")
+
+    async def opened():
+        pass
+
+    with pytest.raises(TypeError, match="on_open takes a function, not int 42"):
+        sockets.on_open(42)
+    with pytest.raises(TypeError, match=r"on_open: .*\.opened is async"):
+        sockets.on_open(opened)
+    with pytest.raises(TypeError, match=r"on_close: .*\.opened is async"):
+        sockets.on_close(opened)
+    with pytest.raises(TypeError, match="before_connect takes a function, not NoneType None"):
+        sockets.before_connect(None)
+    assert sockets.errorhandler(ValueError)(bad_input) is bad_input
+
+
+TYPED_APP = '''\
+import re
+from typing import Union
+
+from flask import Flask, Response, jsonify
+from flask_websockets import WebSockets, ws
+
+app = Flask(__name__)
+sockets = WebSockets(app)
+
+
+@sockets.on_message
+def echo(message: str) -> str:
+    return message
+
+
+@sockets.on_message()
+def log(message: Union[str, bytes]) -> None:
+    ws.join("room")
+
+
+@sockets.on_message("^x")
+def text(message: str) -> str:
+    return message
+
+
+@sockets.on_message(re.compile(rb"x"))
+def binary(data: bytes) -> bytes:
+    return data
+
+
+@sockets.on_message("^JSON", flags=re.IGNORECASE)
+def json_reply(message: str) -> Response:
+    return jsonify(reply=message)
+
+
+@sockets.errorhandler(ValueError)
+def bad_input(error: ValueError) -> Response:
+    return jsonify(error=str(error))
+
+
+@sockets.on_open
+def greet() -> None:
+    ws.send("hello")
+
+
+sockets.on_message(lambda message: message)
+reveal_type(echo)
+reveal_type(binary)
+'''
+
+TYPED_MISUSE = '''\
+from flask import Flask
+from flask_websockets import WebSockets, ws
+
+sockets = WebSockets(Flask(__name__))
+
+
+@sockets.on_message
+def echo(message: str) -> str:
+    ws.jion("room")
+    return message
+
+
+@sockets.on_message("^x")
+def binary(data: bytes) -> bytes:
+    return data
+'''
+
+
+@pytest.mark.slow
+def test_mypy_checks_handlers_against_the_module_types(tmp_path):
+    """mypy reads the module's annotations: the documented API passes, a typo does not."""
+    import importlib.util
+
+    if importlib.util.find_spec("mypy") is None:
+        pytest.skip("the typing test needs mypy: python -m pip install mypy")
+    (tmp_path / "typed_app.py").write_text(TYPED_APP)
+    (tmp_path / "typed_misuse.py").write_text(TYPED_MISUSE)
+
+    def mypy(path):
+        # This work tree's module, through MYPYPATH, whatever is installed. Its own
+        # errors are not the point here (silent): how it types its users' code is.
+        return subprocess.run(
+            [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", path],
+            cwd=tmp_path,
+            env={**os.environ, "MYPYPATH": str(HERE)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    result = mypy("typed_app.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The decorated functions keep their own types (older mypy spells str builtins.str).
+    assert re.search(r'Revealed type is "def \(message: (builtins\.)?str\) -> (builtins\.)?str"', result.stdout)
+    assert re.search(r'Revealed type is "def \(data: (builtins\.)?bytes\) -> (builtins\.)?bytes"', result.stdout)
+    result = mypy("typed_misuse.py")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert 'typed_misuse.py:9: error: "Connection" has no attribute "jion"' in result.stdout
+    assert "typed_misuse.py:13: error:" in result.stdout and "T_text_handler" in result.stdout, result.stdout
+
+
+def test_readme_deploy_replies_with_each_senders_address(tmp_path):
+    """The ProxyFix snippet answers each client with its own address, not the first client's."""
+    with serve_snippet("deploy", tmp_path) as (port, log):
+        url, page = f"ws://127.0.0.1:{port}/", f"http://127.0.0.1:{port}"
+        first = client(url, origin=page, header=["X-Forwarded-For: 203.0.113.1"])
+        second = client(url, origin=page, header=["X-Forwarded-For: 203.0.113.2"])
+        for conn, address in ((second, "203.0.113.2"), (first, "203.0.113.1")):
+            conn.send("hi")
+            assert conn.recv() == f"ws://127.0.0.1:{port}/ from {address}"
+        first.close()
+        second.close()
+
+
+@pytest.mark.parametrize("server", ["flask_websockets", "gevent-websocket"])
+def test_the_access_log_as_serving_docs_tell_it(server, caplog):
+    """Our handler logs plain requests and websockets; gevent-websocket's writes no access log at all."""
+    app, sockets, events = demo_app()
+    app.get("/hello")(lambda: "hello")
+    log = io.StringIO()
+    with caplog.at_level(logging.INFO, logger="geventwebsocket.handler"), serving(app, server, log=log) as url:
+        assert urlopen(url.replace("ws://", "http://") + "/hello").read() == b"hello"
+        c = client(url)
+        c.send("x")
+        assert c.recv() == "x"
+        c.close()
+        wait_until(lambda: len(events) == 1)  # its on_close has run
+        if server == "flask_websockets":
+            wait_until(lambda: '"GET / HTTP/1.1" 101' in log.getvalue())
+    handed_to_its_logger = [r.getMessage() for r in caplog.records if r.name == "geventwebsocket.handler"]
+    if server == "flask_websockets":
+        assert '"GET /hello HTTP/1.1" 200' in log.getvalue()
+        assert handed_to_its_logger == []
+    else:
+        assert log.getvalue() == "", "neither the request nor the websocket"
+        [line] = handed_to_its_logger  # the plain request, at INFO, on a logger that prints nothing by itself
+        assert '"GET /hello HTTP/1.1" 200' in line

@@ -42,10 +42,13 @@ extensions = [
 exclude_patterns = ["_build", "_inventories", "Thumbs.db", ".DS_Store"]
 default_role = "code"
 # Every cross-reference must resolve (under -W a broken one fails the build), but
-# for names that no inventory has: the module's TypeVar, and re.Pattern, which
+# for names that no inventory has: the module's TypeVars, and re.Pattern, which
 # Python's documentation describes without an index entry.
 nitpicky = True
-nitpick_ignore = [("py:class", "flask_websockets.F"), ("py:class", "re.Pattern")]
+nitpick_ignore = [("py:class", "re.Pattern")] + [
+    ("py:class", f"flask_websockets.{name}")
+    for name in ("F", "T_handler", "T_text_handler", "T_binary_handler", "T_error_handler", "T_hook")
+]
 highlight_language = "python3"
 
 # autodoc: members in the module's order, type hints in the signatures. The
