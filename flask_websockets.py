@@ -2437,7 +2437,8 @@ class WebSocketHandler(_GeventWebSocketHandler):
         try:
             return super().read_request(raw_requestline)
         except (_SlowRequest, _LongRequest) as error:  # pywsgi would log a line for each: clients choose how many
-            _log_summarised(logging.INFO, type(error).__doc__, "400 for %s: %s", self.client_address, error)
+            kind = "requests too long" if isinstance(error, _LongRequest) else "requests too slow"
+            _log_summarised(logging.INFO, kind, "400 for %s: %s", self.client_address, error)
             return False  # pywsgi answers 400
         finally:
             self.rfile = reader
@@ -2505,14 +2506,14 @@ class WebSocketHandler(_GeventWebSocketHandler):
 
 
 class _SlowRequest(ValueError):
-    """Requests not whole within the handshake timeout."""
+    """A client that took too long to send its request (pywsgi answers a ValueError with 400)."""
 
     def __init__(self, seconds: float) -> None:
         super().__init__(f"no whole request within {seconds} s")
 
 
 class _LongRequest(ValueError):
-    """Requests whose request line and headers were too long."""
+    """A request line and headers over ``max_handshake_size`` (pywsgi answers a ValueError with 400)."""
 
 
 class _HeadReader:
