@@ -1691,7 +1691,8 @@ class Connection:
                 inbox.append(data)
                 self._inbox_size += len(data)
                 self._received += 1
-                self._tokens -= 1.0  # without a rate limit, never looked at
+                if rate is not None:
+                    self._tokens -= 1.0
             elif kind == _OP_PING:
                 self._pong(proto.data_to_send())
             elif kind == _OP_CLOSE or kind == _FAILED:
