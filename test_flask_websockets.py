@@ -67,7 +67,9 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Response
 
-import flask_websockets
+if os.environ.get("FLASK_WEBSOCKETS_PURE_PYTHON"):  # CI's Python 3.9: unmask as a vendored copy without the extra does
+    sys.modules["websockets.speedups"] = None  # type: ignore[assignment]
+import flask_websockets  # noqa: E402
 from flask_websockets import Connection, ConnectionClosed, HandshakeRefused, WebSockets, has_socket_context, ws
 from flask_websockets import _Protocol, _State  # the protocol core, tested on its own
 
@@ -1282,19 +1284,31 @@ def test_large_frames_use_extended_lengths():
 def test_unmask_matches_the_rfc_definition(size):
     payload, mask = os.urandom(size), os.urandom(4)
     expected = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    for unmask in (flask_websockets._unmask_python, flask_websockets._unmask):  # _unmask: wsaccel's, if installed
+    for unmask in (flask_websockets._unmask_python, flask_websockets._unmask):  # _unmask: C's, if installed
         assert unmask(payload, mask) == expected
         result = unmask(bytearray(payload), mask)  # long payloads arrive in a bytearray
         assert result == expected and type(result) is bytes
 
 
+def test_with_the_speedups_extra_unmasking_runs_in_c():
+    if os.environ.get("FLASK_WEBSOCKETS_PURE_PYTHON"):
+        assert flask_websockets._unmask is flask_websockets._unmask_python
+        pytest.skip("pure Python asked for")
+    try:
+        from websockets.speedups import apply_mask
+    except ImportError:
+        missing("the websockets library's C speedups: pip install \".[speedups]\"", "speedups")
+    assert flask_websockets._unmask.__code__.co_names == ("_apply_mask",)
+    assert apply_mask(b"abcd", b"\x01\x01\x01\x01") == flask_websockets._unmask(b"abcd", b"\x01\x01\x01\x01")
+
+
 @pytest.mark.parametrize("size, start, phase", [(1, 0, 0), (7, 3, 1), (401, 5, 2), (4099, 0, 3), (70000, 17, 5)])
-def test_unmasking_in_place_from_any_point_of_a_frame(size, start, phase):
+def test_unmasking_on_the_way_into_a_message_from_any_point_of_a_frame(size, start, phase):
     payload, mask = os.urandom(size), os.urandom(4)
     expected = bytes(b ^ mask[(phase + i) % 4] for i, b in enumerate(payload))
-    for unmask_into in (flask_websockets._unmask_into_python, flask_websockets._unmask_into):
-        data = bytearray(b"h" * start + payload)
-        unmask_into(data, start, mask, phase)
+    for append_unmasked in (flask_websockets._append_unmasked_python, flask_websockets._append_unmasked):
+        data = bytearray(b"h" * start)
+        append_unmasked(data, memoryview(b"..." + payload)[3:], mask, phase)
         assert data == b"h" * start + expected
 
 
@@ -6587,7 +6601,8 @@ def missing(what, kind="browser"):
 
     ``FLASK_WEBSOCKETS_REQUIRE`` lists the kinds that must run, as CI does:
     ``browser`` (chromium and playwright), ``nginx``, ``redis`` (redis-server),
-    ``docs`` (sphinx and the Pallets theme, to build the site).
+    ``docs`` (sphinx and the Pallets theme, to build the site), ``speedups``
+    (the C unmasking of the ``speedups`` extra).
     """
     message = f"{kind} tests need {what}"
     if kind in os.environ.get("FLASK_WEBSOCKETS_REQUIRE", "").split(","):

@@ -36,12 +36,13 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--profile", action="store_true")
 parser.add_argument("--only", help="one measurement, by name (for callgrind)")
 parser.add_argument("-n", type=int, default=0, help="iterations (default: enough for about a second)")
-parser.add_argument("--pure-python", action="store_true", help="do not use wsaccel even if installed")
+parser.add_argument("--pure-python", action="store_true", help="unmask in pure Python even where the speedups extra is installed")
 parser.add_argument("--module", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 ARGS = parser.parse_args()
 sys.path.insert(0, ARGS.module)
 if ARGS.pure_python:
-    sys.modules["wsaccel.xormask"] = None  # type: ignore[assignment]
+    sys.modules["wsaccel.xormask"] = None  # type: ignore[assignment]  # older versions' accelerator
+    sys.modules["websockets.speedups"] = None  # type: ignore[assignment]  # the speedups extra's
 
 import gevent  # noqa: E402
 import gevent.socket  # noqa: E402
@@ -212,7 +213,7 @@ def main():
     conn.close()
     accelerated = flask_websockets._unmask is not flask_websockets._unmask_python
     where = os.path.abspath(flask_websockets.__file__)
-    print(f"flask_websockets from {where}, {'wsaccel' if accelerated else 'pure Python'}")
+    print(f"flask_websockets from {where}, {'C (the speedups extra)' if accelerated else 'pure Python'}")
     for name, (case, default_n, unit) in CASES.items():
         if ARGS.only and name != ARGS.only:
             continue

@@ -21,7 +21,8 @@ import sys  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 if "--pure-python" in sys.argv:  # measure without the optional accelerator, even where installed
-    sys.modules["wsaccel.xormask"] = None  # type: ignore[assignment]
+    sys.modules["wsaccel.xormask"] = None  # type: ignore[assignment]  # older versions' accelerator
+    sys.modules["websockets.speedups"] = None  # type: ignore[assignment]  # the speedups extra's
 
 from flask import Flask  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
@@ -46,7 +47,7 @@ def main():
     parser.add_argument(
         "--max-message-size", type=int, default=None, help="WEBSOCKETS_MAX_MESSAGE_SIZE in bytes; 0 means no limit"
     )
-    parser.add_argument("--pure-python", action="store_true", help="do not use wsaccel even if installed")
+    parser.add_argument("--pure-python", action="store_true", help="unmask in pure Python even where the speedups extra is installed")
     parser.add_argument(
         "--handler",
         choices=["gevent-websocket", "flask_websockets"],
@@ -77,7 +78,7 @@ def main():
     accelerated = flask_websockets._unmask is not flask_websockets._unmask_python
     print(
         f"flask_websockets echo on ws://{args.host}:{args.port}/ws, {args.handler}'s handler, unmasking with"
-        f" {'wsaccel' if accelerated else 'pure Python'}, compression {'on' if args.compression else 'off'}",
+        f" {'C (the speedups extra)' if accelerated else 'pure Python'}, compression {'on' if args.compression else 'off'}",
         file=sys.stderr,
         flush=True,
     )
