@@ -47,7 +47,7 @@ def main():
     parser.add_argument(
         "--max-message-size", type=int, default=None, help="WEBSOCKETS_MAX_MESSAGE_SIZE in bytes; 0 means no limit"
     )
-    parser.add_argument("--pure-python", action="store_true", help="unmask in pure Python even where the speedups extra is installed")
+    parser.add_argument("--pure-python", action="store_true", help="unmask in pure Python, even with the speedups extra")
     parser.add_argument(
         "--handler",
         choices=["gevent-websocket", "flask_websockets"],
@@ -78,7 +78,7 @@ def main():
     accelerated = flask_websockets._unmask is not flask_websockets._unmask_python
     print(
         f"flask_websockets echo on ws://{args.host}:{args.port}/ws, {args.handler}'s handler, unmasking with"
-        f" {'C (the speedups extra)' if accelerated else 'pure Python'}, compression {'on' if args.compression else 'off'}",
+        f" {'C (speedups)' if accelerated else 'pure Python'}, compression {'on' if args.compression else 'off'}",
         file=sys.stderr,
         flush=True,
     )
