@@ -47,7 +47,7 @@ def main():
     parser.add_argument(
         "--max-message-size", type=int, default=None, help="WEBSOCKETS_MAX_MESSAGE_SIZE in bytes; 0 means no limit"
     )
-    parser.add_argument("--pure-python", action="store_true", help="unmask in pure Python, even with the speedups extra")
+    parser.add_argument("--pure-python", action="store_true", help="unmask in pure Python, even with speedups")
     parser.add_argument(
         "--handler",
         choices=["gevent-websocket", "flask_websockets"],
