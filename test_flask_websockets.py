@@ -2486,6 +2486,41 @@ def test_pongs_wait_behind_what_is_buffered_and_only_the_latest_ping_is_answered
     fake.end()
 
 
+class FirstSendTakesOneByte:
+    """A socket whose first sendmsg takes one byte: a large frame's header is cut short."""
+
+    def __init__(self, sock):
+        self._sock, self.calls = sock, 0
+
+    def sendmsg(self, parts):
+        self.calls += 1
+        return self._sock.send(parts[0][:1]) if self.calls == 1 else self._sock.sendmsg(parts)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+@pytest.mark.parametrize("size", [16 * 1024, 300_000])
+def test_a_large_message_goes_out_as_header_and_payload_whatever_the_socket_takes(size):
+    app, sockets, clock, events = slow_client_app()
+    sockets.on_message(lambda message: b"x" * size if message == b"big" else None)
+    fake = connect(app)
+    gevent.idle()
+    [conn] = sockets.connections
+    conn._sock = sock = FirstSendTakesOneByte(conn._sock)
+    fake.feed(binary(b"big"), binary(b"big"))
+    with gevent.Timeout(5):
+        while len(fake.frames) < 2:
+            fake.read()
+    expected = b"x" * size
+    assert fake.frames == [("binary", expected), ("binary", expected)], "whole, in order"
+    assert sock.calls >= 1, "header and payload went out as parts, the first cut short"
+    assert conn.buffered_amount == 0
+    fake.disconnect()
+    fake.read_until_eof()
+    fake.end()
+
+
 def test_a_slow_but_reading_client_gets_everything_in_order():
     app, sockets, clock, events = slow_client_app(max_send_buffer=100_000)
 
