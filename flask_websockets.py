@@ -897,6 +897,8 @@ class WebSockets:
         handover = _handover(req.environ)
         if handover is None:
             return _not_served_response()
+        if _metrics_copier is not None and _metrics_copier[0] != os.getpid():
+            _copy_metrics_from_here()  # a gunicorn worker's first handshake, refused or not (multi-process mode)
         settings = _settings(current_app._get_current_object())  # type: ignore[attr-defined]
         try:
             refusal = handover.check() or self._refusal(req, settings)
@@ -929,8 +931,6 @@ class WebSockets:
         self._add(conn)
         _open_connections.add(conn)
         self._message_queue()  # so that broadcasts from other processes reach this one
-        if _metrics_copier is not None and _metrics_copier[0] != os.getpid():
-            _copy_metrics_from_here()  # a gunicorn worker's first connection (multi-process mode)
         wait = True
         try:
             self._run(conn)
@@ -1465,6 +1465,7 @@ class Connection:
         self._reader = self._loop.io(sock.fileno(), 1)  # the read watcher
         self._keepalive.start(self)
         if pending:
+            self._received_bytes += len(pending)
             self._proto.receive_data(pending)
         self._pump()  # parses what came with the handshake, and starts the reader
 
@@ -1624,6 +1625,8 @@ class Connection:
             self._release()
             return
         self._life = life
+        if self._buffer is not None:  # a pong still parked would follow the close frame: none is owed now
+            self._buffer.pong = None
         if life is _CLOSING:
             self._arm_close_timer()
             self._wake_senders()
@@ -1680,8 +1683,8 @@ class Connection:
         proto, inbox = self._proto, self._inbox
         rate, limited = self._settings.rate_limit, False
         while len(inbox) < _INBOX_MESSAGES and self._inbox_size < self._settings.inbox_bytes:
-            if rate is not None and not self._may_receive(rate):
-                limited = True
+            if rate is not None and self._life is _OPEN and not self._may_receive(rate) and proto.data_waiting():
+                limited = True  # pings and close frames go on: only messages wait for a token
                 break
             event = proto.next_event()
             if event is None:
@@ -2089,7 +2092,11 @@ class Connection:
         for the handler; a server's later close of the socket does nothing.)
         """
         try:
-            self._sock.close()
+            self._sock.shutdown(socket.SHUT_RDWR)  # the FIN goes now, even where the fd outlives close()
+        except OSError:
+            pass
+        try:
+            self._sock.close()  # under Werkzeug its reader keeps the fd until the thread ends
         except OSError:
             pass
 
@@ -2189,6 +2196,7 @@ class _SendBuffer:
                 if not chunks:
                     chunks.append(self.pong)
                     self.size, self.pong = len(self.pong), None  # type: ignore[arg-type]
+                    self._conn._sent_bytes += self.size
                 head = chunks[0]
                 sent = sock.send(head)
                 if not sent:
@@ -4488,6 +4496,12 @@ class _Protocol:
         else:  # a partial header, or frames the caller has not asked for yet
             self._buf = self._buf[self._pos :] + data
             self._pos = 0
+
+    def data_waiting(self) -> bool:
+        """Whether what is buffered starts or continues a data frame (what a rate limit may hold back)."""
+        if self._left:
+            return not self._skip
+        return self._pos < len(self._buf) and not self._buf[self._pos] & 0x08
 
     def receive_eof(self) -> None:
         """The peer closed the TCP connection: events end after what it sent."""

@@ -2467,6 +2467,23 @@ def test_a_ping_flood_that_reads_nothing_costs_one_pong_and_is_closed_as_too_slo
     assert events == [(None, 1008, "client too slow")]
 
 
+def test_no_pong_follows_the_close_frame():
+    """A pong parked behind a large reply used to go out after the close frame that followed it."""
+    app, sockets, clock, events = slow_client_app()
+    sockets.on_message(lambda message: "x" * 300_000 if message == "big" else ws.close(1000, "bye"))
+    fake = connect(app)
+    small_socket_buffers(fake)
+    fake.send("big")
+    gevent.idle()
+    fake.feed(client_frame(PING, b"1"), text("close"))
+    gevent.idle()
+    assert [f[0] for f in fake.wait_for(2)] == ["text", "close"]
+    fake.feed(close(1000))
+    fake.read_until_eof()
+    assert [f[0] for f in fake.frames] == ["text", "close"], "parse_server_frames fails on a byte after the close"
+    fake.end()
+
+
 def test_pongs_wait_behind_what_is_buffered_and_only_the_latest_ping_is_answered():
     app, sockets, clock, events = slow_client_app()
     sockets.on_message(lambda message: "x" * 300_000 if message == "big" else message)
@@ -7358,10 +7375,39 @@ def test_a_rate_limited_client_still_answers_the_server_and_closes_cleanly():
     assert [m for _, m in seen] == ["a"]
     clock.advance(1.0)
     assert [m for _, m in seen] == ["a", "b"]
-    clock.advance(1.0)  # reading stopped for the rate: the close frame behind them is read now
-    fake.read_until_eof()
+    fake.read_until_eof()  # the close frame behind them needs no token
     fake.end()
     assert fake.frames == [("close", 1000, "")]
+
+
+def test_the_rate_limit_holds_back_messages_never_pings_or_the_close_handshake():
+    """With a slow limit, the client's answer to ws.close() waited for a token: dropped at the close timeout."""
+    app, sockets, clock, seen = rate_limited_app((0.1, 1))
+    sockets.on_message(lambda message: ws.close(1000, "done") if message == "bye" else None)
+    fake = connect(app)
+    fake.feed(text("a"), client_frame(PING, b"still there?"))
+    assert fake.wait_for(1) == [("pong", b"still there?")], "answered at once, though no token is left"
+    fake.feed(text("bye"))
+    clock.advance(10.0)  # the token for "bye"
+    assert fake.wait_for(2)[1] == ("close", 1000, "done")
+    fake.feed(close(1000))  # the client answers at once: read at once, no drop at the close timeout
+    fake.read_until_eof()
+    fake.end()
+    assert sockets.stats()["closes"] == {1000: 1}
+
+
+def test_a_client_within_its_rate_is_never_paused():
+    app, sockets, clock, seen = rate_limited_app((1, 1))
+    fake = connect(app)
+    for i in range(5):
+        fake.send(str(i))
+        gevent.idle()
+        clock.advance(2.0)  # half the rate it may have
+    assert [m for _, m in seen] == [str(i) for i in range(5)]
+    assert sockets.stats()["rate_limited"] == 0
+    fake.disconnect()
+    fake.read_until_eof()
+    fake.end()
 
 
 @pytest.mark.parametrize("value", [(0, 10), (10, 0), (10,), "20/s", (True, 5), [5, None]])
@@ -7425,6 +7471,17 @@ def test_metrics_without_prometheus_client_say_what_to_install(monkeypatch):
         WebSockets(app)
 
 
+def refused(url):
+    """Whether a handshake from a foreign origin got its 403 (False while the server is not up)."""
+    try:
+        client(url, origin="http://evil.example").close()
+    except websocket.WebSocketBadStatusException as error:
+        return error.status_code == 403
+    except OSError:
+        return False
+    raise AssertionError("a foreign origin was let in")
+
+
 METRICS_GUNICORN_APP = """\
 from flask import Flask
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
@@ -7449,6 +7506,7 @@ def test_prometheus_multi_process_mode_under_gunicorn_adds_up_the_workers(promet
     env = {**SUBPROCESS_ENV, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
     args = gunicorn_command(port, "-w", "2", "mapp:app")
     with process(args, tmp_path, env=env) as proc:
+        wait_until(lambda: refused(f"ws://127.0.0.1:{port}/"), timeout=20)  # the first worker's first handshake
         clients = [connect_when_up(f"ws://127.0.0.1:{port}/", proc) for _ in range(6)]
         for c in clients:
             c.send("hi")
@@ -7457,9 +7515,11 @@ def test_prometheus_multi_process_mode_under_gunicorn_adds_up_the_workers(promet
 
         def counted():
             metrics = scrape(url)
+            refusals = ("flask_websockets_handshakes_refused_total", (("endpoint", "websocket"), ("status", "403")))
             return (
                 metrics.get(("flask_websockets_connections", endpoint)) == 6
                 and metrics.get(("flask_websockets_messages_received_total", endpoint)) == 6
+                and metrics.get(refusals) == 1  # counted, though that worker may have opened none
             )
 
         wait_until(counted, timeout=10)  # each worker copies its figures every second
