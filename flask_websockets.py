@@ -526,9 +526,7 @@ class WebSockets:
         content = _payload(message, "broadcast()")
         if content is None:
             return 0
-        _check_room(room, "broadcast()")
-        if user is not None:
-            _check_user(user, "broadcast()")
+        _check_audience(room, user, "broadcast()")
         if isinstance(skip, LocalProxy):  # skip=ws: the connection behind it
             skip = skip._get_current_object()  # type: ignore[attr-defined]
         queue = None if local else self._message_queue()
@@ -559,12 +557,7 @@ class WebSockets:
                 sockets.disconnect(user=str(session.pop("user_id")), code=4001, reason="signed out")
                 return redirect("/")
         """
-        _check_close(code, reason)
-        if user is None and room is None:
-            raise TypeError("disconnect() needs user= or room= (or both): whose connections to close")
-        _check_room(room, "disconnect()")
-        if user is not None:
-            _check_user(user, "disconnect()")
+        _check_disconnect(room, user, code, reason, "disconnect()")
         closed = 0
         for conn in self._members(room, user):
             if not conn.closed:
@@ -1094,6 +1087,20 @@ def _check_user(user: Any, who: str) -> None:
 def _check_room(room: Any, who: str) -> None:
     if room is not None and (not isinstance(room, str) or not room):
         raise TypeError(f"{who}: a room is a non-empty str, not {room!r:.40}")
+
+
+def _check_audience(room: Any, user: Any, who: str) -> None:
+    """A room (``None``: everyone) and a user (``None``: anyone) that a message goes to."""
+    _check_room(room, who)
+    if user is not None:
+        _check_user(user, who)
+
+
+def _check_disconnect(room: Any, user: Any, code: Any, reason: Any, who: str) -> None:
+    _check_close(code, reason)
+    if user is None and room is None:
+        raise TypeError(f"{who} needs user= or room= (or both): whose connections to close")
+    _check_audience(room, user, who)
 
 
 def _check_close(code: Any, reason: Any) -> None:
@@ -3227,19 +3234,12 @@ class Publisher:
         content = _payload(message, "Publisher.broadcast()")
         if content is None:
             return
-        _check_room(room, "Publisher.broadcast()")
-        if user is not None:
-            _check_user(user, "Publisher.broadcast()")
+        _check_audience(room, user, "Publisher.broadcast()")
         self._send(lambda sequence: _entry(self._origin, sequence, room, user, *content, compress))
 
     def disconnect(self, user: str | None = None, room: str | None = None, code: int = 1000, reason: str = "") -> None:
         """Close the connections of a user, or of a room, on every process (see ``WebSockets.disconnect``)."""
-        _check_close(code, reason)
-        if user is None and room is None:
-            raise TypeError("Publisher.disconnect() needs user= or room= (or both): whose connections to close")
-        _check_room(room, "Publisher.disconnect()")
-        if user is not None:
-            _check_user(user, "Publisher.disconnect()")
+        _check_disconnect(room, user, code, reason, "Publisher.disconnect()")
         self._send(lambda sequence: _close_entry(self._origin, sequence, room, user, code, reason))
 
     def presence(self, room: str | None = None) -> dict[str, int]:

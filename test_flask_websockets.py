@@ -7680,24 +7680,12 @@ def test_real_a_rate_limited_flood_beside_an_innocent_clients_echo(tmp_path):
 
 # -- restarts (issue 21) --
 
-RESTART_APP = """\
-import os
-from flask import Flask
-import flask_websockets
-
-app = Flask(__name__)
-sockets = flask_websockets.WebSockets(app)
-VERSION = "v1"
-
-
-@sockets.on_message
-def echo(message):
-    return f"{VERSION} {os.getpid()}: {message}"
-
-
-if __name__ == "__main__":
-    flask_websockets.serve(app, port=PORT, reload=True)
-"""
+# VERSIONED_APP, whose answers also say which process gave them (the reloader's child or not).
+RESTART_APP = (
+    VERSIONED_APP.replace("import flask_websockets\n", "import os\nimport flask_websockets\n")
+    .replace('f"{VERSION}: {message}"', 'f"{VERSION} {os.getpid()}: {message}"')
+    .replace("RELOAD", "True")
+)
 
 
 def hello(c):
