@@ -2385,6 +2385,55 @@ def small_socket_buffers(fake):
     fake.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
 
 
+class CountingSocket:
+    """A connection's socket that counts the writes (system calls) it makes."""
+
+    def __init__(self, sock):
+        self.sock, self.writes = sock, 0
+
+    def send(self, data):
+        self.writes += 1
+        return self.sock.send(data)
+
+    def sendmsg(self, buffers):
+        self.writes += 1
+        return self.sock.sendmsg(buffers)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def test_a_burst_of_broadcasts_goes_out_in_one_write_per_client_in_order_before_what_follows():
+    app = Flask(__name__)
+    sockets = WebSockets(app)
+
+    @sockets.on_message
+    def burst(message):
+        for i in range(100):
+            sockets.broadcast(f"update {i}")
+        ws.send("sent")  # after the burst, though the burst waits for the end of the loop's turn
+        sockets.broadcast("last")
+        return "reply"
+
+    clients = [connect(app) for _ in range(3)]
+    counted = []
+    for conn in sockets.connections:
+        conn._io = CountingSocket(conn._io)  # what the connection writes with
+        counted.append(conn._io)
+    clients[0].send("go")
+    updates = [f"update {i}" for i in range(100)]
+    clients[0].wait_for(103)
+    assert clients[0].messages == [*updates, "sent", "last", "reply"]
+    for other in clients[1:]:
+        other.wait_for(101)
+        assert other.messages == [*updates, "last"]
+    assert sorted(sock.writes for sock in counted) == [1, 1, 4], "the others: one write for all 101 messages"
+    for client in clients:
+        client.disconnect()
+        client.read_until_eof()
+        client.end()
+
+
 def test_a_client_that_never_reads_is_closed_by_broadcast_and_the_others_get_everything():
     app, sockets, clock, events = slow_client_app()
     good, slow = connect(app, query_string={"name": "good"}), connect(app, query_string={"name": "slow"})
@@ -2524,7 +2573,7 @@ def test_a_large_message_goes_out_as_header_and_payload_whatever_the_socket_take
     fake = connect(app)
     gevent.idle()
     [conn] = sockets.connections
-    conn._sock = sock = FirstSendTakesOneByte(conn._sock)
+    conn._io = sock = FirstSendTakesOneByte(conn._io)  # what the connection writes with
     fake.feed(binary(b"big"), binary(b"big"))
     with gevent.Timeout(5):
         while len(fake.frames) < 2:
@@ -2902,7 +2951,7 @@ def test_no_timer_outlives_a_connection_that_ended_from_inside_a_timer():
         def __getattr__(self, name):
             return getattr(self._sock, name)
 
-    conn._sock = Resetting(conn._sock)
+    conn._io = Resetting(conn._io)  # what the connection writes with
     clock.advance(1)  # the ping's write fails
     fake.greenlet.join(2)
     assert fake.greenlet.dead
@@ -5228,7 +5277,8 @@ def test_request_headers_are_read_exactly_as_pywsgis_own_parser_reads_them():
         b"".join(b"H%d: v\r\n" % i for i in range(99)) + b"\r\n",
     ]
     rng = random.Random(22)
-    pieces = [b"A", b":", b" ", b"\t", b"\r", b"\n", b"\r\n", b"From ", b"\xe9", b"-", b"_", b"\x00", b"(", b"Host: x\r\n"]
+    pieces = [b"A", b":", b" ", b"\t", b"\r", b"\n", b"\r\n", b"From ", b"\xe9", b"-", b"_", b"\x00", b"("]
+    pieces.append(b"Host: x\r\n")
     blocks += [b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 25))) for _ in range(3000)]
     for block in blocks:
         ours = header_block_as_parsed(flask_websockets._read_headers, block)
