@@ -43,8 +43,6 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "..", "shared", "bench"))  # the shared harness's /proc helpers
-import procstat
 
 PORTS = range(19700, 19800)  # the ports this benchmark may listen on
 SERVER_CORE, CLIENT_CORE = 0, 1
@@ -168,17 +166,18 @@ def serve(args):
 
 
 def server_cpu(pid):
-    """The CPU time of a process tree, in seconds: schedstat's nanoseconds, and stat's ticks beside them."""
+    """The CPU time of the server process (all its threads), in seconds: schedstat's nanoseconds, stat's ticks."""
     precise = 0
-    pids = procstat.tree(pid)
-    for p in pids:
-        for task in os.listdir(f"/proc/{p}/task"):
-            try:
-                with open(f"/proc/{p}/task/{task}/schedstat") as f:
-                    precise += int(f.read().split()[0])
-            except OSError:  # a thread that ended
-                pass
-    return precise / 1e9, procstat.cpu_seconds(pids)
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                precise += int(f.read().split()[0])
+        except OSError:  # a thread that ended
+            pass
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command's name, which may hold spaces
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime
+    return precise / 1e9, ticks / os.sysconf("SC_CLK_TCK")
 
 
 async def receive(args):
