@@ -510,7 +510,9 @@ class WebSockets:
                 return f"sent to {n} of the user's tabs here"
 
         It never waits for a client: each connection takes the message into
-        its send buffer and returns. A client whose buffer would pass
+        its send buffer and returns. The broadcasts of one turn of the event
+        loop (a handler that sends a hundred updates) reach each client in
+        one write, after what was sent to it before and before what follows. A client whose buffer would pass
         ``WEBSOCKETS_MAX_SEND_BUFFER`` does not get it and is closed as too
         slow (1008, "client too slow"). A connection that is closed is skipped;
         it leaves the connections and its rooms as it ends.
@@ -1850,8 +1852,8 @@ class Connection:
             message = _Prepared(opcode, payload)
             message.deflated(deflate.send_bits, _pause())
             self._send_prepared((message,), wait=True)
-        elif self._make_room(len(payload), wait=True):
-            self._sent += 1
+        elif (self._buffer is None and self._life is _OPEN) or self._make_room(len(payload), wait=True):
+            self._sent += 1  # (no buffer yet: the socket has taken everything so far, there is room)
             if len(payload) < _LARGE or self._tls_pending is not None:
                 self._write(self._proto.encode(opcode, payload, compress))
             else:
@@ -4658,7 +4660,7 @@ class _Protocol:
             buf, pos = self._buf, self._pos
             available = len(buf) - pos
             if available < 2:
-                return self._end_of_input()
+                return self._end_of_input() if self._eof else None
             b0, b1 = buf[pos], buf[pos + 1]
             length = b1 & 0x7F
             start = pos + 2 + (0 if length < 126 else 2 if length == 126 else 8)  # the mask, if any
