@@ -1651,6 +1651,7 @@ class Connection:
             self._stop_reading()
             self._stop_timers()
             self._wake_senders()
+            self._uncork()  # now, not at the turn's end: what is left to send decides when the socket goes
             if self._waiter is not None:  # later: the view's end must not run inside this callback
                 self._wake(at_once=False)
             elif not self.buffered_amount:
@@ -1887,13 +1888,14 @@ class Connection:
         A burst of broadcasts (a handler that sends a hundred updates, the
         message queue's batches) then costs each client one system call, not
         one per message. Any other write sends what is corked first, so
-        frames keep their order, and more than ``_LARGE`` bytes go at once.
+        frames keep their order. A frame of ``_LARGE`` bytes or more is not
+        corked: joined with others it would become a copy per client, where
+        the send buffers share it.
         """
         corked = self._corked
-        if corked is None:
-            if self._buffer is not None and self._buffer.size:  # waiting for the socket already: join the queue
-                self._write(data)
-                return
+        if len(data) >= _LARGE or (corked is None and self._buffer is not None and self._buffer.size):
+            self._write(data)  # large, or the socket is behind already: after what waits, as any write
+        elif corked is None:
             self._corked, self._corked_size = [data], len(data)
             _uncork_later(self)
         else:
@@ -2046,8 +2048,7 @@ class Connection:
 
     def _backlogged(self) -> bool:
         """Whether over half its send buffer is taken: the message queue waits for it to drain."""
-        buffer = self._buffer
-        return buffer is not None and buffer.size > self._settings.max_send_buffer // 2
+        return self.buffered_amount > self._settings.max_send_buffer // 2
 
     # -- internals: closing ----------------------------------------------------
 
@@ -2129,6 +2130,7 @@ class Connection:
             self._buffer.close()
         self._inbox.clear()
         self._corked, self._corked_size = None, 0
+        _forget_corked(self)  # its loop may never run again (a Werkzeug thread's): keep no reference
         self._reader = self._resumer = self._buffer = None  # type: ignore[assignment]
         try:
             self._sock.settimeout(self._timeout)  # the server may still use it
@@ -2208,21 +2210,28 @@ def _raw_socket(sock: Any) -> Any:
 
 
 #: Per event loop, the connections with corked frames, sent at the end of the loop's turn (``_cork``).
-_to_uncork: dict[Any, list[Connection]] = {}
+_to_uncork: dict[Any, dict[Connection, None]] = {}
 
 
 def _uncork_later(conn: Connection) -> None:
     corked = _to_uncork.get(conn._loop)
     if corked is None:
-        corked = _to_uncork[conn._loop] = []
+        corked = _to_uncork[conn._loop] = {}
         conn._loop.run_callback(_uncork_all, conn._loop)
-    corked.append(conn)
+    corked[conn] = None
 
 
 def _uncork_all(loop: Any) -> None:  # a callback of the event loop, once a turn
     for conn in _to_uncork.pop(loop, ()):
-        if conn._corked is not None and conn._life is not _ENDED:
-            conn._uncork()
+        conn._uncork()
+
+
+def _forget_corked(conn: Connection) -> None:  # the connection has ended
+    corked = _to_uncork.get(conn._loop)
+    if corked is not None:
+        corked.pop(conn, None)
+        if not corked:
+            _to_uncork.pop(conn._loop, None)
 
 
 class _Life(enum.Enum):

@@ -2434,6 +2434,79 @@ def test_a_burst_of_broadcasts_goes_out_in_one_write_per_client_in_order_before_
         client.end()
 
 
+def test_a_client_gone_in_the_turn_of_a_corked_broadcast_has_its_socket_let_go_while_the_handler_runs():
+    """The corked frame counted as unsent: the socket of a client that left stayed open until the handler returned."""
+    app = Flask(__name__)
+    sockets = WebSockets(app)
+    forever = gevent.event.Event()
+    sockets.on_message(lambda message: forever.wait())
+    fake = connect(app)
+    fake.send("block")
+    gevent.sleep(0.05)
+    [conn] = sockets.connections
+    fake.disconnect()  # EOF, read below in the same turn as the broadcast
+    sockets.broadcast("tick")
+    conn._on_readable()
+    gevent.sleep(0.1)
+    assert conn.closed and conn.buffered_amount == 0
+    assert conn._sock.fileno() == -1, "the socket is let go, though the handler still runs"
+    forever.set()
+    fake.read_until_eof()
+    fake.end()
+
+
+def test_a_large_broadcast_after_a_small_one_is_shared_by_the_send_buffers_not_copied_per_client():
+    app = Flask(__name__)
+    app.config["WEBSOCKETS_MAX_SEND_BUFFER"] = 8 << 20
+    sockets = WebSockets(app)
+    clients = [connect(app) for _ in range(50)]
+    gevent.sleep(0.05)
+    for conn in sockets.connections:  # clients that read nothing: most of the frame waits in our buffers
+        conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    for fake in clients:
+        fake.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        sockets.broadcast("small")
+        sockets.broadcast("x" * (512 * 1024))  # in the same turn: the small one is still corked
+        gevent.sleep(0.05)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    waiting = sum(conn.buffered_amount for conn in sockets.connections)
+    assert waiting > 20 << 20, "most of 50 x 512 KiB waits to be sent"
+    assert grown < 4 << 20, f"one frame shared by every buffer, not a copy each ({grown} bytes)"
+    for fake in clients:
+        fake.sock.close()
+        fake.greenlet.join(5)
+
+
+def test_under_werkzeug_a_connection_that_ends_with_frames_corked_leaves_nothing_behind():
+    """A thread's event loop never ran again: the list of corked connections kept each one, and the loop, for ever."""
+    app = Flask(__name__)
+    sockets = WebSockets(app)
+
+    @sockets.on_message
+    def chat(message):
+        sockets.broadcast(f"said: {message}")
+
+    with serving(app, server="werkzeug") as url:
+        for _ in range(3):
+            c = client(url)
+            # The message and the close frame in one write: read together, the handler's broadcast is corked.
+            c.sock.sendall(
+                websocket.ABNF.create_frame("hi", websocket.ABNF.OPCODE_TEXT).format()
+                + websocket.ABNF.create_frame(b"\x03\xe8", websocket.ABNF.OPCODE_CLOSE).format()
+            )
+            assert c.recv() == "said: hi"
+            with contextlib.suppress(websocket.WebSocketConnectionClosedException):
+                c.recv()
+            c.close()
+        wait_until(lambda: not sockets.connections, timeout=5)
+        wait_until(lambda: not flask_websockets._to_uncork, timeout=5)
+
+
 def test_a_client_that_never_reads_is_closed_by_broadcast_and_the_others_get_everything():
     app, sockets, clock, events = slow_client_app()
     good, slow = connect(app, query_string={"name": "good"}), connect(app, query_string={"name": "slow"})
