@@ -687,6 +687,65 @@ def test_flask_request_hooks_wrap_the_whole_connection():
     assert events == ["before_request", "open ada", "close", "after_request 101", "teardown_request"]
 
 
+def test_on_a_real_server_handlers_see_the_handshakes_request_session_g_and_hooks_as_a_view_would():
+    """Through WebSocketHandler's own header reading: headers, cookies, the session, g and the request hooks."""
+    app, sockets = make_app()
+    events = []
+
+    @app.route("/login")
+    def login():
+        session["user"] = "ada"
+        return "ok"
+
+    @app.before_request
+    def load():
+        g.loaded = request.args.get("room")
+
+    @app.teardown_request
+    def teardown(exc):
+        events.append(("teardown", request.path))
+
+    @sockets.on_message
+    def handler(message):
+        if message == "fail":
+            raise KeyError("boom")
+        return json.dumps(
+            {
+                "app": current_app.name,
+                "args": request.args.to_dict(),
+                "header": request.headers.get("X-Test"),
+                "repeated": request.headers.get("X-Repeated"),
+                "cookie": request.cookies.get("theme"),
+                "user": session.get("user"),
+                "g": g.loaded,
+                "remote": request.remote_addr,
+            }
+        )
+
+    sockets.errorhandler(KeyError)(lambda error: f"handled {error}")
+    with serving(app) as url:
+        http_url = url.replace("ws://", "http://")
+        with urllib.request.urlopen(f"{http_url}/login", timeout=5) as answer:
+            session_cookie = answer.headers["Set-Cookie"].split(";")[0]
+        headers = ["X-Test: yes", "X-Repeated: 1", "X-Repeated: 2", f"Cookie: {session_cookie}; theme=dark"]
+        c = client(f"{url}/?room=7", header=headers)
+        c.send("hi")
+        assert json.loads(c.recv()) == {
+            "app": app.name,
+            "args": {"room": "7"},
+            "header": "yes",
+            "repeated": "1,2",
+            "cookie": "dark",
+            "user": "ada",
+            "g": "7",
+            "remote": "127.0.0.1",
+        }
+        c.send("fail")
+        assert c.recv() == "handled 'boom'"
+        c.close()
+        wait_until(lambda: ("teardown", "/") in events, timeout=5)
+
+
 def test_before_request_abort_refuses_the_connection():
     app, sockets = make_app()
     opened = []
