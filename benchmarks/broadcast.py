@@ -36,15 +36,15 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # _common, beside this script
+from _common import cpu_seconds, free_port, wait_listening  # noqa: E402
 
-PORTS = range(19700, 19800)  # the ports this benchmark may listen on
 SERVER_CORE, CLIENT_CORE = 0, 1
 CONNECT_CONCURRENCY = 100  # handshakes in flight at once, as wsbench.py's idle mode
 
@@ -174,10 +174,7 @@ def server_cpu(pid):
                 precise += int(f.read().split()[0])
         except OSError:  # a thread that ended
             pass
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()  # after the command's name, which may hold spaces
-    ticks = int(fields[11]) + int(fields[12])  # utime, stime
-    return precise / 1e9, ticks / os.sysconf("SC_CLK_TCK")
+    return precise / 1e9, cpu_seconds(pid)
 
 
 async def receive(args):
@@ -267,43 +264,14 @@ def run_receivers(args):
 
 # -- the run -------------------------------------------------------------------
 
-_next_port = iter(PORTS)
-
-
-def free_port():
-    """The next port of PORTS that nothing listens on: each server gets a fresh one, clear of the last one's sockets."""
-    global _next_port
-    for _ in range(2 * len(PORTS)):
-        port = next(_next_port, None)
-        if port is None:
-            _next_port = iter(PORTS)
-            continue
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                pass
-    raise RuntimeError(f"no free port in {PORTS.start}-{PORTS.stop - 1}")
-
 
 def start_server(name, args):
     port = free_port()
     command = ["taskset", "-c", str(SERVER_CORE), sys.executable, os.path.abspath(__file__), "--serve", name]
     command += ["--port", str(port), "--backlog", str(args.backlog), "--module", args.module]
     proc = subprocess.Popen(command, start_new_session=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} server exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"{name} server not listening on {port} after 30 s")
+    wait_listening(proc, port, f"the {name} server")
+    return proc, port
 
 
 def measure(name, clients, args):

@@ -33,13 +33,12 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
-from _common import cpu_seconds, free_port, rss_kib  # beside this script
+from _common import cpu_seconds, free_port, rss_kib, wait_listening  # beside this script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.environ.get("BENCH_DIR", os.path.join(HERE, "..", "..", "shared", "bench"))
@@ -114,15 +113,8 @@ def start_server(name):
     port = free_port()
     cmd = ["taskset", "-c", "0", sys.executable, *SERVERS[name], "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"{name} did not start")
+    wait_listening(proc, port, name)
+    return proc, port
 
 
 class Relay:
