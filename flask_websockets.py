@@ -2214,10 +2214,11 @@ _to_uncork: dict[Any, dict[Connection, None]] = {}
 
 
 def _uncork_later(conn: Connection) -> None:
-    corked = _to_uncork.get(conn._loop)
+    loop: Any = conn._loop  # open: it has one
+    corked = _to_uncork.get(loop)
     if corked is None:
-        corked = _to_uncork[conn._loop] = {}
-        conn._loop.run_callback(_uncork_all, conn._loop)
+        corked = _to_uncork[loop] = {}
+        loop.run_callback(_uncork_all, loop)
     corked[conn] = None
 
 
