@@ -1859,7 +1859,7 @@ class Connection:
             if len(payload) < _LARGE or self._tls_pending is not None:
                 self._write(self._proto.encode(opcode, payload, compress))
             else:
-                self._write_parts(*self._proto.encode_parts(opcode, payload, compress))
+                self._write(*self._proto.encode_parts(opcode, payload, compress))
 
     def _send_prepared(self, messages: Sequence[_Prepared], wait: bool = False) -> bool:
         """Send messages prepared for many connections, in one write; whether they were taken.
@@ -1894,8 +1894,8 @@ class Connection:
         the send buffers share it.
         """
         corked = self._corked
-        if len(data) >= _LARGE or (corked is None and self._buffer is not None and self._buffer.size):
-            self._write(data)  # large, or the socket is behind already: after what waits, as any write
+        if len(data) >= _LARGE:
+            self._write(data)
         elif corked is None:
             self._corked, self._corked_size = [data], len(data)
             _uncork_later(self)
@@ -1935,56 +1935,38 @@ class Connection:
             buffer.wait_for_room(size)
         return True
 
-    def _write(self, data: bytes) -> None:
-        """Send ``data`` after what is buffered, without ever blocking."""
-        if self._corked is not None:
-            self._uncork()
-        self._sent_bytes += len(data)
-        buffer = self._buffer
-        if buffer is not None and buffer.size:  # after what waits (the watcher drains it)
-            buffer.chunks.append(data)
-            buffer.size += len(data)
-            return
-        try:
-            sent = self._io.send(data)
-        except _WOULD_BLOCK:
-            sent = 0
-        except OSError:
-            self._drop()
-            return
-        if sent < len(data):  # the socket's buffer is full: the rest waits, written when it has room
-            if buffer is None:
-                buffer = self._buffer = _SendBuffer(self)
-            buffer.append(memoryview(data)[sent:])
+    def _write(self, data: bytes, tail: bytes = b"") -> None:
+        """Send ``data``, then ``tail``, after what is buffered, without ever blocking.
 
-    def _write_parts(self, head: bytes, tail: bytes) -> None:
-        """Send a large frame as its two parts (``encode_parts``), in one system call, without joining them.
-
-        A 64 KiB message is then copied once less on its way out. (Plain TCP
-        only: a TLS socket has no ``sendmsg``.)
+        ``tail`` is a large frame's payload (``encode_parts``): header and
+        payload go in one ``sendmsg`` without being joined, a 64 KiB message
+        copied once less. (Plain TCP only: a TLS socket has no ``sendmsg``.)
         """
         if self._corked is not None:
             self._uncork()
+        size = len(data) + len(tail)
+        self._sent_bytes += size
         buffer = self._buffer
-        if not tail or (buffer is not None and buffer.size):
-            self._write(head + tail)
+        if buffer is not None and buffer.size:  # after what waits (the watcher drains it)
+            buffer.chunks.append(data)
+            if tail:
+                buffer.chunks.append(tail)
+            buffer.size += size
             return
-        self._sent_bytes += len(head) + len(tail)
         try:
-            sent = self._io.sendmsg((head, tail))
+            sent = self._io.sendmsg((data, tail)) if tail else self._io.send(data)
         except _WOULD_BLOCK:
             sent = 0
         except OSError:
             self._drop()
             return
-        if sent < len(head) + len(tail):  # the rest waits, written when the socket has room
+        if sent < size:  # the socket's buffer is full: the rest waits, written when it has room
             if buffer is None:
                 buffer = self._buffer = _SendBuffer(self)
-            if sent < len(head):
-                buffer.append(memoryview(head)[sent:])
-                buffer.append(tail)
-            else:
-                buffer.append(memoryview(tail)[sent - len(head) :])
+            for part in (data, tail):
+                if sent < len(part):
+                    buffer.append(memoryview(part)[sent:])
+                sent = max(0, sent - len(part))
 
     def _pong(self, frame: bytes) -> None:
         """Answer a ping: at once, or after what the socket has not taken yet.
@@ -2493,7 +2475,7 @@ def _switch_if_alive(greenlet: Any) -> None:
 
 #: At most this many messages wait for the handlers; then reading pauses.
 _INBOX_MESSAGES = 16
-#: A message this long or longer goes out as header and payload, not joined (``_write_parts``).
+#: A message this long or longer goes out as header and payload, not joined (``_write``), nor corked (``_cork``).
 _LARGE = 16 * 1024
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 # The real thread's identity and lock, even where gevent's monkey-patching made threads greenlets.
