@@ -2493,6 +2493,67 @@ def test_a_burst_of_broadcasts_goes_out_in_one_write_per_client_in_order_before_
         client.end()
 
 
+def test_a_burst_in_one_turn_to_clients_that_never_read_stays_within_the_send_buffer_and_closes_them():
+    """Corked frames are bounded too: 2 MiB broadcast in one turn, nobody reading, a 100 kB send buffer."""
+    app, sockets, clock, events = slow_client_app(max_send_buffer=100_000)
+    fakes = [connect(app, query_string={"name": f"c{i}"}) for i in range(3)]
+    for fake in fakes:
+        small_socket_buffers(fake)
+    gevent.idle()
+    conns = sockets.connections
+    most = 0
+    for i in range(2000):  # no yield: one turn of the loop
+        sockets.broadcast(i.to_bytes(2, "big") * 512)
+        most = max(most, *(conn.buffered_amount for conn in conns))
+    assert most <= 100_000 + 16 * 1024 + 1024, f"{most} bytes waited for one client"
+    assert [(c.close_code, c.close_reason) for c in conns] == [(1008, "client too slow")] * 3
+    assert sockets.connections == [], "they leave the connections as they end"
+    clock.advance(5)  # the close timeout: they never read their close frames
+    for fake in fakes:
+        fake.greenlet.join(5)
+        fake.sock.close()
+    assert sorted(events) == [(f"c{i}", 1008, "client too slow") for i in range(3)]
+
+
+def test_bursts_from_eight_threads_and_a_handler_reach_each_client_exactly_once_in_each_senders_order():
+    """Corking merges what threads hand to the loop: per sender, every client gets everything once, in order."""
+    app, sockets = make_app()
+
+    @sockets.on_open
+    def join():
+        for room in HOSTILE_ROOMS:
+            ws.join(room)
+        for i in range(100):  # and 2,000 rooms of one client each
+            ws.join(f"{request.args['k']}/{i}")
+
+    @sockets.on_message
+    def burst(message):
+        for i in range(200):
+            sockets.broadcast(f"h:{i}")
+
+    with serving(app) as url:
+        clients = [client(f"{url}/?k={k}") for k in range(20)]
+        wait_until(lambda: sorted(len(c.rooms) for c in sockets.connections) == [110] * 20)
+
+        def publish(t):
+            for i in range(200):
+                sockets.broadcast(f"{t}:{i}", room=HOSTILE_ROOMS[t])
+
+        threads = [threading.Thread(target=publish, args=(t,)) for t in range(8)]
+        clients[0].send("go")
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        for c in clients:
+            got = collections.defaultdict(list)
+            for _ in range(9 * 200):
+                sender, i = c.recv().split(":")
+                got[sender].append(int(i))
+            assert got == {sender: list(range(200)) for sender in ["h", *map(str, range(8))]}
+            c.close()
+
+
 def test_a_client_gone_in_the_turn_of_a_corked_broadcast_has_its_socket_let_go_while_the_handler_runs():
     """The corked frame counted as unsent: the socket of a client that left stayed open until the handler returned."""
     app = Flask(__name__)
