@@ -2531,6 +2531,9 @@ class WebSocketHandler(_GeventWebSocketHandler):
     _upgraded = False
     _deadline: Any = None
 
+    def __init__(self, sock: Any, address: Any, server: Any, rfile: Any = None) -> None:
+        super().__init__(sock, address, server, _Reader(sock) if rfile is None else rfile)
+
     def handle_one_request(self) -> Any:
         if self.handshake_timeout:
             self._deadline = gevent.Timeout.start_new(self.handshake_timeout, _SlowRequest)  # made if it fires
@@ -2570,6 +2573,11 @@ class WebSocketHandler(_GeventWebSocketHandler):
 
     def MessageClass(self, reader: Any, *args: Any) -> Any:  # pywsgi's name for its header parser
         return _read_headers(reader)
+
+    def _headers(self) -> Iterator[tuple[str, str]]:  # pywsgi's: the request's headers for its environ
+        if type(self.headers) is _PlainHeaders:
+            return self.headers.environ_items()  # type: ignore[no-any-return]
+        return super()._headers()  # type: ignore[misc, no-any-return]
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:
@@ -2662,7 +2670,7 @@ def _read_headers(reader: Any) -> Any:
             raise http.client.HTTPException(f"got more than {_MAX_HEADERS} headers")
         if line in (b"\r\n", b"\n", b""):
             break
-    message = _HEADERS_CLASS()
+    message = _PlainHeaders()
     for line in lines[:-1]:
         match = _PLAIN_HEADER.fullmatch(line)
         if match is None:  # (a name has no space: "From " lines, which start an mbox message, go there too)
@@ -2676,12 +2684,89 @@ def _read_headers(reader: Any) -> Any:
 _HEADERS_CLASS: Any = type(WSGIHandler.headers)
 
 
+class _PlainHeaders(_HEADERS_CLASS):  # type: ignore[misc, valid-type]
+    """pywsgi's headers, read by :func:`_read_headers` from plain ``Name: value`` lines only."""
+
+    def environ_items(self) -> Iterator[tuple[str, str]]:
+        """The headers' environ keys and values, as pywsgi's ``_headers`` makes them from its parser's headers.
+
+        pywsgi formats each header as a line and splits it again; with one
+        value a line, that comes to this.
+        """
+        for name, value in self._headers:
+            if "_" not in name:  # pywsgi leaves out names with "_", which a proxy could not tell from "-"
+                key = name.replace("-", "_").upper()
+                if key != "CONTENT_TYPE" and key != "CONTENT_LENGTH":
+                    yield "HTTP_" + key, value.strip()
+
+
 class _SlowRequest(ValueError):
     """A client that took too long to send its request (pywsgi answers a ValueError with 400)."""
 
 
 class _LongRequest(ValueError):
     """A request line and headers over ``max_handshake_size`` (pywsgi answers a ValueError with 400)."""
+
+
+class _Reader:
+    """What :class:`WebSocketHandler` reads requests from, in place of pywsgi's ``socket.makefile("rb")``.
+
+    A buffered reader of the socket, like the file it replaces, that gives
+    a websocket the bytes it read past the handshake without a system call
+    (a buffered file cannot say what it holds without reading the socket),
+    and costs less to make. pywsgi reads request lines, headers and bodies
+    through it; an app reads it as ``wsgi.input`` of a request that asks for
+    an upgrade, as PEP 3333 describes the input stream.
+    """
+
+    __slots__ = ("_sock", "_data", "closed")
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._data = bytearray()  # read but not yet taken (taking from the front of a bytearray is cheap)
+        self.closed = False
+
+    def readline(self, size: int | None = -1) -> bytes:
+        end = self._data.find(b"\n") + 1
+        while not end and (size is None or size < 0 or len(self._data) < size):
+            start = len(self._data)
+            if not self._fill():
+                break
+            end = self._data.find(b"\n", start) + 1
+        return self._take(end or len(self._data), size)
+
+    def read(self, size: int | None = -1) -> bytes:
+        while (size is None or size < 0 or len(self._data) < size) and self._fill():
+            pass
+        return self._take(len(self._data), size)
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        return list(self)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.readline, b"")
+
+    def take(self) -> bytes:
+        """The bytes read past what was asked for; the reader is closed."""
+        data = bytes(self._data)
+        self.close()
+        return data
+
+    def close(self) -> None:
+        self.closed = True
+        self._data = bytearray()
+
+    def _fill(self) -> bool:
+        data = self._sock.recv(65536)
+        self._data += data
+        return bool(data)
+
+    def _take(self, end: int, size: int | None) -> bytes:
+        if size is not None and 0 <= size < end:
+            end = size
+        data = bytes(self._data[:end])
+        del self._data[:end]
+        return data
 
 
 class _HeadReader:
@@ -3228,6 +3313,8 @@ def _take_over(sock: Any, reader: Any, close: bool = True) -> bytes:
     less per read, and closing the reader frees its 8 KiB buffer, a third
     of what an idle connection costs. The socket stays open.
     """
+    if isinstance(reader, _Reader):
+        return reader.take()
     timeout = sock.gettimeout()
     sock.settimeout(0.0)  # take only what is already there
     try:

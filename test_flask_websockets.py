@@ -5478,6 +5478,69 @@ def test_request_headers_are_read_exactly_as_pywsgis_own_parser_reads_them():
         assert ours == header_block_as_parsed(pywsgi.headers_factory, block), block
 
 
+def served_by(handler_class, request_bytes, cuts=()):
+    """What a WSGI app sees of a request served by ``handler_class``, and the bytes the client gets back.
+
+    The client sends the request in pieces, cut at ``cuts``, letting the server read between them.
+    """
+    seen = []
+
+    def app(environ, start_response):
+        stream = environ["wsgi.input"]
+        try:
+            body = stream.read() if environ.get("wsgi.input_terminated") else stream.readline()
+        except OSError as error:  # a body shorter than its Content-Length
+            body = repr(error)
+        plain = {k: v for k, v in environ.items() if isinstance(v, (str, bool, tuple)) and not k.startswith("flask_")}
+        seen.append((plain, body))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [repr(body).encode()]
+
+    server = pywsgi.WSGIServer(("127.0.0.1", 0), app, log=None, error_log=None)
+    server.environ.update(SERVER_NAME="test", SERVER_PORT="80")
+    client, served = gevent.socket.socketpair()
+
+    def send():
+        start = 0
+        for end in [*cuts, len(request_bytes)]:
+            client.sendall(request_bytes[start:end])
+            start = end
+            gevent.sleep(0.001)  # the server reads what came
+        client.shutdown(socket.SHUT_WR)
+
+    with client, served:
+        sender = gevent.spawn(send)
+        with gevent.Timeout(5):
+            handler_class(served, ("127.0.0.1", 4321), server).handle()
+            sender.join()
+            answer = client.recv(1 << 20)
+    return seen, re.sub(rb"Date: [^\r]*\r\n", b"", answer)
+
+
+def test_requests_reach_the_app_exactly_as_through_pywsgis_own_handler():
+    """WebSocketHandler reads requests through its own reader, and makes the environ's headers from plain lines."""
+    heads = [
+        b"GET /p%C3%A9?q=1&r HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nCookie: a=1\r\nCookie: b=2\r\nX-A: 1\r\nX-A: 2\r\nX_B: hidden\r\n",
+        b"POST /form HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\nContent-Length: 5\r\nX:  padded  \t\r\n",
+        b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n",
+        b"GET /f HTTP/1.0\r\nHost: a\r\n folded\r\nUpgrade: websocket\r\n",
+        b"GET /e HTTP/1.1\r\nEmpty:\r\nA: \xe9\xff\r\nUpgrade: h2c\r\n",
+    ]
+    bodies = [b"", b"hello", b"5\r\nhello\r\n0\r\n\r\n", b"line one\nline two\n", b"x" * 100000]
+    requests = [head + b"\r\n" + body for head in heads for body in bodies]
+    rng = random.Random(22)
+    pieces = [b"A", b":", b" ", b"\t", b"-", b"_", b"\xe9", b"\r\n", b"Upgrade: websocket\r\n", b"Content-Length: 3\r\n"]
+    for _ in range(300):
+        block = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        requests.append(b"GET /r HTTP/1.1\r\nHost: x\r\n" + block + b"\r\n\r\nabcdef")
+    for i, request_bytes in enumerate(requests):
+        cuts = sorted(rng.sample(range(1, len(request_bytes)), min(4, len(request_bytes) - 1))) if i % 3 else ()
+        ours = served_by(flask_websockets.WebSocketHandler, request_bytes, cuts)
+        assert ours == served_by(pywsgi.WSGIHandler, request_bytes, cuts), (request_bytes, cuts)
+        assert ours[0] or b"400" in ours[1] or not ours[1], request_bytes  # the app saw it, or a 400
+
+
 SLOW_HEADERS_APP = """\
 from flask import Flask
 import flask_websockets
