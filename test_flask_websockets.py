@@ -5530,7 +5530,8 @@ def test_requests_reach_the_app_exactly_as_through_pywsgis_own_handler():
     bodies = [b"", b"hello", b"5\r\nhello\r\n0\r\n\r\n", b"line one\nline two\n", b"x" * 100000]
     requests = [head + b"\r\n" + body for head in heads for body in bodies]
     rng = random.Random(22)
-    pieces = [b"A", b":", b" ", b"\t", b"-", b"_", b"\xe9", b"\r\n", b"Upgrade: websocket\r\n", b"Content-Length: 3\r\n"]
+    pieces = [b"A", b":", b" ", b"\t", b"-", b"_", b"\xe9", b"\r\n", b"Upgrade: websocket\r\n"]
+    pieces.append(b"Content-Length: 3\r\n")
     for _ in range(300):
         block = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
         requests.append(b"GET /r HTTP/1.1\r\nHost: x\r\n" + block + b"\r\n\r\nabcdef")
