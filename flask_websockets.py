@@ -2649,6 +2649,9 @@ _NO_ACCESS_LOG: Any = getattr(gevent.pywsgi, "_NoopLog", ())
 _MAX_HEADER_LINE, _MAX_HEADERS = 65536, 100
 #: A header line that the email parser, which pywsgi uses, reads as a name and a value.
 _PLAIN_HEADER = re.compile(rb"([!-9;-~]+):[ \t]*([^\r\n]*)\r?\n?")
+#: Plain header lines up to the blank line that ends them; and one of them, with its name and value.
+_PLAIN_HEAD = re.compile(r"(?:[!-9;-~]+:[^\r\n]*\r?\n)*\r?\n")
+_PLAIN_PAIR = re.compile(r"([!-9;-~]+):[ \t]*([^\r\n]*)\r?\n")
 
 
 def _read_headers(reader: Any) -> Any:
@@ -2660,6 +2663,9 @@ def _read_headers(reader: Any) -> Any:
     line, a line without a colon) goes through pywsgi's parser, so that a
     strange request is read exactly as before.
     """
+    message = _plain_head(reader)
+    if message is not None:
+        return message
     lines = []
     while True:
         line = reader.readline(_MAX_HEADER_LINE + 1)
@@ -2677,6 +2683,31 @@ def _read_headers(reader: Any) -> Any:
             return gevent.pywsgi.headers_factory(io.BytesIO(b"".join(lines)))
         message.set_raw(match[1].decode("latin-1"), match[2].decode("latin-1"))
     message.set_payload("")  # as the email parser leaves it: nothing after the headers
+    return message
+
+
+def _plain_head(reader: Any) -> Any:
+    """The headers at once, if :class:`_Reader` holds all of them, each a plain line within the limits; else ``None``.
+
+    The usual request: its head comes in one packet.
+    """
+    inner = reader._reader if isinstance(reader, _HeadReader) else reader
+    if not isinstance(inner, _Reader):
+        return None
+    head = _PLAIN_HEAD.match(inner._data.decode("latin-1"))  # latin-1: a byte a character, as pywsgi reads them
+    limit = min(_MAX_HEADER_LINE, reader._left if inner is not reader else _MAX_HEADER_LINE)
+    if head is None or head.end() > limit:
+        return None  # not all there, not plain, or near a limit: read line by line, to the same answer
+    pairs = _PLAIN_PAIR.findall(head[0])
+    if len(pairs) >= _MAX_HEADERS:
+        return None
+    del inner._data[: head.end()]
+    if inner is not reader:
+        reader._left -= head.end()
+    message = _PlainHeaders()
+    for name, value in pairs:
+        message.set_raw(name, value)
+    message.set_payload("")
     return message
 
 

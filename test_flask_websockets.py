@@ -5474,8 +5474,22 @@ def test_request_headers_are_read_exactly_as_pywsgis_own_parser_reads_them():
     pieces.append(b"Host: x\r\n")
     blocks += [b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 25))) for _ in range(3000)]
     for block in blocks:
-        ours = header_block_as_parsed(flask_websockets._read_headers, block)
-        assert ours == header_block_as_parsed(pywsgi.headers_factory, block), block
+        expected = header_block_as_parsed(pywsgi.headers_factory, block)
+        assert header_block_as_parsed(flask_websockets._read_headers, block) == expected, block
+        assert header_block_as_parsed(read_after_request_line, block) == expected, block
+
+
+def read_after_request_line(stream):
+    """Headers read as WebSocketHandler reads them: from its reader, which holds them all after the request line."""
+
+    class Socket:
+        def recv(self, size):
+            return stream.read(size)
+
+    stream = io.BytesIO(b"GET / HTTP/1.1\r\n" + stream.read())
+    reader = flask_websockets._Reader(Socket())
+    reader.readline()
+    return flask_websockets._read_headers(flask_websockets._HeadReader(reader, 1 << 20))
 
 
 def served_by(handler_class, request_bytes, cuts=()):
