@@ -1480,7 +1480,7 @@ class Connection:
         sock.settimeout(0.0)
         self._tls_pending = getattr(sock, "pending", None)  # a TLS socket's bytes decrypted but not read
         self._io = _raw_socket(sock)
-        self._reader = self._loop.io(sock.fileno(), 1)  # the read watcher
+        self._reader = _read_watcher(sock, self._loop)
         self._keepalive.start(self)
         if pending:
             self._received_bytes += len(pending)
@@ -2106,7 +2106,8 @@ class Connection:
         """ENDED: give back the watchers, the timers and the buffer; the socket its timeout."""
         self._stop_reading()
         self._stop_timers()
-        self._reader.close()
+        if self._reader is not getattr(self._sock, "_read_event", None):  # gevent's own stays the socket's
+            self._reader.close()
         if self._resumer is not None:
             self._resumer.close()
         if self._buffer is not None:
@@ -2145,9 +2146,13 @@ class Connection:
         unclean close: so the server reads on, and discards, up to the close
         timeout.
         """
-        deadline = time.monotonic() + (self._settings.close_timeout or 5.0)
         try:
             self._sock.shutdown(socket.SHUT_WR)
+            if self._io is not self._sock:  # the C socket: the usual end, the client's FIN already there
+                with contextlib.suppress(*_WOULD_BLOCK):
+                    if not self._io.recv(65536):
+                        return
+            deadline = time.monotonic() + (self._settings.close_timeout or 5.0)
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -2190,6 +2195,20 @@ def _raw_socket(sock: Any) -> Any:
     if type(sock) is gevent.socket.socket and isinstance(inner, _socket.socket):
         return inner
     return sock
+
+
+def _read_watcher(sock: Any, loop: Any) -> Any:
+    """The event loop's watcher for the socket becoming readable.
+
+    A gevent socket has one already, which its own blocking calls wait on
+    (none are made while the connection reads it): making another costs a
+    system call (libev checks the file descriptor) and a fifth of a
+    connection's set-up.
+    """
+    watcher = getattr(sock, "_read_event", None)
+    if watcher is not None and watcher.loop is loop:
+        return watcher
+    return loop.io(sock.fileno(), 1)
 
 
 #: Per event loop, the connections with corked frames, sent at the end of the loop's turn (``_cork``).
@@ -2535,10 +2554,14 @@ class WebSocketHandler(_GeventWebSocketHandler):
         super().__init__(sock, address, server, _Reader(sock) if rfile is None else rfile)
 
     def handle_one_request(self) -> Any:
-        if self.handshake_timeout:
-            self._deadline = gevent.Timeout.start_new(self.handshake_timeout, _SlowRequest)  # made if it fires
+        if self.handshake_timeout:  # a timer that throws into this greenlet, as gevent.Timeout does, for less
+            self._deadline = gevent.get_hub().loop.timer(self.handshake_timeout)
+            self._deadline.start(gevent.getcurrent().throw, _SlowRequest)
         try:
-            return super().handle_one_request()
+            handshake = self._plain_handshake()
+            if handshake is None:
+                return super().handle_one_request()
+            return self._handle_handshake(*handshake)
         except _SlowRequest:  # no request line yet: nothing to answer
             _log_summarised(
                 logging.INFO,
@@ -2550,6 +2573,90 @@ class WebSocketHandler(_GeventWebSocketHandler):
             return None
         finally:
             self._cancel_deadline()
+
+    def _plain_handshake(self) -> tuple[str, str, list[tuple[str, str]]] | None:
+        """The request ahead, if it is a websocket handshake of the usual form and came whole; else ``None``.
+
+        Returns its request line, its target and its headers, and takes them
+        from the reader; with ``None``, pywsgi reads the request as ever.
+        """
+        reader = self.rfile
+        if type(reader) is not _Reader or reader.closed:
+            return None
+        if not reader._data:
+            try:
+                reader._fill()  # waits for the request: _SlowRequest at the deadline
+            except OSError:  # as pywsgi: a reset before the request is nothing to answer
+                return None
+        head = _HANDSHAKE.match(reader._data.decode("latin-1"))
+        if head is None or head.end() > self.max_handshake_size or head.end() > _MAX_HEADER_LINE:
+            return None
+        pairs = _PLAIN_PAIR.findall(head[3])
+        names = [name.lower() for name, _ in pairs]
+        if len(pairs) >= _MAX_HEADERS or names.count("upgrade") != 1 or not _NO_BODY.isdisjoint(names):
+            return None
+        if pairs[names.index("upgrade")][1].strip().lower() != "websocket":
+            return None
+        del reader._data[: head.end()]
+        return head[1], head[2], pairs
+
+    def _handle_handshake(self, requestline: str, target: str, pairs: list[tuple[str, str]]) -> Any:
+        """pywsgi's ``handle_one_request`` for what :meth:`_plain_handshake` read: the app answers it."""
+        self.requestline, self.command, self.path, self.request_version = requestline, "GET", target, "HTTP/1.1"
+        self.headers = message = _PlainHeaders()
+        for name, value in pairs:
+            message.set_raw(name, value)
+        message.set_payload("")
+        self.content_length = None
+        self.close_connection = message.get("Connection", "").lower() == "close"
+        self.response_length = 0
+        if type(self).get_environ is WSGIHandler.get_environ:
+            self.environ = self._handshake_environ(target)
+        else:  # a subclass adds to it (gunicorn's handler does)
+            self.environ = self.get_environ()
+        self.application = self.server.application
+        self._respond()
+        return None if self.close_connection or self.rfile.closed else True
+
+    def _handshake_environ(self, target: str) -> dict:
+        """pywsgi's ``get_environ`` for a request without a body that asks for an upgrade."""
+        environ = self.server.get_environ()
+        path, _, query = target.partition("?")
+        environ.update(
+            REQUEST_METHOD="GET",
+            SCRIPT_NAME="",
+            PATH_INFO=urllib.parse.unquote(path, "latin-1"),
+            QUERY_STRING=query,
+            SERVER_PROTOCOL="HTTP/1.1",
+        )
+        if isinstance(self.client_address, tuple):
+            environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = map(str, self.client_address[:2])
+        for key, value in self._headers():
+            if key in environ:  # a repeated header: its values joined
+                environ[key] += ("; " if "COOKIE" in key else ",") + value
+            else:
+                environ[key] = value
+        environ["wsgi.input"] = self.rfile  # an upgrade's: pywsgi reads no body for the app
+        environ["wsgi.input_terminated"] = False
+        return environ
+
+    def _respond(self) -> None:
+        """pywsgi's ``handle_one_response`` for a request without a body: run the app, log the request."""
+        self.time_start = time.time()
+        self.status, self.result, self.headers_sent = None, None, False
+        self.response_use_chunked = self.connection_upgraded = False
+        try:
+            self.run_application()
+        except OSError as error:
+            if error.args and error.args[0] in self.ignored_socket_errors:  # the client left
+                self.close_connection = True
+            else:
+                self.handle_error(*sys.exc_info())  # type: ignore[arg-type]
+        except BaseException:  # noqa: BLE001 - as pywsgi: a 500 for the client, a traceback for the log
+            self.handle_error(*sys.exc_info())  # type: ignore[arg-type]
+        finally:
+            self.time_finish = time.time()
+            self.log_request()
 
     def read_request(self, raw_requestline: str) -> Any:
         reader: Any = self.rfile  # type: ignore[has-type]
@@ -2649,6 +2756,10 @@ _NO_ACCESS_LOG: Any = getattr(gevent.pywsgi, "_NoopLog", ())
 _MAX_HEADER_LINE, _MAX_HEADERS = 65536, 100
 #: A header line that the email parser, which pywsgi uses, reads as a name and a value.
 _PLAIN_HEADER = re.compile(rb"([!-9;-~]+):[ \t]*([^\r\n]*)\r?\n?")
+#: A websocket handshake's usual request line and plain headers: what WebSocketHandler reads at once.
+_HANDSHAKE = re.compile(r"(GET ([!-~]{1,8000}) HTTP/1\.1)\r\n((?:[!-9;-~]+:[^\r\n]*\r\n)*)\r\n")
+#: Headers that announce a body: a request with one goes through pywsgi's reading, which reads bodies.
+_NO_BODY = frozenset(("content-length", "transfer-encoding", "content-type", "expect"))
 #: Plain header lines up to the blank line that ends them; and one of them, with its name and value.
 _PLAIN_HEAD = re.compile(r"(?:[!-9;-~]+:[^\r\n]*\r?\n)*\r?\n")
 _PLAIN_PAIR = re.compile(r"([!-9;-~]+):[ \t]*([^\r\n]*)\r?\n")

@@ -5516,11 +5516,12 @@ def served_by(handler_class, request_bytes, cuts=()):
 
     def send():
         start = 0
-        for end in [*cuts, len(request_bytes)]:
-            client.sendall(request_bytes[start:end])
-            start = end
-            gevent.sleep(0.001)  # the server reads what came
-        client.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):  # the server may answer 400 and close before the rest
+            for end in [*cuts, len(request_bytes)]:
+                client.sendall(request_bytes[start:end])
+                start = end
+                gevent.sleep(0.001)  # the server reads what came
+            client.shutdown(socket.SHUT_WR)
 
     with client, served:
         sender = gevent.spawn(send)
@@ -5531,9 +5532,23 @@ def served_by(handler_class, request_bytes, cuts=()):
     return seen, re.sub(rb"Date: [^\r]*\r\n", b"", answer)
 
 
-def test_requests_reach_the_app_exactly_as_through_pywsgis_own_handler():
-    """WebSocketHandler reads requests through its own reader, and makes the environ's headers from plain lines."""
+def test_requests_reach_the_app_exactly_as_through_pywsgis_own_handler(monkeypatch):
+    """WebSocketHandler reads requests through its own reader, and websocket handshakes of the usual form at once."""
+    at_once = []
+    handle_handshake = flask_websockets.WebSocketHandler._handle_handshake
+    monkeypatch.setattr(
+        flask_websockets.WebSocketHandler,
+        "_handle_handshake",
+        lambda self, *head: at_once.append(head[1]) or handle_handshake(self, *head),
+    )
+    handshake = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
     heads = [
+        b"GET /ws?x=%41&y HTTP/1.1\r\nHost: a\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\n" + handshake,
+        b"GET /a%2Fb HTTP/1.1\r\nCookie: a=1\r\nCookie: b=2\r\nX-A: 1\r\nX-A:2 \r\nX_B: no\r\nUpgrade: websocket\r\n",
+        b"GET /close HTTP/1.1\r\nUpgrade: websocket\r\nConnection: close\r\n" + handshake,
+        b"GET /twice HTTP/1.1\r\nUpgrade: websocket\r\nUpgrade: websocket\r\n" + handshake,
+        b"GET /body HTTP/1.1\r\nUpgrade: websocket\r\nContent-Length: 5\r\n" + handshake,
+        b"GET /bare-lf HTTP/1.1\nUpgrade: websocket\n" + handshake,
         b"GET /p%C3%A9?q=1&r HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nCookie: a=1\r\nCookie: b=2\r\nX-A: 1\r\nX-A: 2\r\nX_B: hidden\r\n",
         b"POST /form HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\nContent-Length: 5\r\nX:  padded  \t\r\n",
@@ -5554,6 +5569,8 @@ def test_requests_reach_the_app_exactly_as_through_pywsgis_own_handler():
         ours = served_by(flask_websockets.WebSocketHandler, request_bytes, cuts)
         assert ours == served_by(pywsgi.WSGIHandler, request_bytes, cuts), (request_bytes, cuts)
         assert ours[0] or b"400" in ours[1] or not ours[1], request_bytes  # the app saw it, or a 400
+    assert {"/ws?x=%41&y", "/a%2Fb", "/close"} <= set(at_once)  # the usual handshakes were read at once
+    assert not {"/twice", "/body", "/bare-lf"} & set(at_once)  # pywsgi read the others
 
 
 SLOW_HEADERS_APP = """\
