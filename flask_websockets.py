@@ -2140,18 +2140,23 @@ class Connection:
     def _linger(self) -> None:
         """Close our side of TCP, then read until the client closes its own; after ``_end``.
 
-        A client may still be sending when the closing handshake ends (a browser
-        in the middle of a large message). Closing a socket with unread data
-        makes the kernel reset the connection, and the client would see an
-        unclean close: so the server reads on, and discards, up to the close
-        timeout.
+        A client may still be sending when the connection ends without its
+        close frame (a browser in the middle of a large message, when the
+        close timeout ran out). Closing a socket with unread data makes the
+        kernel reset the connection, and the client would see an unclean
+        close: so the server reads on, and discards, up to the close timeout.
+        A client whose close frame came sends nothing more: the kernel sees
+        its side of TCP close.
         """
         try:
             self._sock.shutdown(socket.SHUT_WR)
-            if self._io is not self._sock:  # the C socket: the usual end, the client's FIN already there
-                with contextlib.suppress(*_WOULD_BLOCK):
+            if self._proto.peer_closed and self._io is not self._sock:  # the C socket: no timer needed
+                try:
                     if not self._io.recv(65536):
                         return
+                except _WOULD_BLOCK:
+                    return  # nothing unread: no reset
+                # bytes after its close frame: read on
             deadline = time.monotonic() + (self._settings.close_timeout or 5.0)
             while True:
                 left = deadline - time.monotonic()
@@ -3477,6 +3482,8 @@ class _Upgraded(Response):
     server has switched protocols long before, so nobody reads its headers:
     building them is skipped.
     """
+
+    default_mimetype = None  # a 101 has no body, so no Content-Type
 
     def __call__(self, environ: dict, start_response: Callable[..., Any]) -> list[bytes]:  # type: ignore[override]
         start_response(self.status, [])
@@ -4814,7 +4821,7 @@ class _Protocol:
     __slots__ = (
         "client", "max_size", "deflate", "state", "close_code", "close_reason", "_buf", "_pos", "_eof",
         "_output", "_mask_bit", "_left", "_fin", "_mask", "_phase", "_skip", "_opcode", "_message", "_size",
-        "_decoder", "_inflater", "_deferred",
+        "_decoder", "_inflater", "_deferred", "peer_closed",
     )  # fmt: skip
 
     def __init__(self, client: bool = False, max_size: int | None = 1 << 20, deflate: _Deflate | None = None) -> None:
@@ -4824,6 +4831,7 @@ class _Protocol:
         self.state = _P_OPEN
         self.close_code: int | None = None  # this end's, if it closed first; else the peer's (1006: lost)
         self.close_reason = ""
+        self.peer_closed = False  # the peer's close frame came: it sends nothing more (RFC 6455 5.5.1)
         self._buf: bytes = b""  # received bytes, parsed up to _pos
         self._pos = 0
         self._eof = False
@@ -5092,7 +5100,7 @@ class _Protocol:
         if self.state is _P_OPEN:  # the peer starts the closing handshake: answer it
             self.close_code, self.close_reason = code, reason
             self._output.append(self._close_frame(1000 if code == 1005 else code, ""))
-        self.state = _P_CLOSED
+        self.state, self.peer_closed = _P_CLOSED, True
         return opcode, (code, reason)
 
     def _frame_while_closing(self, b0: int, length: int, end: int) -> tuple[int, Any] | None:
@@ -5100,7 +5108,7 @@ class _Protocol:
         if b0 & 0x0F == _OP_CLOSE and length <= 125:
             self._pos = end + length
             self.close_now()  # a 1009 that waited for the end of a message the peer gave up on
-            self.state = _P_CLOSED
+            self.state, self.peer_closed = _P_CLOSED, True
             return _OP_CLOSE, (self.close_code, self.close_reason)  # its content no longer matters
         self._pos = end
         self._fin = b0 & 0x80 if b0 & 0x0F < _OP_CLOSE else 0  # a control frame ends no message

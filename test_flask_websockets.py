@@ -2049,6 +2049,24 @@ def test_the_1009_goes_out_once_the_client_has_sent_the_whole_oversized_message(
     assert fake.end().frames == [("close", 1009, "message over 100 bytes")]
 
 
+def test_once_the_closing_handshake_is_over_the_request_ends_without_waiting_for_the_clients_tcp_close():
+    """The client's close frame came, so it sends nothing more: the server closes TCP (RFC 6455 7.1.1) and
+    the request ends at once, with no close timeout to wait out for a client that keeps its socket open."""
+    app = Flask(__name__)
+    app.config["WEBSOCKETS_CLOSE_TIMEOUT"] = 30
+    WebSockets(app).on_message(lambda message: message)
+    ended = threading.Event()
+    app.teardown_request(lambda error: ended.set())
+    with serving(app) as url:
+        sock = raw_handshake(url)
+        sock.sendall(client_frame(CLOSE, close_payload(1000)))
+        assert ended.wait(5)  # this client never closed its socket
+        answer = b""
+        while chunk := sock.recv(4096):  # up to the server's FIN
+            answer += chunk
+        assert parse_server_frames(answer) == [("close", 1000, "")]
+
+
 def test_limit_counts_all_fragments_of_a_message():
     fake = run(
         limited_app(100),
