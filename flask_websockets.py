@@ -2559,13 +2559,16 @@ class WebSocketHandler(_GeventWebSocketHandler):
         super().__init__(sock, address, server, _Reader(sock) if rfile is None else rfile)
 
     def handle_one_request(self) -> Any:
-        if self.handshake_timeout:  # a timer that throws into this greenlet, as gevent.Timeout does, for less
-            self._deadline = gevent.get_hub().loop.timer(self.handshake_timeout)
-            self._deadline.start(gevent.getcurrent().throw, _SlowRequest)
         try:
-            handshake = self._plain_handshake()
+            handshake = self._plain_handshake(wait=False)  # usually there by now: no deadline to set
+            if handshake is None:
+                if self.handshake_timeout:  # a timer that throws into this greenlet, as gevent.Timeout does
+                    self._deadline = gevent.get_hub().loop.timer(self.handshake_timeout)
+                    self._deadline.start(gevent.getcurrent().throw, _SlowRequest)
+                handshake = self._plain_handshake(wait=True)
             if handshake is None:
                 return super().handle_one_request()
+            self._cancel_deadline()
             return self._handle_handshake(*handshake)
         except _SlowRequest:  # no request line yet: nothing to answer
             _log_summarised(
@@ -2578,19 +2581,25 @@ class WebSocketHandler(_GeventWebSocketHandler):
             return None
         finally:
             self._cancel_deadline()
+            if self._upgraded:  # the websocket is over: close its socket now (pywsgi would read it once more)
+                sock, self.socket = self.socket, None
+                sock.close()
 
-    def _plain_handshake(self) -> tuple[str, str, list[tuple[str, str]]] | None:
+    def _plain_handshake(self, wait: bool) -> tuple[str, str, list[tuple[str, str]]] | None:
         """The request ahead, if it is a websocket handshake of the usual form and came whole; else ``None``.
 
         Returns its request line, its target and its headers, and takes them
         from the reader; with ``None``, pywsgi reads the request as ever.
+        With nothing read yet, it reads what has come, or with ``wait``, waits
+        for the first bytes.
         """
         reader = self.rfile
         if type(reader) is not _Reader or reader.closed:
             return None
         if not reader._data:
             try:
-                reader._fill()  # waits for the request: _SlowRequest at the deadline
+                if not reader._fill(wait):  # waiting: _SlowRequest at the deadline
+                    return None
             except OSError:  # as pywsgi: a reset before the request is nothing to answer
                 return None
         head = _HANDSHAKE.match(reader._data.decode("latin-1"))
@@ -2903,8 +2912,18 @@ class _Reader:
         self.closed = True
         self._data = bytearray()
 
-    def _fill(self) -> bool:
-        data = self._sock.recv(65536)
+    def _fill(self, wait: bool = True) -> bool:
+        """Read what the socket has (without ``wait``, only if that takes no waiting); whether anything came."""
+        if wait:
+            data = self._sock.recv(65536)
+        else:
+            sock = _raw_socket(self._sock)
+            if sock is self._sock:  # not a plain gevent socket: no read that cannot wait
+                return False
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                return False
         self._data += data
         return bool(data)
 
