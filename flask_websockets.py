@@ -923,7 +923,7 @@ class WebSockets:
             deflate=deflate,
             settings=settings,
             request=req,
-            session=dict(session),
+            session=dict(session._get_current_object()),  # type: ignore[attr-defined]  # (the proxy's own copy is slow)
             clock=self._clock,
         )
         token = _cv_socket.set(conn)
@@ -1279,6 +1279,7 @@ def _origin_allowed(origin: str, allowed: Any, req: Any) -> bool:
     return key in allowed
 
 
+@functools.lru_cache(maxsize=256)  # a browser sends its page's origin with every handshake: a few, again and again
 def _origin_key(origin: str) -> tuple[str, str, int | None] | None:
     """``(scheme, host, port)`` of an origin, default ports filled in; ``None`` if malformed."""
     try:
@@ -1478,8 +1479,9 @@ class Connection:
         self._thread: int | None = _get_ident()
         self._timeout = sock.gettimeout()  # the socket's own, given back at the end
         sock.settimeout(0.0)
-        self._tls_pending = getattr(sock, "pending", None)  # a TLS socket's bytes decrypted but not read
         self._io = _raw_socket(sock)
+        # A TLS socket's bytes decrypted but not read (a plain gevent socket would look it up in vain, slowly).
+        self._tls_pending = getattr(sock, "pending", None) if self._io is sock else None
         self._reader = _read_watcher(sock, self._loop)
         self._keepalive.start(self)
         if pending:
