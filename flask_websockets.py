@@ -2619,10 +2619,7 @@ class WebSocketHandler(_GeventWebSocketHandler):
     def _handle_handshake(self, requestline: str, target: str, pairs: list[tuple[str, str]]) -> Any:
         """pywsgi's ``handle_one_request`` for what :meth:`_plain_handshake` read: the app answers it."""
         self.requestline, self.command, self.path, self.request_version = requestline, "GET", target, "HTTP/1.1"
-        self.headers = message = _PlainHeaders()
-        for name, value in pairs:
-            message.set_raw(name, value)
-        message.set_payload("")
+        self.headers = message = _PlainHeaders.of(pairs)
         self.content_length = None
         self.close_connection = message.get("Connection", "").lower() == "close"
         self.response_length = 0
@@ -2803,14 +2800,13 @@ def _read_headers(reader: Any) -> Any:
             raise http.client.HTTPException(f"got more than {_MAX_HEADERS} headers")
         if line in (b"\r\n", b"\n", b""):
             break
-    message = _PlainHeaders()
+    pairs = []
     for line in lines[:-1]:
         match = _PLAIN_HEADER.fullmatch(line)
         if match is None:  # (a name has no space: "From " lines, which start an mbox message, go there too)
             return gevent.pywsgi.headers_factory(io.BytesIO(b"".join(lines)))
-        message.set_raw(match[1].decode("latin-1"), match[2].decode("latin-1"))
-    message.set_payload("")  # as the email parser leaves it: nothing after the headers
-    return message
+        pairs.append((match[1].decode("latin-1"), match[2].decode("latin-1")))
+    return _PlainHeaders.of(pairs)
 
 
 def _plain_head(reader: Any) -> Any:
@@ -2831,11 +2827,7 @@ def _plain_head(reader: Any) -> Any:
     del inner._data[: head.end()]
     if inner is not reader:
         reader._left -= head.end()
-    message = _PlainHeaders()
-    for name, value in pairs:
-        message.set_raw(name, value)
-    message.set_payload("")
-    return message
+    return _PlainHeaders.of(pairs)
 
 
 #: The class of pywsgi's parsed headers (an ``http.client.HTTPMessage`` with the older API pywsgi reads).
@@ -2844,6 +2836,14 @@ _HEADERS_CLASS: Any = type(WSGIHandler.headers)
 
 class _PlainHeaders(_HEADERS_CLASS):  # type: ignore[misc, valid-type]
     """pywsgi's headers, read by :func:`_read_headers` from plain ``Name: value`` lines only."""
+
+    @classmethod
+    def of(cls, pairs: list[tuple[str, str]]) -> _PlainHeaders:
+        """The headers ``(name, value)``, in order: what ``set_raw`` for each, then ``set_payload("")``, make."""
+        message = cls()
+        message._headers = pairs
+        message._payload = ""
+        return message
 
     def environ_items(self) -> Iterator[tuple[str, str]]:
         """The headers' environ keys and values, as pywsgi's ``_headers`` makes them from its parser's headers.
