@@ -2208,9 +2208,8 @@ def _read_watcher(sock: Any, loop: Any) -> Any:
     """The event loop's watcher for the socket becoming readable.
 
     A gevent socket has one already, which its own blocking calls wait on
-    (none are made while the connection reads it): making another costs a
-    system call (libev checks the file descriptor) and a fifth of a
-    connection's set-up.
+    (none are made while the connection reads it): making another would cost
+    a system call (libev checks the file descriptor).
     """
     watcher = getattr(sock, "_read_event", None)
     if watcher is not None and watcher.loop is loop:
@@ -2533,6 +2532,11 @@ class WebSocketHandler(_GeventWebSocketHandler):
     answer 401; the client then never gets a 101. The 101 carries the chosen
     subprotocol. Every websocket connection gets one access-log line with
     status 101 and its duration, and no logger's handlers are touched.
+
+    A websocket handshake of the usual form (``GET``, HTTP/1.1, ``Name:
+    value`` header lines, no body) that came whole is read at once, and its
+    environ is the one pywsgi would make; pywsgi reads any other request as
+    ever (its generic reading was a tenth of what a connection cost).
 
     It also bounds what a client may cost before the app sees its request:
     a connection that has not sent a whole request line and headers within
