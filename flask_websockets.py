@@ -2560,6 +2560,9 @@ class WebSocketHandler(_GeventWebSocketHandler):
 
     _upgraded = False
     _deadline: Any = None
+    socket: Any  # pywsgi's, set per connection (and the status of its response)
+    rfile: Any
+    status: Any
 
     def __init__(self, sock: Any, address: Any, server: Any, rfile: Any = None) -> None:
         super().__init__(sock, address, server, _Reader(sock) if rfile is None else rfile)
@@ -2676,7 +2679,7 @@ class WebSocketHandler(_GeventWebSocketHandler):
             self.log_request()
 
     def read_request(self, raw_requestline: str) -> Any:
-        reader: Any = self.rfile  # type: ignore[has-type]
+        reader = self.rfile
         self.rfile = _HeadReader(reader, self.max_handshake_size - len(raw_requestline))
         try:
             return super().read_request(raw_requestline)
