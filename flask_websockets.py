@@ -2570,11 +2570,14 @@ class WebSocketHandler(_GeventWebSocketHandler):
     def handle_one_request(self) -> Any:
         try:
             handshake = self._plain_handshake(wait=False)  # usually there by now: no deadline to set
-            if handshake is None:
-                if self.handshake_timeout:  # a timer that throws into this greenlet, as gevent.Timeout does
-                    self._deadline = gevent.get_hub().loop.timer(self.handshake_timeout)
-                    self._deadline.start(gevent.getcurrent().throw, _SlowRequest)
-                handshake = self._plain_handshake(wait=True)
+            if handshake is None and self.handshake_timeout:  # a timer that throws here, as gevent.Timeout does
+                self._deadline = gevent.get_hub().loop.timer(self.handshake_timeout)
+                self._deadline.start(gevent.getcurrent().throw, _SlowRequest)
+            if handshake is None and type(self.rfile) is _Reader and not self.rfile._data:  # nothing came yet
+                try:
+                    handshake = self._plain_handshake(wait=True)
+                except OSError:  # as pywsgi: a reset or a timeout before the request is nothing to answer
+                    return None
             if handshake is None:
                 return super().handle_one_request()
             self._cancel_deadline()
@@ -2609,8 +2612,12 @@ class WebSocketHandler(_GeventWebSocketHandler):
             try:
                 if not reader._fill(wait):  # waiting: _SlowRequest at the deadline
                     return None
-            except OSError:  # as pywsgi: a reset before the request is nothing to answer
-                return None
+            except OSError:
+                if wait:
+                    raise
+                return None  # pywsgi's reading meets it again, and answers it
+        if not reader._data.startswith(b"GET "):  # (a plain HTTP request costs no decoding here)
+            return None
         head = _HANDSHAKE.match(reader._data.decode("latin-1"))
         if head is None or head.end() > self.max_handshake_size or head.end() > _MAX_HEADER_LINE:
             return None
@@ -2618,7 +2625,7 @@ class WebSocketHandler(_GeventWebSocketHandler):
         names = [name.lower() for name, _ in pairs]
         if len(pairs) >= _MAX_HEADERS or names.count("upgrade") != 1 or not _NO_BODY.isdisjoint(names):
             return None
-        if pairs[names.index("upgrade")][1].strip().lower() != "websocket":
+        if pairs[names.index("upgrade")][1].lower() != "websocket":  # as pywsgi compares it: unstripped
             return None
         del reader._data[: head.end()]
         return head[1], head[2], pairs
@@ -2923,6 +2930,8 @@ class _Reader:
 
     def _fill(self, wait: bool = True) -> bool:
         """Read what the socket has (without ``wait``, only if that takes no waiting); whether anything came."""
+        if self.closed:  # taken over by a websocket, or closed: as a closed file
+            raise ValueError("I/O operation on closed file")
         if wait:
             data = self._sock.recv(65536)
         else:

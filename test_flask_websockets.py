@@ -5497,6 +5497,20 @@ def test_request_headers_are_read_exactly_as_pywsgis_own_parser_reads_them():
         assert header_block_as_parsed(read_after_request_line, block) == expected, block
 
 
+def test_the_handlers_reader_once_taken_over_reads_like_a_closed_file():
+    """A middleware that reads an upgrade's wsgi.input after the websocket took it must not read the websocket."""
+    client, served = gevent.socket.socketpair()
+    with client, served:
+        client.sendall(b"GET / HTTP/1.1\r\n\r\nframe bytes")
+        reader = flask_websockets._Reader(served)
+        assert reader.readline() == b"GET / HTTP/1.1\r\n" and reader.readline() == b"\r\n"
+        assert reader.take() == b"frame bytes"
+        client.sendall(b"the websocket's")
+        with pytest.raises(ValueError):
+            reader.read(10)
+        assert served.recv(100) == b"the websocket's"
+
+
 def read_after_request_line(stream):
     """Headers read as WebSocketHandler reads them: from its reader, which holds them all after the request line."""
 
@@ -5567,6 +5581,7 @@ def test_requests_reach_the_app_exactly_as_through_pywsgis_own_handler(monkeypat
         b"GET /twice HTTP/1.1\r\nUpgrade: websocket\r\nUpgrade: websocket\r\n" + handshake,
         b"GET /body HTTP/1.1\r\nUpgrade: websocket\r\nContent-Length: 5\r\n" + handshake,
         b"GET /bare-lf HTTP/1.1\nUpgrade: websocket\n" + handshake,
+        b"GET /trailing HTTP/1.1\r\nUpgrade: websocket \r\nConnection: keep-alive\r\n" + handshake,
         b"GET /p%C3%A9?q=1&r HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nCookie: a=1\r\nCookie: b=2\r\nX-A: 1\r\nX-A: 2\r\nX_B: hidden\r\n",
         b"POST /form HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\nContent-Length: 5\r\nX:  padded  \t\r\n",
@@ -5588,7 +5603,7 @@ def test_requests_reach_the_app_exactly_as_through_pywsgis_own_handler(monkeypat
         assert ours == served_by(pywsgi.WSGIHandler, request_bytes, cuts), (request_bytes, cuts)
         assert ours[0] or b"400" in ours[1] or not ours[1], request_bytes  # the app saw it, or a 400
     assert {"/ws?x=%41&y", "/a%2Fb", "/close"} <= set(at_once)  # the usual handshakes were read at once
-    assert not {"/twice", "/body", "/bare-lf"} & set(at_once)  # pywsgi read the others
+    assert not {"/twice", "/body", "/bare-lf", "/trailing"} & set(at_once)  # pywsgi read the others
 
 
 SLOW_HEADERS_APP = """\
