@@ -982,7 +982,10 @@ class WebSockets:
             if not self._call(conn, hook):
                 conn._close(1011, "internal error")  # the connection is not set up
                 break
-        for message in conn._messages():
+        while True:  # (a loop, not a generator: the greenlet's stack, copied at each switch, stays shallow)
+            message = conn._next_message()
+            if message is None:
+                return
             self._dispatch(conn, message)
 
     def _dispatch(self, conn: Connection, message: Message) -> None:
@@ -1408,7 +1411,7 @@ class Connection:
     __slots__ = (
         "request", "session", "environ", "path", "origin", "subprotocol", "_state", "_sockets", "_rooms",
         "_life", "_proto", "_sock", "_settings", "_clock", "_now", "_hub", "_loop", "_thread", "_timeout",
-        "_tls_pending", "_reader", "_reading", "_resumer", "_inbox", "_inbox_size", "_waiter", "_held",
+        "_tls_pending", "_reader", "_reading", "_resumer", "_inbox", "_inbox_size", "_inbox_bytes", "_waiter", "_held",
         "_io", "_buffer", "_corked", "_corked_size", "_keepalive", "_close_timer", "_user_id", "_received",
         "_received_bytes", "_sent", "_sent_bytes", "_rate_limited", "_tokens", "_tokens_at", "_rate_timer",
     )  # fmt: skip
@@ -1449,8 +1452,11 @@ class Connection:
         self._io = sock  # what reads and writes it without blocking (see _raw_socket)
         self._clock = clock  # timers: None for the event loop's, or a fake clock in tests
         self._now: Callable[[], float] = time.monotonic if clock is None else clock.now
-        self._inbox: list[Message] = []  # messages received, waiting for the handlers
+        # Messages received, waiting for the handlers. A deque: a list would allocate and free its
+        # storage for each message as it goes from empty to one message and back.
+        self._inbox: collections.deque[Message] = collections.deque()
         self._inbox_size = 0
+        self._inbox_bytes = self._settings.max_message_size or 1 << 20  # may wait for them before reading pauses
         self._waiter: Any = None  # the greenlet waiting in _wait()
         # FINISHING: the close frame that answers the peer's close frame or its protocol
         # error, held until the handlers are done with the messages that came before it.
@@ -1701,7 +1707,7 @@ class Connection:
 
     def _pump(self) -> None:
         """Turn received bytes into messages in the inbox, up to its bound (and the rate limit's)."""
-        proto, inbox, inbox_bytes = self._proto, self._inbox, self._settings.inbox_bytes
+        proto, inbox, inbox_bytes = self._proto, self._inbox, self._inbox_bytes
         rate, limited = self._settings.rate_limit, False
         while len(inbox) < _INBOX_MESSAGES and self._inbox_size < inbox_bytes:
             if rate is not None and self._life is _OPEN and not self._may_receive(rate) and proto.data_waiting():
@@ -1741,8 +1747,10 @@ class Connection:
         elif not self._reading:
             self._reading = True
             self._reader.start(self._on_readable)
-        if self._waiter is not None and inbox:
-            self._wake()
+        waiter = self._waiter
+        if waiter is not None and inbox:  # (so in the event loop: the view's greenlet is waiting)
+            self._waiter = None
+            waiter.switch()
 
     def _may_receive(self, rate: tuple[float, float]) -> bool:
         """Whether the rate limit lets one more message in (each message takes a token as it comes)."""
@@ -1785,20 +1793,21 @@ class Connection:
         if (life is _OPEN or life is _CLOSING) and not self._reading:
             self._pump()
 
-    def _messages(self) -> Iterator[Message]:
-        """The messages received, in order, until the connection is closed."""
+    def _next_message(self) -> Message | None:
+        """The next message received, in order, once it is there; ``None`` once the connection is closed."""
         inbox = self._inbox
         while True:
             if inbox:
-                message = inbox.pop(0)
+                message = inbox.popleft()
                 self._inbox_size -= len(message)
                 if not inbox and not self._reading and self._life is _OPEN:
                     self._resume_soon()  # reading stopped at the inbox's bound
-                yield message
-            elif self._life is _FINISHING:
+                return message
+            life = self._life
+            if life is _FINISHING:
                 self._release_held()
-            elif self._life is _CLOSED:
-                return
+            elif life is _CLOSED:
+                return None
             else:
                 self._wait()
 
@@ -1858,7 +1867,9 @@ class Connection:
             self._send_prepared((message,), wait=True)
         elif (self._buffer is None and self._life is _OPEN) or self._make_room(len(payload), wait=True):
             self._sent += 1  # (no buffer yet: the socket has taken everything so far, there is room)
-            if len(payload) < _LARGE or self._tls_pending is not None:
+            if deflate is None and len(payload) < _LARGE:  # (the protocol core's framing, without a detour)
+                self._write(_frame(opcode, payload))
+            elif len(payload) < _LARGE or self._tls_pending is not None:
                 self._write(self._proto.encode(opcode, payload, compress))
             else:
                 self._write(*self._proto.encode_parts(opcode, payload, compress))
@@ -2094,7 +2105,7 @@ class Connection:
             self._close(1011, "internal error")  # a handler error propagated
         try:
             if wait:
-                for _ in self._messages():  # until CLOSED: the peer's close frame, or the timeout
+                while self._next_message() is not None:  # until CLOSED: the peer's close frame, or the timeout
                     pass
                 self._uncork()  # now: the buffer's watcher wakes this greenlet, a callback would not
                 if self.buffered_amount:
@@ -4672,11 +4683,6 @@ class _Settings(NamedTuple):
     compression_min_size: int
     compression_takeover: bool
 
-    @property
-    def inbox_bytes(self) -> int:
-        """How many received bytes may wait for the handlers before reading pauses."""
-        return self.max_message_size or 1 << 20
-
 
 def _settings(app: Flask) -> _Settings:
     """The app's settings, checked again when its config changed; a ``ValueError`` names a bad key."""
@@ -4858,7 +4864,7 @@ class _Protocol:
     __slots__ = (
         "client", "max_size", "deflate", "state", "close_code", "close_reason", "_buf", "_pos", "_eof",
         "_output", "_mask_bit", "_left", "_fin", "_mask", "_phase", "_skip", "_opcode", "_message", "_size",
-        "_decoder", "_inflater", "_deferred", "peer_closed",
+        "_decoder", "_inflater", "_deferred", "peer_closed", "_short_header",
     )  # fmt: skip
 
     def __init__(self, client: bool = False, max_size: int | None = 1 << 20, deflate: _Deflate | None = None) -> None:
@@ -4874,6 +4880,7 @@ class _Protocol:
         self._eof = False
         self._output: list[bytes] = []  # automatic answers: pongs and close frames
         self._mask_bit = 0 if client else 0x80  # clients mask every frame; servers never do
+        self._short_header = 2 if client else 6  # a frame's header, up to 125 bytes of payload (with the mask)
         # The frame whose payload is arriving:
         self._left = 0  # payload bytes still to come
         self._fin = 0
@@ -4918,6 +4925,27 @@ class _Protocol:
 
     def next_event(self) -> tuple[int, Any] | None:
         """The next event, or ``None`` until more data arrives (or for good, once CLOSED)."""
+        buf, pos = self._buf, self._pos
+        if pos >= len(buf) and not self._eof:
+            return None  # the usual answer, after each message: nothing more to parse
+        if not self._left and not self._opcode and self.state is _P_OPEN and len(buf) - pos >= self._short_header:
+            # The commonest case first: a short message (125 bytes at most) in one frame, all of it here.
+            b0, length = buf[pos], buf[pos + 1] ^ self._mask_bit  # over 125 if the mask bit is wrong
+            end = pos + self._short_header + length
+            if (
+                (b0 == 0x81 or b0 == 0x82) and length < 126 and len(buf) >= end
+                and (self.max_size is None or length <= self.max_size)
+            ):  # fmt: skip
+                self._pos = end
+                payload = buf[end - length : end]
+                if self._mask_bit:
+                    payload = _unmask(payload, buf[pos + 2 : pos + 6])
+                if b0 == 0x82:
+                    return _OP_BINARY, payload
+                try:
+                    return _OP_TEXT, payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    return self._fail(1007, "invalid UTF-8 in a text message")
         while self.state is not _P_CLOSED:
             if self._left:
                 event = self._receive_payload()
@@ -5572,11 +5600,12 @@ def _append_unmasked_python(data: bytearray, chunk: memoryview, mask: bytes, pha
         data[start + lane :: 4] = data[start + lane :: 4].translate(_XOR_TABLES[mask[lane]])
 
 
+_unmask: Callable[[Any, bytes], bytes]  # bytes, a bytearray or a memoryview in; bytes out
+
 try:  # the speedups extra: the websockets library's C apply_mask, 60 times the lanes' speed
     from websockets.speedups import apply_mask as _apply_mask
 
-    def _unmask(payload: bytes, mask: bytes) -> bytes:
-        return _apply_mask(payload, mask)
+    _unmask = _apply_mask  # itself, not wrapped: one Python call less per message
 
     def _append_unmasked(data: bytearray, chunk: memoryview, mask: bytes, phase: int) -> None:
         if phase & 3:

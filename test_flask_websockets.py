@@ -1357,7 +1357,7 @@ def test_with_the_speedups_extra_unmasking_runs_in_c():
         from websockets.speedups import apply_mask
     except ImportError:
         missing("the websockets library's C speedups: pip install \".[speedups]\"", "speedups")
-    assert flask_websockets._unmask.__code__.co_names == ("_apply_mask",)
+    assert flask_websockets._unmask is apply_mask  # the C function itself, no Python frame between
     assert apply_mask(b"abcd", b"\x01\x01\x01\x01") == flask_websockets._unmask(b"abcd", b"\x01\x01\x01\x01")
 
 
@@ -1425,6 +1425,36 @@ def test_the_protocol_core_gives_the_same_events_however_the_bytes_arrive(chunki
     assert parse_server_frames(proto.data_to_send()) == [("pong", b"p"), ("close", 1001, "")]
     proto.receive_data(text("after the close"))
     assert proto.next_event() is None, "nothing comes after the closing handshake"
+
+
+@pytest.mark.parametrize("chunking", ["whole", "byte by byte", "uneven"])
+def test_short_messages_back_to_back_come_whole_and_in_order(chunking):
+    """Messages of one frame up to 125 bytes take the parser's shortest path: its edges, 0 to 127 bytes."""
+    messages = [("\u00e9" * (n // 2) if n % 3 else bytes(range(n))) for n in (0, 1, 2, 5, 124, 125, 126, 127, 250)]
+    data = b"".join(text(m) if isinstance(m, str) else binary(m) for m in messages)
+    chunks = {
+        "whole": [data],
+        "byte by byte": one_byte_at_a_time(data),
+        "uneven": [data[i : i + 5] for i in range(0, len(data), 5)],
+    }[chunking]
+    assert events(_Protocol(), *chunks) == [(TEXT if isinstance(m, str) else BINARY, m) for m in messages]
+
+
+def test_a_short_message_fails_as_any_other_over_a_low_limit_unmasked_or_not_utf8():
+    failed = flask_websockets._FAILED
+    assert events(_Protocol(max_size=10), text("x" * 10), text("x" * 11), text("never")) == [
+        (TEXT, "x" * 10),
+        (failed, (1009, "message over 10 bytes")),
+    ]
+    assert events(_Protocol(), client_frame(TEXT, b"abc", masked=False)) == [
+        (failed, (1002, "client frames must be masked"))
+    ]
+    assert events(_Protocol(), client_frame(BINARY, b"ok"), client_frame(TEXT, b"\xff")) == [
+        (BINARY, b"ok"),
+        (failed, (1007, "invalid UTF-8 in a text message")),
+    ]
+    client = _Protocol(client=True, max_size=None)  # a client's input: unmasked frames from the server
+    assert events(client, bytes([0x81, 3]) + b"abc" + bytes([0x82, 0])) == [(TEXT, "abc"), (BINARY, b"")]
 
 
 def test_a_payload_arriving_in_tiny_pieces_is_never_copied_over_again():
