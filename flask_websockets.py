@@ -1000,8 +1000,8 @@ class WebSockets:
             if self.match_one:
                 return
 
-    def _call(self, conn: Connection, function: Callable[..., Any], *args: Any) -> bool:
-        """Run a handler (its return value is the reply) or a hook (``args`` empty).
+    def _call(self, conn: Connection, function: Callable[..., Any], message: Message | None = None) -> bool:
+        """Run a handler with its message (its return value is the reply) or a hook (no message).
 
         An error goes to the most specific error handler, whose return value
         is the reply; failing that, it is logged (or propagates, see
@@ -1010,9 +1010,10 @@ class WebSockets:
         those that stop a greenlet or the process.
         """
         try:
-            reply = function(*args)
-            if args:
-                conn._send_reply(reply, function)
+            if message is None:
+                function()
+            else:  # (not function(*args), which would nest a C frame: a handler that waits carries it)
+                conn._send_reply(function(message), function)
             return True
         except ConnectionClosed:
             # The peer is gone or the app closed the connection: not an app
