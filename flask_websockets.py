@@ -1707,7 +1707,12 @@ class Connection:
             self._on_readable()
 
     def _pump(self) -> None:
-        """Turn received bytes into messages in the inbox, up to its bound (and the rate limit's)."""
+        """Turn received bytes into messages in the inbox, up to its bound (and the rate limit's).
+
+        In the event loop only (its callbacks and timers), or in the view's
+        greenlet before it first waits: it switches to a waiting view itself,
+        which only the event loop may do.
+        """
         proto, inbox, inbox_bytes = self._proto, self._inbox, self._inbox_bytes
         rate, limited = self._settings.rate_limit, False
         while len(inbox) < _INBOX_MESSAGES and self._inbox_size < inbox_bytes:
@@ -1749,7 +1754,7 @@ class Connection:
             self._reading = True
             self._reader.start(self._on_readable)
         waiter = self._waiter
-        if waiter is not None and inbox:  # (so in the event loop: the view's greenlet is waiting)
+        if waiter is not None and inbox:  # _wake(), without its check: in the event loop, as said above
             self._waiter = None
             waiter.switch()
 
@@ -1823,7 +1828,7 @@ class Connection:
             self._resume_soon()  # to read the peer's close frame
 
     def _wait(self) -> None:
-        """Let the event loop run until :meth:`_wake`."""
+        """Let the event loop run until :meth:`_wake`, or :meth:`_pump` with a message, switches back."""
         self._waiter = gevent.getcurrent()
         try:
             self._hub.switch()
