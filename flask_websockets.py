@@ -1707,12 +1707,7 @@ class Connection:
             self._on_readable()
 
     def _pump(self) -> None:
-        """Turn received bytes into messages in the inbox, up to its bound (and the rate limit's).
-
-        In the event loop only (its callbacks and timers), or in the view's
-        greenlet before it first waits: it switches to a waiting view itself,
-        which only the event loop may do.
-        """
+        """Turn received bytes into messages in the inbox, up to its bound (and the rate limit's)."""
         proto, inbox, inbox_bytes = self._proto, self._inbox, self._inbox_bytes
         rate, limited = self._settings.rate_limit, False
         while len(inbox) < _INBOX_MESSAGES and self._inbox_size < inbox_bytes:
@@ -1753,10 +1748,8 @@ class Connection:
         elif not self._reading:
             self._reading = True
             self._reader.start(self._on_readable)
-        waiter = self._waiter
-        if waiter is not None and inbox:  # _wake(), without its check: in the event loop, as said above
-            self._waiter = None
-            waiter.switch()
+        if self._waiter is not None and inbox:
+            self._wake()
 
     def _may_receive(self, rate: tuple[float, float]) -> bool:
         """Whether the rate limit lets one more message in (each message takes a token as it comes)."""
@@ -1828,7 +1821,7 @@ class Connection:
             self._resume_soon()  # to read the peer's close frame
 
     def _wait(self) -> None:
-        """Let the event loop run until :meth:`_wake`, or :meth:`_pump` with a message, switches back."""
+        """Let the event loop run until :meth:`_wake`."""
         self._waiter = gevent.getcurrent()
         try:
             self._hub.switch()
@@ -1836,11 +1829,16 @@ class Connection:
             self._waiter = None
 
     def _wake(self, at_once: bool = True) -> None:
-        """Wake the view's greenlet: at once from the event loop (messages wait), or at its next turn."""
+        """Wake the view's greenlet: at once (messages wait), or at the event loop's next turn.
+
+        At once only from the event loop, which alone may switch to a waiting
+        greenlet: its callers are the loop's watchers and timers (``_pump``,
+        the send buffer's writer), and they ask no greenlet which one is running.
+        """
         waiter, self._waiter = self._waiter, None
-        if at_once and gevent.getcurrent() is self._hub:
+        if at_once:
             waiter.switch()
-        else:  # only the event loop may switch to a waiting greenlet
+        else:
             self._loop.run_callback(_switch_if_alive, waiter)
 
     # -- internals: sending ----------------------------------------------------
@@ -1873,9 +1871,7 @@ class Connection:
             self._send_prepared((message,), wait=True)
         elif (self._buffer is None and self._life is _OPEN) or self._make_room(len(payload), wait=True):
             self._sent += 1  # (no buffer yet: the socket has taken everything so far, there is room)
-            if deflate is None and len(payload) < _LARGE:  # (the protocol core's framing, without a detour)
-                self._write(_frame(opcode, payload))
-            elif len(payload) < _LARGE or self._tls_pending is not None:
+            if len(payload) < _LARGE or self._tls_pending is not None:
                 self._write(self._proto.encode(opcode, payload, compress))
             else:
                 self._write(*self._proto.encode_parts(opcode, payload, compress))
@@ -4871,7 +4867,7 @@ class _Protocol:
     __slots__ = (
         "client", "max_size", "deflate", "state", "close_code", "close_reason", "_buf", "_pos", "_eof",
         "_output", "_mask_bit", "_left", "_fin", "_mask", "_phase", "_skip", "_opcode", "_message", "_size",
-        "_decoder", "_inflater", "_deferred", "peer_closed", "_short_header",
+        "_decoder", "_inflater", "_deferred", "peer_closed", "_mask_size",
     )  # fmt: skip
 
     def __init__(self, client: bool = False, max_size: int | None = 1 << 20, deflate: _Deflate | None = None) -> None:
@@ -4887,7 +4883,7 @@ class _Protocol:
         self._eof = False
         self._output: list[bytes] = []  # automatic answers: pongs and close frames
         self._mask_bit = 0 if client else 0x80  # clients mask every frame; servers never do
-        self._short_header = 2 if client else 6  # a frame's header, up to 125 bytes of payload (with the mask)
+        self._mask_size = 0 if client else 4
         # The frame whose payload is arriving:
         self._left = 0  # payload bytes still to come
         self._fin = 0
@@ -4935,18 +4931,22 @@ class _Protocol:
         buf, pos = self._buf, self._pos
         if pos >= len(buf) and not self._eof:
             return None  # the usual answer, after each message: nothing more to parse
-        if not self._left and not self._opcode and self.state is _P_OPEN and len(buf) - pos >= self._short_header:
-            # The commonest case first: a short message (125 bytes at most) in one frame, all of it here.
-            b0, length = buf[pos], buf[pos + 1] ^ self._mask_bit  # over 125 if the mask bit is wrong
-            end = pos + self._short_header + length
+        if not self._left and not self._opcode and self.state is _P_OPEN and len(buf) - pos >= 2:
+            # The common case first: a whole message in one frame, all of it here.
+            b0, b1 = buf[pos], buf[pos + 1]
+            length, start = b1 & 0x7F, pos + 2  # the mask, if any, starts at start
+            if length > 125:
+                start += 2 if length == 126 else 8
+                length = int.from_bytes(buf[pos + 2 : start], "big")  # (cut short: then start is past the end)
+            end = start + self._mask_size + length  # of the payload
             if (
-                (b0 == 0x81 or b0 == 0x82) and length < 126 and len(buf) >= end
+                (b0 == 0x81 or b0 == 0x82) and b1 & 0x80 == self._mask_bit and len(buf) >= end
                 and (self.max_size is None or length <= self.max_size)
             ):  # fmt: skip
                 self._pos = end
                 payload = buf[end - length : end]
-                if self._mask_bit:
-                    payload = _unmask(payload, buf[pos + 2 : pos + 6])
+                if self._mask_size:
+                    payload = _unmask(payload, buf[start : start + 4])
                 if b0 == 0x82:
                     return _OP_BINARY, payload
                 try:
@@ -4976,22 +4976,7 @@ class _Protocol:
             mask = buf[start:end] if end > start else None
             if self.state is _P_CLOSING:
                 event = self._frame_while_closing(b0, length, end)
-            elif (
-                (b0 == 0x81 or b0 == 0x82) and b1 & 0x80 == self._mask_bit and not self._opcode
-                and len(buf) >= end + length and (self.max_size is None or length <= self.max_size)
-            ):  # fmt: skip
-                # The common case: a whole message in one frame, all of it here.
-                self._pos = end + length
-                payload = buf[end : end + length]
-                if mask is not None:
-                    payload = _unmask(payload, mask)
-                if b0 == 0x82:
-                    return _OP_BINARY, payload
-                try:
-                    return _OP_TEXT, payload.decode("utf-8")
-                except UnicodeDecodeError:
-                    return self._fail(1007, "invalid UTF-8 in a text message")
-            else:
+            else:  # (a whole message in one frame took the shortcut above)
                 event = self._frame(b0, b1, length, mask, end)
             if event is not None:
                 return event

@@ -1428,9 +1428,10 @@ def test_the_protocol_core_gives_the_same_events_however_the_bytes_arrive(chunki
 
 
 @pytest.mark.parametrize("chunking", ["whole", "byte by byte", "uneven"])
-def test_short_messages_back_to_back_come_whole_and_in_order(chunking):
-    """Messages of one frame up to 125 bytes take the parser's shortest path: its edges, 0 to 127 bytes."""
-    messages = [("\u00e9" * (n // 2) if n % 3 else bytes(range(n))) for n in (0, 1, 2, 5, 124, 125, 126, 127, 250)]
+def test_one_frame_messages_back_to_back_come_whole_and_in_order(chunking):
+    """A whole message in one frame takes the parser's shortest path: its edges, at each length field's size."""
+    sizes = (0, 1, 2, 5, 124, 125, 126, 127, 250, 65535, 65536, 70000)
+    messages = [("\u00e9" * (n // 2) if n % 3 else bytes(i % 256 for i in range(n))) for n in sizes]
     data = b"".join(text(m) if isinstance(m, str) else binary(m) for m in messages)
     chunks = {
         "whole": [data],
@@ -1440,14 +1441,18 @@ def test_short_messages_back_to_back_come_whole_and_in_order(chunking):
     assert events(_Protocol(), *chunks) == [(TEXT if isinstance(m, str) else BINARY, m) for m in messages]
 
 
-def test_a_short_message_fails_as_any_other_over_a_low_limit_unmasked_or_not_utf8():
+def test_a_one_frame_message_fails_as_any_other_over_a_low_limit_unmasked_or_not_utf8():
     failed = flask_websockets._FAILED
     assert events(_Protocol(max_size=10), text("x" * 10), text("x" * 11), text("never")) == [
         (TEXT, "x" * 10),
         (failed, (1009, "message over 10 bytes")),
     ]
-    assert events(_Protocol(), client_frame(TEXT, b"abc", masked=False)) == [
-        (failed, (1002, "client frames must be masked"))
+    for size in (3, 300, 70000):  # whatever the size of its length field
+        assert events(_Protocol(), client_frame(TEXT, b"a" * size, masked=False)) == [
+            (failed, (1002, "client frames must be masked"))
+        ]
+    assert events(_Protocol(max_size=200), client_frame(BINARY, b"x" * 201)) == [
+        (failed, (1009, "message over 200 bytes"))
     ]
     assert events(_Protocol(), client_frame(BINARY, b"ok"), client_frame(TEXT, b"\xff")) == [
         (BINARY, b"ok"),
