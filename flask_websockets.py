@@ -68,7 +68,7 @@ import urllib.parse
 import uuid
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from contextvars import ContextVar
+from contextvars import Context, ContextVar, copy_context
 from typing import Any, Callable, NamedTuple, TypeVar, Union, overload
 
 import gevent
@@ -982,6 +982,7 @@ class WebSockets:
             if not self._call(conn, hook):
                 conn._close(1011, "internal error")  # the connection is not set up
                 break
+        conn._context = copy_context()  # with the request's context and `ws`: workers run its handlers in it
         while True:  # (a loop, not a generator: the greenlet's stack, copied at each switch, stays shallow)
             message = conn._next_message()
             if message is None:
@@ -1413,6 +1414,7 @@ class Connection:
         "request", "session", "environ", "path", "origin", "subprotocol", "_state", "_sockets", "_rooms",
         "_life", "_proto", "_sock", "_settings", "_clock", "_now", "_hub", "_loop", "_thread", "_timeout",
         "_tls_pending", "_reader", "_reading", "_resumer", "_inbox", "_inbox_size", "_inbox_bytes", "_waiter", "_held",
+        "_runner", "_turn", "_worker", "_context", "_error",
         "_io", "_buffer", "_corked", "_corked_size", "_keepalive", "_close_timer", "_user_id", "_received",
         "_received_bytes", "_sent", "_sent_bytes", "_rate_limited", "_tokens", "_tokens_at", "_rate_timer",
     )  # fmt: skip
@@ -1459,6 +1461,11 @@ class Connection:
         self._inbox_size = 0
         self._inbox_bytes = self._settings.max_message_size or 1 << 20  # may wait for them before reading pauses
         self._waiter: Any = None  # the greenlet waiting in _wait()
+        # Who runs the handlers while the view waits: a worker of the thread's _Runner (see _pump).
+        self._turn = _IDLE  # whether the connection waits for a worker, or one runs its handler
+        self._worker: Any = None  # the worker greenlet that runs one of its handlers (RUNNING)
+        self._context: Context | None = None  # the view's context, in which workers run its handlers
+        self._error: BaseException | None = None  # an error that propagated out of a worker's handler
         # FINISHING: the close frame that answers the peer's close frame or its protocol
         # error, held until the handlers are done with the messages that came before it.
         self._held = b""
@@ -1478,11 +1485,13 @@ class Connection:
         self._rate_timer: Any = None  # to read on once a token is there again
         if sock is None:
             self._life, self._hub, self._loop, self._thread, self._reader = _ENDED, None, None, None, None
+            self._runner: _Runner = None  # type: ignore[assignment]  # (never queued)
             return
         self._life = _OPEN
         # The event loop of the thread that serves the connection, where all its I/O happens.
         self._hub = gevent.get_hub()
         self._loop = self._hub.loop
+        self._runner = _Runner.of(self._hub)
         self._thread: int | None = _get_ident()
         self._timeout = sock.gettimeout()  # the socket's own, given back at the end
         sock.settimeout(0.0)
@@ -1662,7 +1671,7 @@ class Connection:
             self._stop_timers()
             self._wake_senders()
             self._uncork()  # now, not at the turn's end: what is left to send decides when the socket goes
-            if self._waiter is not None:  # later: the view's end must not run inside this callback
+            if self._waiter is not None and self._turn is not _RUNNING:  # later: not inside this callback
                 self._wake(at_once=False)
             elif not self.buffered_amount:
                 self._let_go()
@@ -1748,8 +1757,13 @@ class Connection:
         elif not self._reading:
             self._reading = True
             self._reader.start(self._on_readable)
-        if self._waiter is not None and inbox:
-            self._wake()
+        if self._waiter is not None and inbox:  # the view waits for messages, or for the end
+            if self._life is _OPEN:
+                if self._turn is _IDLE:  # a worker runs the handlers (a busy one sees these messages)
+                    self._turn = _QUEUED
+                    self._runner.add(self)
+            elif self._turn is not _RUNNING:
+                self._wake()  # the view finishes them itself (FINISHING), or skips them (CLOSING)
 
     def _may_receive(self, rate: tuple[float, float]) -> bool:
         """Whether the rate limit lets one more message in (each message takes a token as it comes)."""
@@ -1793,22 +1807,63 @@ class Connection:
             self._pump()
 
     def _next_message(self) -> Message | None:
-        """The next message received, in order, once it is there; ``None`` once the connection is closed."""
-        inbox = self._inbox
+        """The next message for the view's greenlet, in order; ``None`` once the connection is closed.
+
+        While it waits in here and the connection is open, workers take the
+        messages instead (``_handle_next``). It takes none while a worker runs
+        one of the handlers: one message at a time, in order.
+        """
         while True:
-            if inbox:
-                message = inbox.popleft()
-                self._inbox_size -= len(message)
-                if not inbox and not self._reading and self._life is _OPEN:
-                    self._resume_soon()  # reading stopped at the inbox's bound
-                return message
-            life = self._life
-            if life is _FINISHING:
-                self._release_held()
-            elif life is _CLOSED:
-                return None
+            if self._turn is not _RUNNING:
+                error, self._error = self._error, None
+                if error is not None:
+                    raise error
+                if self._inbox:
+                    return self._take()
+                life = self._life
+                if life is _FINISHING:
+                    self._release_held()
+                    continue
+                if life is _CLOSED:
+                    return None
+            self._wait()
+
+    def _take(self) -> Message:
+        """The first message of the inbox, taken out of it."""
+        inbox = self._inbox
+        message = inbox.popleft()
+        self._inbox_size -= len(message)
+        if not inbox and not self._reading and self._life is _OPEN:
+            self._resume_soon()  # reading stopped at the inbox's bound
+        return message
+
+    def _handle_next(self, worker: Any) -> None:
+        """Run the handlers for the next message, in the view's context; in a worker of the ``_Runner``.
+
+        Workers take messages only while the connection is open and the view
+        waits in ``_next_message``: not before ``on_open`` is done, nor once the
+        connection closes, when the view takes the rest (FINISHING) and ends it.
+        """
+        self._turn = _IDLE
+        if self._waiter is None or self._life is not _OPEN or not self._inbox:
+            if self._waiter is not None and self._life is not _OPEN:
+                self._wake(at_once=False)  # the view finishes (see _pump)
+            return
+        self._turn, self._worker = _RUNNING, worker
+        try:
+            self._context.run(self._sockets._dispatch, self, self._take())  # type: ignore[union-attr]
+        except gevent.GreenletExit:  # from _interrupt: the view stopped, and waits for this handler
+            pass
+        except BaseException as error:  # it propagated (PROPAGATE_EXCEPTIONS), or SystemExit: the view raises it
+            self._error = error
+            self._close(1011, "internal error")
+        self._turn, self._worker = _IDLE, None
+        if self._waiter is not None and (self._inbox or self._life is not _OPEN):
+            if self._life is not _OPEN:
+                self._wake(at_once=False)  # the view ends the connection, or takes the rest
             else:
-                self._wait()
+                self._turn = _QUEUED  # behind the others that wait: one message each in turn
+                self._runner.again(self)
 
     def _release_held(self) -> None:
         """Send the close frame held behind the messages the handlers were on: FINISHING is over."""
@@ -2106,6 +2161,9 @@ class Connection:
         if self._life is _OPEN:
             self._close(1011, "internal error")  # a handler error propagated
         try:
+            while self._turn is _RUNNING:  # only when the view stopped on an error: it stops the handler too
+                self._loop.run_callback(_interrupt, self, self._worker)  # type: ignore[union-attr]
+                self._wait()  # woken when the handler is over
             if wait:
                 while self._next_message() is not None:  # until CLOSED: the peer's close frame, or the timeout
                     pass
@@ -2128,6 +2186,7 @@ class Connection:
         if self._buffer is not None:
             self._buffer.close()
         self._inbox.clear()
+        self._context = None  # (it holds the connection: no cycle left for the garbage collector)
         self._corked, self._corked_size = None, 0
         _forget_corked(self)  # its loop may never run again (a Werkzeug thread's): keep no reference
         self._reader = self._resumer = self._buffer = None  # type: ignore[assignment]
@@ -2269,6 +2328,92 @@ class _Life(enum.Enum):
 _OPEN, _FINISHING, _CLOSING, _CLOSED, _ENDED = _Life
 
 
+class _Turn(enum.Enum):
+    """Where a connection is with the workers that run its handlers (``_Runner``)."""
+
+    IDLE = "idle"  # no worker has it: its view takes the messages, or none wait
+    QUEUED = "queued"  # messages wait for a worker
+    RUNNING = "running"  # a worker runs one of its handlers (the view takes none meanwhile)
+
+
+_IDLE, _QUEUED, _RUNNING = _Turn
+
+
+class _Runner:
+    """Runs the handlers of one thread's connections in a few worker greenlets.
+
+    A connection's view waits in ``_next_message`` while the connection is
+    open. Rather than switching to that view and back for each message (two
+    switches of a greenlet whose stack holds the whole WSGI call), the event
+    loop queues the connection here; at the end of the loop's turn one
+    worker runs the handlers of every connection queued, one message each
+    in turn, in each view's context (``Connection._handle_next``). A handler
+    that waits (``gevent.sleep``, a query, ``ws.send`` waiting for room) holds
+    its worker and its connection's next messages, not the others': the next
+    turn starts another worker. One idle worker is kept.
+
+    Example: nothing to call; ``flask.request``, ``g``, ``session`` and
+    ``ws`` are in a handler what they are in the view. A handler may run in
+    a different greenlet from one message to the next: keep per-connection
+    data in ``ws.state``, not in a greenlet-local (``gevent.local``).
+    """
+
+    __slots__ = ("_hub", "_ready", "_idle", "_scheduled")
+
+    @staticmethod
+    def of(hub: Any) -> _Runner:
+        """The runner of ``hub``'s thread, made at its first connection."""
+        runner = getattr(hub, "_flask_websockets_runner", None)
+        if runner is None:
+            runner = hub._flask_websockets_runner = _Runner(hub)
+        return runner
+
+    def __init__(self, hub: Any) -> None:
+        self._hub = hub
+        self._ready: collections.deque[Connection] = collections.deque()  # queued, in the order they came
+        self._idle: Any = None  # the worker that waits for the next turn, if any
+        self._scheduled = False  # whether _start runs at the end of this turn
+
+    def add(self, conn: Connection) -> None:
+        """Queue a connection whose messages wait; from the event loop."""
+        self._ready.append(conn)
+        self._schedule()
+
+    def again(self, conn: Connection) -> None:
+        """Queue a connection again, from the worker that just ran its handler (that worker goes on)."""
+        self._ready.append(conn)
+
+    def _start(self) -> None:  # a callback of the event loop: once this turn's reads are done
+        self._scheduled = False
+        while self._ready:  # (a worker that waits in a handler comes back here: the next one goes on)
+            worker, self._idle = self._idle, None
+            (worker or gevent.Greenlet(self._work)).switch()
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self._hub.loop.run_callback(self._start)
+
+    def _work(self) -> None:
+        ready, me = self._ready, gevent.getcurrent()
+        try:
+            while True:
+                while ready:
+                    conn = ready.popleft()
+                    if ready and not self._scheduled:  # should this handler wait, another worker takes the rest
+                        self._schedule()
+                    conn._handle_next(me)
+                if self._idle is not None:  # this one had waited in a handler: one idle worker is enough
+                    return
+                self._idle = me
+                self._hub.switch()  # until _start
+        finally:
+            if self._idle is me:
+                self._idle = None
+            if ready:  # it stopped on an error: the others' messages go on
+                self._schedule()
+
+
 class _SendBuffer:
     """What a connection's socket has not taken yet, and the back-pressure it puts on senders.
 
@@ -2332,7 +2477,7 @@ class _SendBuffer:
             self._writer.stop()
             conn = self._conn
             if conn._life is _CLOSED:  # the last bytes are out
-                if conn._waiter is not None:
+                if conn._waiter is not None and conn._turn is not _RUNNING:
                     conn._wake()  # the view's end waits for them
                 else:
                     conn._let_go()
@@ -2509,6 +2654,11 @@ def _pause() -> Callable[[], Any] | None:
 def _switch_if_alive(greenlet: Any) -> None:
     if not greenlet.dead:
         greenlet.switch()
+
+
+def _interrupt(conn: Connection, worker: Any) -> None:  # a callback: the view of conn stopped on an error
+    if conn._worker is worker and not worker.dead:  # still in that handler
+        worker.throw(gevent.GreenletExit)
 
 
 #: At most this many messages wait for the handlers; then reading pauses.

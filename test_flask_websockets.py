@@ -1191,6 +1191,118 @@ def test_propagation_follows_testing_and_propagate_exceptions(testing, propagate
 
 
 # ---------------------------------------------------------------------------
+# Workers: the greenlets that run the handlers while the views wait
+# ---------------------------------------------------------------------------
+
+
+def test_a_handler_that_waits_holds_its_own_connection_not_the_others():
+    app, sockets = make_app()
+    release, order = gevent.event.Event(), []
+
+    @sockets.on_message
+    def handler(message):
+        if message == "wait":
+            assert release.wait(5)
+        order.append((request.args["who"], message))
+        return message
+
+    with sockets.test_client(query_string={"who": "a"}) as a, sockets.test_client(query_string={"who": "b"}) as b:
+        a.send("wait")
+        a.send("after")
+        for message in ("one", "two", "three"):
+            b.send(message)
+            assert b.receive() == message  # served while a's handler waits
+        assert order == [("b", "one"), ("b", "two"), ("b", "three")], "a's next message waits for its handler"
+        release.set()
+        assert [a.receive(), a.receive()] == ["wait", "after"]
+    assert order[3:] == [("a", "wait"), ("a", "after")]
+
+
+def test_handlers_that_wait_hold_nobody_whose_message_came_in_the_same_turn():
+    """A worker waits in a handler: the messages queued behind it in that turn go to another worker."""
+    app, sockets = make_app()
+    release = gevent.event.Event()
+    sockets.on_message(lambda message: release.wait(5) and message if message == "wait" else message)
+    clients = [sockets.test_client() for _ in range(20)]
+    try:
+        for i, c in enumerate(clients):
+            c.send("wait" if i % 2 == 0 else str(i))  # all read in the loop's next turn
+        for i, c in enumerate(clients[1::2]):
+            assert c.receive(timeout=2) == str(2 * i + 1)
+        release.set()
+        assert [c.receive(timeout=2) for c in clients[::2]] == ["wait"] * 10
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_handlers_of_many_connections_interleaved_each_see_their_own_context_in_order():
+    """300 connections x 20 messages, a third of the handlers yielding: each reply once, in order, in its context."""
+    app, sockets = make_app()
+    rng = random.Random(7)
+
+    @app.before_request
+    def start():
+        g.count = 0
+
+    @sockets.on_message
+    def handler(message):
+        g.count += 1
+        if rng.random() < 0.3:
+            gevent.sleep(0)  # its worker waits: another takes the other connections' messages
+        return f"{request.args['who']}:{g.count}:{ws.state.setdefault('who', request.args['who'])}:{message}"
+
+    clients = [sockets.test_client(query_string={"who": str(i)}) for i in range(300)]
+    try:
+        for n in range(20):
+            for c in clients:
+                c.send(str(n))
+        for i, c in enumerate(clients):
+            assert [c.receive(timeout=5) for _ in range(20)] == [f"{i}:{n + 1}:{i}:{n}" for n in range(20)]
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_a_propagated_error_from_a_handler_reaches_the_view_and_the_test_while_others_go_on():
+    app, sockets = make_app()
+    app.testing = True
+    sockets.on_message(lambda message: {}[message] if message == "missing" else message)
+    with sockets.test_client() as other:
+        client_ = sockets.test_client()
+        client_.send("missing")
+        other.send("fine")
+        with pytest.raises(KeyError, match="missing"):
+            client_.receive()
+        assert client_.close_code == 1011
+        assert other.receive() == "fine"
+
+
+@pytest.mark.slow
+def test_real_a_stopping_server_interrupts_a_waiting_handler_before_on_close_and_teardown():
+    """As when the handler ran in the view's greenlet: GreenletExit in the handler, then on_close, then teardown."""
+    app, sockets = make_app()
+    events, waiting = [], threading.Event()
+
+    @sockets.on_message
+    def stuck(message):
+        waiting.set()
+        try:
+            gevent.sleep(60)
+        except gevent.GreenletExit:
+            events.append(("interrupted", request.args["who"]))
+            raise
+
+    sockets.on_close(lambda: events.append(("on_close", request.args["who"])))
+    app.teardown_request(lambda error: events.append(("teardown", request.args.get("who"))))
+    with serving(app) as url:
+        c = client(url + "/?who=ada")
+        c.send("x")
+        assert waiting.wait(5)
+    assert events == [("interrupted", "ada"), ("on_close", "ada"), ("teardown", "ada")]
+
+
+# ---------------------------------------------------------------------------
 # Protocol
 # ---------------------------------------------------------------------------
 
