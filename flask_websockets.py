@@ -1850,8 +1850,9 @@ class Connection:
                 self._wake(at_once=False)  # the view finishes (see _pump)
             return
         self._turn, self._worker = _RUNNING, worker
+        worker.gr_context = self._context  # as Context.run would, without nesting the interpreter in C
         try:
-            self._context.run(self._sockets._dispatch, self, self._take())  # type: ignore[union-attr]
+            self._sockets._dispatch(self, self._take())  # type: ignore[union-attr]
         except gevent.GreenletExit:  # from _interrupt: the view stopped, and waits for this handler
             pass
         except BaseException as error:  # it propagated (PROPAGATE_EXCEPTIONS), or SystemExit: the view raises it
@@ -2377,7 +2378,8 @@ class _Runner:
     def add(self, conn: Connection) -> None:
         """Queue a connection whose messages wait; from the event loop."""
         self._ready.append(conn)
-        self._schedule()
+        if not self._scheduled:
+            self._schedule()
 
     def again(self, conn: Connection) -> None:
         """Queue a connection again, from the worker that just ran its handler (that worker goes on)."""
@@ -2405,6 +2407,7 @@ class _Runner:
                     conn._handle_next(me)
                 if self._idle is not None:  # this one had waited in a handler: one idle worker is enough
                     return
+                me.gr_context = None  # (keeps no connection's context while it waits)
                 self._idle = me
                 self._hub.switch()  # until _start
         finally:
