@@ -1321,10 +1321,15 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 # Receiving. A new ``Connection`` makes the socket non-blocking and watches it
 # from the event loop of the thread that serves it: ``_on_readable`` feeds
 # what arrives to the protocol core (``_Protocol``), which answers pings, and
-# queues messages in the inbox. The view's greenlet takes them from the inbox
-# and runs the handlers, in its request context (``WebSockets._run``). When 16
-# messages wait, or a limit's worth of bytes, reading pauses until the
-# handlers catch up: TCP pushes back on the client, and memory stays bounded.
+# queues messages in the inbox. While the connection is open and the view
+# waits, the event loop queues the connection with its thread's ``_Runner``,
+# whose worker greenlets run the handlers in the view's context (request,
+# session, g, ``ws``), one message at a time per connection, many connections
+# per greenlet switch. The view's greenlet (``WebSockets._run``) runs
+# ``on_open``, then takes the messages itself only once the connection closes
+# (FINISHING), and ends it. When 16 messages wait, or a limit's worth of bytes,
+# reading pauses until the handlers catch up: TCP pushes back on the client,
+# and memory stays bounded.
 # Keepalive (``_Keepalive``) and the close timeout are timers in the same loop.
 #
 # Sending. The protocol core frames every message: ``_Protocol.encode`` one of
@@ -1853,11 +1858,10 @@ class Connection:
         worker.gr_context = self._context  # as Context.run would, without nesting the interpreter in C
         try:
             self._sockets._dispatch(self, self._take())  # type: ignore[union-attr]
-        except gevent.GreenletExit:  # from _interrupt: the view stopped, and waits for this handler
-            pass
-        except BaseException as error:  # it propagated (PROPAGATE_EXCEPTIONS), or SystemExit: the view raises it
-            self._error = error
-            self._close(1011, "internal error")
+        except BaseException as error:  # it propagated (PROPAGATE_EXCEPTIONS), SystemExit...: the view raises it
+            if self._life is _OPEN or not isinstance(error, gevent.GreenletExit):  # (not _interrupt's: closed)
+                self._error = error
+                self._close(1011, "internal error")
         self._turn, self._worker = _IDLE, None
         if self._waiter is not None and (self._inbox or self._life is not _OPEN):
             if self._life is not _OPEN:
@@ -2353,10 +2357,10 @@ class _Runner:
     its worker and its connection's next messages, not the others': the next
     turn starts another worker. One idle worker is kept.
 
-    Example: nothing to call; ``flask.request``, ``g``, ``session`` and
-    ``ws`` are in a handler what they are in the view. A handler may run in
-    a different greenlet from one message to the next: keep per-connection
-    data in ``ws.state``, not in a greenlet-local (``gevent.local``).
+    What the app sees: ``flask.request``, ``g``, ``session`` and ``ws`` are
+    in a handler what they are in the view. A handler may run in a
+    different greenlet from one message to the next: per-connection data
+    belongs in ``ws.state`` or ``g``, not in a greenlet-local (``gevent.local``).
     """
 
     __slots__ = ("_hub", "_ready", "_idle", "_scheduled")

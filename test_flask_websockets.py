@@ -1278,6 +1278,19 @@ def test_a_propagated_error_from_a_handler_reaches_the_view_and_the_test_while_o
         assert other.receive() == "fine"
 
 
+def test_an_error_propagating_after_the_handler_closed_its_connection_still_reaches_the_test():
+    app, sockets = make_app()
+    app.testing = True
+    closes = []
+    sockets.on_message(lambda message: ws.close(4000, "bye") or 1 / 0)
+    sockets.on_close(lambda: closes.append(ws.close_code))
+    client_ = sockets.test_client()
+    client_.send("x")
+    with pytest.raises(ZeroDivisionError):
+        client_.receive()
+    assert client_.close_code == 4000 and closes == [4000]
+
+
 @pytest.mark.slow
 def test_real_a_stopping_server_interrupts_a_waiting_handler_before_on_close_and_teardown():
     """As when the handler ran in the view's greenlet: GreenletExit in the handler, then on_close, then teardown."""
