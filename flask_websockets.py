@@ -23,9 +23,10 @@ Serve it with gevent (``flask run --debug`` and gunicorn work too)::
     from flask_websockets import serve
     serve(app)          # http://127.0.0.1:5000, until Ctrl-C
 
-Each connection runs in its own greenlet inside the request context of its
-handshake, so ``request``, ``session``, ``g`` and ``current_app`` work in
-handlers as they do in views.
+Each connection lives inside the request context of its handshake, so
+``request``, ``session``, ``g`` and ``current_app`` work in handlers as they
+do in views. Its messages are handled one at a time and in order; a handler
+that waits holds back its own connection only.
 
 This file is the whole library and its reference manual. It reads top to
 bottom, a section each: the current connection (``ws``); the extension
@@ -1889,7 +1890,7 @@ class Connection:
             self._waiter = None
 
     def _wake(self, at_once: bool = True) -> None:
-        """Wake the view's greenlet: at once (messages wait), or at the event loop's next turn.
+        """Wake the view's greenlet: at once (it is closing), or at the event loop's next turn.
 
         At once only from the event loop, which alone may switch to a waiting
         greenlet: its callers are the loop's watchers and timers (``_pump``,
