@@ -69,7 +69,7 @@ import urllib.parse
 import uuid
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from contextvars import Context, ContextVar, copy_context
+from contextvars import Context, ContextVar
 from typing import Any, Callable, NamedTuple, TypeVar, Union, overload
 
 import gevent
@@ -983,7 +983,9 @@ class WebSockets:
             if not self._call(conn, hook):
                 conn._close(1011, "internal error")  # the connection is not set up
                 break
-        conn._context = copy_context()  # with the request's context and `ws`: workers run its handlers in it
+        # The view's own context, not a copy: what a handler sets in a ContextVar, the view, the
+        # next handlers, on_close and teardown see, as when handlers ran in the view's greenlet.
+        conn._context = gevent.getcurrent().gr_context
         while True:  # (a loop, not a generator: the greenlet's stack, copied at each switch, stays shallow)
             message = conn._next_message()
             if message is None:
@@ -1327,8 +1329,10 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 # whose worker greenlets run the handlers in the view's context (request,
 # session, g, ``ws``), one message at a time per connection, many connections
 # per greenlet switch. The view's greenlet (``WebSockets._run``) runs
-# ``on_open``, then takes the messages itself only once the connection closes
-# (FINISHING), and ends it. When 16 messages wait, or a limit's worth of bytes,
+# ``on_open``, then the handlers of what waits when it is done, and of what is
+# left once the connection closes (FINISHING, or dropped), and ends it. It
+# takes no message while a worker runs one of the connection's handlers.
+# When 16 messages wait, or a limit's worth of bytes,
 # reading pauses until the handlers catch up: TCP pushes back on the client,
 # and memory stays bounded.
 # Keepalive (``_Keepalive``) and the close timeout are timers in the same loop.
@@ -1890,17 +1894,20 @@ class Connection:
             self._waiter = None
 
     def _wake(self, at_once: bool = True) -> None:
-        """Wake the view's greenlet: at once (it is closing), or at the event loop's next turn.
+        """Wake the view's greenlet from ``_wait``: at once, or from a callback of the event loop.
 
         At once only from the event loop, which alone may switch to a waiting
         greenlet: its callers are the loop's watchers and timers (``_pump``,
         the send buffer's writer), and they ask no greenlet which one is running.
+        The callback wakes the view only if it still waits in ``_wait``: woken
+        otherwise meanwhile (a server's kill), it may be waiting on something
+        else by then, in an ``on_close`` hook say.
         """
-        waiter, self._waiter = self._waiter, None
         if at_once:
+            waiter, self._waiter = self._waiter, None
             waiter.switch()
         else:
-            self._loop.run_callback(_switch_if_alive, waiter)
+            self._loop.run_callback(_wake_if_waiting, self, self._waiter)
 
     # -- internals: sending ----------------------------------------------------
 
@@ -2356,7 +2363,7 @@ class _Runner:
     in turn, in each view's context (``Connection._handle_next``). A handler
     that waits (``gevent.sleep``, a query, ``ws.send`` waiting for room) holds
     its worker and its connection's next messages, not the others': the next
-    turn starts another worker. One idle worker is kept.
+    turn starts another worker. Up to ``_IDLE_WORKERS`` idle ones are kept.
 
     What the app sees: ``flask.request``, ``g``, ``session`` and ``ws`` are
     in a handler what they are in the view. A handler may run in a
@@ -2365,6 +2372,9 @@ class _Runner:
     """
 
     __slots__ = ("_hub", "_ready", "_idle", "_scheduled")
+
+    #: Idle workers kept for the next turns (more are made while handlers wait, and end once idle).
+    _IDLE_WORKERS = 8
 
     @staticmethod
     def of(hub: Any) -> _Runner:
@@ -2377,7 +2387,7 @@ class _Runner:
     def __init__(self, hub: Any) -> None:
         self._hub = hub
         self._ready: collections.deque[Connection] = collections.deque()  # queued, in the order they came
-        self._idle: Any = None  # the worker that waits for the next turn, if any
+        self._idle: list[Any] = []  # workers that wait for the next turn
         self._scheduled = False  # whether _start runs at the end of this turn
 
     def add(self, conn: Connection) -> None:
@@ -2393,8 +2403,7 @@ class _Runner:
     def _start(self) -> None:  # a callback of the event loop: once this turn's reads are done
         self._scheduled = False
         while self._ready:  # (a worker that waits in a handler comes back here: the next one goes on)
-            worker, self._idle = self._idle, None
-            (worker or gevent.Greenlet(self._work)).switch()
+            (self._idle.pop() if self._idle else gevent.Greenlet(self._work)).switch()
 
     def _schedule(self) -> None:
         if not self._scheduled:
@@ -2406,18 +2415,17 @@ class _Runner:
         try:
             while True:
                 while ready:
-                    conn = ready.popleft()
-                    if ready and not self._scheduled:  # should this handler wait, another worker takes the rest
+                    if len(ready) > 1 and not self._scheduled:  # should a handler wait, another worker goes on
                         self._schedule()
-                    conn._handle_next(me)
-                if self._idle is not None:  # this one had waited in a handler: one idle worker is enough
+                    ready.popleft()._handle_next(me)  # (no local name: an idle worker keeps no connection)
+                if len(self._idle) >= self._IDLE_WORKERS:  # enough wait already
                     return
-                me.gr_context = None  # (keeps no connection's context while it waits)
-                self._idle = me
+                me.gr_context = None  # (nor its context)
+                self._idle.append(me)
                 self._hub.switch()  # until _start
         finally:
-            if self._idle is me:
-                self._idle = None
+            if me in self._idle:
+                self._idle.remove(me)
             if ready:  # it stopped on an error: the others' messages go on
                 self._schedule()
 
@@ -2659,9 +2667,10 @@ def _pause() -> Callable[[], Any] | None:
     return gevent.sleep if isinstance(gevent.getcurrent(), gevent.Greenlet) else None
 
 
-def _switch_if_alive(greenlet: Any) -> None:
-    if not greenlet.dead:
-        greenlet.switch()
+def _wake_if_waiting(conn: Connection, waiter: Any) -> None:  # a callback: Connection._wake, later
+    if conn._waiter is waiter:  # still waiting in _wait (woken otherwise, it may wait on something else now)
+        conn._waiter = None
+        waiter.switch()
 
 
 def _interrupt(conn: Connection, worker: Any) -> None:  # a callback: the view of conn stopped on an error

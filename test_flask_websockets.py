@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import gc
 import http.client
 import inspect
@@ -1289,6 +1290,49 @@ def test_an_error_propagating_after_the_handler_closed_its_connection_still_reac
     with pytest.raises(ZeroDivisionError):
         client_.receive()
     assert client_.close_code == 4000 and closes == [4000]
+
+
+def test_a_context_variable_a_handler_sets_is_seen_by_the_next_handlers_on_close_and_teardown():
+    """Handlers run in the view's own context, as when they ran in its greenlet (structlog, tracing scopes)."""
+    app, sockets = make_app()
+    request_id, seen = contextvars.ContextVar("request_id", default=None), []
+
+    @sockets.on_message
+    def handler(message):
+        seen.append(("handler", request_id.get()))
+        request_id.set(message)
+        return "ok"
+
+    sockets.on_close(lambda: seen.append(("on_close", request_id.get())))
+    app.teardown_request(lambda error: seen.append(("teardown", request_id.get())))
+    with sockets.test_client() as client_:
+        for message in ("a", "b"):
+            client_.send(message)
+            assert client_.receive() == "ok"
+    assert seen == [("handler", None), ("handler", "a"), ("on_close", "b"), ("teardown", "b")]
+
+
+def test_an_on_close_hook_that_waits_is_not_woken_by_a_wake_meant_for_the_view():
+    """The view is killed (a server's stop) in the turn a worker's handler closed the connection and woke it."""
+    app, sockets = make_app()
+    views, events = [], []
+
+    @sockets.on_message
+    def close_and_kill(message):
+        views[0].kill(block=False)  # the kill runs before the view's wake, in the loop's next callbacks
+        ws.close(1000)
+
+    def waiting_hook():
+        gevent.sleep(0.05)  # a hook that waits: a stray switch into it would break the sleep
+        events.append("on_close slept")
+
+    sockets.on_close(waiting_hook)
+    client_ = sockets.test_client()
+    views.append(client_._server)
+    client_.send("x")
+    client_._server.join(5)
+    client_._sock.close()  # (the test client's own end; its server is gone)
+    assert client_._server.dead and events == ["on_close slept"]
 
 
 @pytest.mark.slow
