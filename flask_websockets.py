@@ -1855,25 +1855,23 @@ class Connection:
         connection closes, when the view takes the rest (FINISHING) and ends it.
         """
         self._turn = _IDLE
-        if self._waiter is None or self._life is not _OPEN or not self._inbox:
-            if self._waiter is not None and self._life is not _OPEN:
-                self._wake(at_once=False)  # the view finishes (see _pump)
+        if self._waiter is not None and self._life is _OPEN and self._inbox:
+            self._turn, self._worker = _RUNNING, worker
+            worker.gr_context = self._context  # as Context.run would, without nesting the interpreter in C
+            try:
+                self._sockets._dispatch(self, self._take())  # type: ignore[union-attr]
+            except BaseException as error:  # it propagated (PROPAGATE_EXCEPTIONS), SystemExit...: the view raises it
+                if self._life is _OPEN or not isinstance(error, gevent.GreenletExit):  # (not _interrupt's: closed)
+                    self._error = error
+                    self._close(1011, "internal error")
+            self._turn, self._worker = _IDLE, None
+        if self._waiter is None:  # the view runs, or is about to: it sees to the rest
             return
-        self._turn, self._worker = _RUNNING, worker
-        worker.gr_context = self._context  # as Context.run would, without nesting the interpreter in C
-        try:
-            self._sockets._dispatch(self, self._take())  # type: ignore[union-attr]
-        except BaseException as error:  # it propagated (PROPAGATE_EXCEPTIONS), SystemExit...: the view raises it
-            if self._life is _OPEN or not isinstance(error, gevent.GreenletExit):  # (not _interrupt's: closed)
-                self._error = error
-                self._close(1011, "internal error")
-        self._turn, self._worker = _IDLE, None
-        if self._waiter is not None and (self._inbox or self._life is not _OPEN):
-            if self._life is not _OPEN:
-                self._wake(at_once=False)  # the view ends the connection, or takes the rest
-            else:
-                self._turn = _QUEUED  # behind the others that wait: one message each in turn
-                self._runner.again(self)
+        if self._life is not _OPEN:
+            self._wake(at_once=False)  # the view ends the connection, or takes the rest (FINISHING)
+        elif self._inbox:
+            self._turn = _QUEUED  # behind the others that wait: one message each in turn
+            self._runner.again(self)
 
     def _release_held(self) -> None:
         """Send the close frame held behind the messages the handlers were on: FINISHING is over."""
@@ -2405,10 +2403,9 @@ class _Runner:
         while self._ready:  # (a worker that waits in a handler comes back here: the next one goes on)
             (self._idle.pop() if self._idle else gevent.Greenlet(self._work)).switch()
 
-    def _schedule(self) -> None:
-        if not self._scheduled:
-            self._scheduled = True
-            self._hub.loop.run_callback(self._start)
+    def _schedule(self) -> None:  # (callers check _scheduled: the check stays inline on the hot path)
+        self._scheduled = True
+        self._hub.loop.run_callback(self._start)
 
     def _work(self) -> None:
         ready, me = self._ready, gevent.getcurrent()
@@ -2426,7 +2423,7 @@ class _Runner:
         finally:
             if me in self._idle:
                 self._idle.remove(me)
-            if ready:  # it stopped on an error: the others' messages go on
+            if ready and not self._scheduled:  # it stopped on an error: the others' messages go on
                 self._schedule()
 
 
