@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: a free port, a server's start, and a process's CPU time and memory from /proc."""
+"""What the benchmark scripts share: a free port, a server's start, a raw handshake, a process's CPU and memory."""
+import base64
 import os
 import socket
 import time
@@ -23,6 +24,28 @@ def wait_listening(proc, port, name, timeout=30.0):
             time.sleep(0.05)
     proc.kill()
     raise RuntimeError(f"{name} is not listening on {port} after {timeout:.0f} s")
+
+
+def handshake(port, path="/", timeout=30.0):
+    """A websocket handshake on a plain socket: (socket, any bytes that came after the 101 response)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            sock.close()
+            raise ConnectionError("closed during the handshake")
+        head += chunk
+    status, rest = head.split(b"\r\n", 1)[0], head.split(b"\r\n\r\n", 1)[1]
+    if not status.startswith(b"HTTP/1.1 101"):
+        sock.close()
+        raise ConnectionError(f"refused: {status.decode('latin-1')}")
+    return sock, rest
 
 
 def cpu_seconds(pid):

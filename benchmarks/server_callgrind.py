@@ -21,15 +21,14 @@ does; what they leave out is the kernel's share (see benchmarks/README.md).
 Needs valgrind (apt-get install valgrind). About a minute each.
 """
 import argparse
-import base64
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 
 from _common import free_port, wait_listening
+from _common import handshake as common_handshake
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MASK = b"\x01\x02\x03\x04"
@@ -44,17 +43,7 @@ ECHO = bytes((0x81, 32)) + b"x" * 32
 
 
 def handshake(port):
-    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(4096)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
+    return common_handshake(port, "/ws", 120)[0]
 
 
 def read_exactly(sock, n):
