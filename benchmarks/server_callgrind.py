@@ -27,8 +27,7 @@ import subprocess
 import sys
 import tempfile
 
-from _common import free_port, wait_listening
-from _common import handshake as common_handshake
+from _common import free_port, handshake, wait_listening
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MASK = b"\x01\x02\x03\x04"
@@ -40,10 +39,6 @@ def masked(opcode, payload):
 
 MESSAGE, CLOSE = masked(1, b"x" * 32), masked(8, (1000).to_bytes(2, "big"))
 ECHO = bytes((0x81, 32)) + b"x" * 32
-
-
-def handshake(port):
-    return common_handshake(port, "/ws", 120)[0]
 
 
 def read_exactly(sock, n):
@@ -64,7 +59,7 @@ def echo_rounds(socks, rounds):
 
 
 def connection(port):
-    sock = handshake(port)
+    sock, _ = handshake(port, "/ws", 120)
     sock.sendall(MESSAGE)
     assert read_exactly(sock, len(ECHO)) == ECHO
     sock.sendall(CLOSE)
@@ -90,7 +85,7 @@ def measure(args, what):
     try:
         wait_listening(server, port, "echo_server.py under valgrind", timeout=120)
         if what == "message":
-            socks = [handshake(port) for _ in range(100)]
+            socks = [handshake(port, "/ws", 120)[0] for _ in range(100)]
             echo_rounds(socks, 5)  # warm
             control("-i", "on")
             echo_rounds(socks, 100)
